@@ -1,0 +1,201 @@
+"""Each metric against hand-computed values on tiny arrays."""
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from pyro_pvae import metrics as M
+from pyro_pvae.data import DataError
+
+
+def test_lognormalize_counts_dense_and_sparse():
+    X = np.array([[1.0, 3.0], [0.0, 0.0], [2.0, 2.0]])
+    expected = np.array([[math.log1p(2500), math.log1p(7500)], [0, 0],
+                         [math.log1p(5000), math.log1p(5000)]])
+    np.testing.assert_allclose(M.lognormalize_counts(X), expected)
+    out = M.lognormalize_counts(sp.csr_matrix(X))
+    assert sp.issparse(out)
+    np.testing.assert_allclose(out.toarray(), expected, rtol=1e-6)
+
+
+def test_nrmse_hand_computed_and_zero_truth():
+    y = np.array([[1.0, 2.0], [3.0, 4.0]])
+    assert M.nrmse(y, y) == 0.0
+    assert M.nrmse(y + 1.0, y) == pytest.approx(math.sqrt(1.0 / 7.5))
+    note = M.nrmse(y, np.zeros_like(y))
+    assert isinstance(note, M.MetricNote) and "zero" in note
+
+
+def test_r2_clipped_values_and_argument_order():
+    from sklearn.metrics import r2_score
+    a = np.array([1.0, 2.0, 3.0])
+    assert M.r2_clipped(a, a) == 1.0
+    assert M.r2_clipped(a, np.array([1.0, 2.0, 4.0])) == pytest.approx(0.5)
+    assert M.r2_clipped(a, a[::-1]) == 0.0  # raw r2 is -3, clipped at 0
+    b = np.array([0.5, 2.5, 2.0])
+    assert M.r2_clipped(a, b) == pytest.approx(max(r2_score(a, b), 0))
+    assert M.r2_clipped(a, b) != pytest.approx(max(r2_score(b, a), 0))
+    assert isinstance(M.r2_clipped(np.ones(3), a), M.MetricNote)
+
+
+def test_mmd_hand_value_symmetry_identity():
+    x, y = np.array([[0.0]]), np.array([[1.0]])
+    assert M.mmd(x, y, bandwidths=[1.0]) == pytest.approx(2 - 2 * math.exp(-1))
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(20, 5)), rng.normal(size=(25, 5)) + 2.0
+    assert M.mmd(a, a) == pytest.approx(0.0, abs=1e-12)
+    assert M.mmd(a, b) == pytest.approx(M.mmd(b, a))
+    assert M.mmd(a, b) > 0.01
+    assert M.mmd(a, b, "median") == pytest.approx(M.mmd(b, a, "median"))
+    assert M.mmd(a, b, "median") > M.mmd(a, a, "median")
+    # Discrepancy-VAE evaluation bandwidths: fix_sigma=1000, 10 kernels, multiplier 2
+    assert M.DVAE_MMD_BANDWIDTHS[0] == 31.25 and M.DVAE_MMD_BANDWIDTHS[-1] == 16000.0
+
+
+def test_batch_protocol_pairs_full_batches_and_hand_values():
+    obs = np.tile([1.0, 2.0, 3.0], (70, 1))
+    pred = obs[:1].repeat(100, axis=0) + 1.0
+    pairs = M.batch_pairs(100, 70, 32, seed=0)
+    assert len(pairs) == 2 and all(len(p) == len(o) == 32 for p, o in pairs)
+    res = M.batch_protocol(pred, obs, seed=0)
+    assert res["nrmse"] == pytest.approx(math.sqrt(1.0 / (14.0 / 3.0)))
+    assert res["r2_mean"] == pytest.approx(max(1 - 3 / 2, 0))  # r2_score([2,3,4],[1,2,3]) < 0
+    assert res["mmd"] > 0
+
+
+def test_batch_protocol_too_few_cells_gives_reason():
+    res = M.batch_protocol(np.ones((40, 3)), np.ones((31, 3)))
+    for k in ("nrmse", "r2_mean", "mmd"):
+        assert isinstance(res[k], str) and "32" in res[k]
+
+
+def test_pearson_constructed_deltas():
+    d = np.array([0.5, -1.0, 2.0, 0.0])
+    assert M.pearson(2 * d + 1, d) == pytest.approx(1.0)
+    assert M.pearson(-d, d) == pytest.approx(-1.0)
+    assert M.pearson(np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])) == pytest.approx(-0.5)
+    note = M.pearson(np.zeros(4), d)
+    assert isinstance(note, M.MetricNote) and "predicted" in note
+
+
+def test_rmse_l2():
+    a, b = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 2.0, 3.0, 6.0])
+    assert M.rmse(a, b) == pytest.approx(1.0)
+    assert M.l2(a, b) == pytest.approx(2.0)
+
+
+def test_energy_distance():
+    x = np.array([[0.0], [1.0]])
+    assert M.energy_distance(x, x) == 0.0
+    assert M.energy_distance(np.array([[0.0]]), np.array([[2.0]])) == pytest.approx(4.0)
+    # x = {0, 1}, y = {0}: 2 * 0.5 - 0.5 - 0 = 0.5
+    assert M.energy_distance(x, np.array([[0.0]])) == pytest.approx(0.5)
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(600, 4))
+    assert M.energy_distance(a, a + 1.0, max_cells=100) > 0.5
+
+
+def test_direction_accuracy():
+    assert M.direction_accuracy([1, -1, 2, -3], [1, 1, 2, 3]) == 0.5
+    assert M.direction_accuracy([1, -1], [2, -5]) == 1.0
+
+
+def test_coverage_known_samples():
+    samples = np.tile(np.arange(101.0)[:, None], (1, 4))  # 5%, 95% quantiles: 5 and 95
+    assert M.coverage(samples, np.array([50.0, 3.0, 96.0, 95.0])) == 0.5
+    assert isinstance(M.coverage(samples[:1], np.zeros(4)), M.MetricNote)
+
+
+def _toy_condition(n_obs=64, n_ctrl=80, n_genes=30, seed=0):
+    rng = np.random.default_rng(seed)
+    ctrl = rng.normal(1.0, 0.1, size=(n_ctrl, n_genes))
+    shift = np.zeros(n_genes)
+    shift[:3] = [2.0, -0.8, 1.5]
+    obs = rng.normal(1.0, 0.1, size=(n_obs, n_genes)) + shift
+    genes = [f"g{i}" for i in range(n_genes)]
+    return obs, ctrl, genes, shift
+
+
+def test_top_de_genes_finds_shifted_genes_and_refuses_tiny_groups():
+    obs, ctrl, genes, _ = _toy_condition()
+    top = M.top_de_genes(obs, ctrl, genes, n=3)
+    assert set(top) == {"g0", "g1", "g2"}  # includes the down-regulated g1
+    with pytest.raises(DataError):
+        M.top_de_genes(obs[:2], ctrl, genes)
+
+
+def test_evaluate_condition_keys_and_values():
+    obs, ctrl, genes, shift = _toy_condition()
+    rng = np.random.default_rng(5)
+    pred = ctrl[rng.integers(0, len(ctrl), 96)] + shift
+    samples = shift[None, :] + rng.normal(0, 0.05, size=(200, len(genes)))
+    res = M.evaluate_condition(pred, obs, ctrl, genes, pred_change_samples=samples)
+    expected = {"nrmse", "r2_mean", "mmd", "pearson_delta_all", "pearson_delta_top20de",
+                "pseudobulk_rmse_all", "pseudobulk_rmse_top20de", "l2_mean_all",
+                "l2_mean_top20de", "energy_distance", "direction_acc_top20de",
+                "coverage90_top20de", "delta_rmse_all"}
+    assert set(res) == expected
+    assert all(isinstance(v, float) and math.isfinite(v) for v in res.values())
+    assert res["pearson_delta_all"] > 0.9
+    # the 17 noise genes in the top 20 have ~0 true change, so only the 3 real ones are sure
+    res3 = M.evaluate_condition(pred, obs, ctrl, genes, top_de=["g0", "g1", "g2"])
+    assert res3["direction_acc_top20de"] == 1.0 and res3["pearson_delta_top20de"] > 0.99
+    assert res["delta_rmse_all"] == pytest.approx(res["pseudobulk_rmse_all"])
+    # pseudobulk numbers by hand
+    diff = pred.mean(0) - obs.mean(0)
+    assert res["pseudobulk_rmse_all"] == pytest.approx(np.sqrt(np.mean(diff ** 2)))
+    assert res["l2_mean_all"] == pytest.approx(np.linalg.norm(diff))
+    # a worse prediction (no change) scores worse
+    res0 = M.evaluate_condition(ctrl[:64], obs, ctrl, genes, top_de=["g0", "g1", "g2"])
+    assert "coverage90_top20de" not in res0
+    assert res0["pseudobulk_rmse_top20de"] > res["pseudobulk_rmse_top20de"]
+
+
+def test_evaluate_condition_ill_defined_gives_reasons_not_nan():
+    obs, ctrl, genes, _ = _toy_condition(n_obs=2)
+    res = M.evaluate_condition(ctrl[:50], obs, ctrl, genes)
+    for k in ("nrmse", "r2_mean", "mmd", "pearson_delta_top20de", "direction_acc_top20de"):
+        assert isinstance(res[k], str) and res[k], k
+    assert not any(isinstance(v, float) and math.isnan(v) for v in res.values())
+    df = M.results_frame([dict(method="m", condition="A", seed=0, metrics=res)])
+    bad = df[df["value"].isna()]
+    assert len(bad) >= 5 and (bad["note"].str.len() > 0).all()
+
+
+def test_results_frame_long_form_and_notes():
+    rows = [dict(method="m", condition="A", seed=0, group="single", nrmse=0.5,
+                 mmd=M.MetricNote("too few cells"), r2_mean=float("nan"))]
+    df = M.results_frame(rows)
+    assert list(df.columns) == ["method", "condition", "group", "metric", "value", "seed", "note"]
+    by = df.set_index("metric")
+    assert by.loc["nrmse", "value"] == 0.5 and by.loc["nrmse", "note"] == ""
+    assert math.isnan(by.loc["mmd", "value"]) and by.loc["mmd", "note"] == "too few cells"
+    assert "no reason" in by.loc["r2_mean", "note"]
+    with pytest.raises(DataError):
+        M.results_frame([dict(method="m", nrmse=1.0)])
+
+
+def test_summarize_mean_sd_over_seeds_of_condition_averages():
+    rows = [dict(method="m", condition=c, seed=s, nrmse=v)
+            for s, c, v in [(0, "A", 1.0), (0, "B", 3.0), (1, "A", 2.0), (1, "B", 4.0)]]
+    rows.append(dict(method="m", condition="C", seed=1, nrmse=M.MetricNote("few cells")))
+    s = M.summarize(M.results_frame(rows))
+    r = s.iloc[0]
+    assert r["mean"] == pytest.approx(2.5) and r["sd"] == pytest.approx(math.sqrt(0.5))
+    assert r["n_seeds"] == 2 and r["n_undefined"] == 1
+
+
+def test_summary_markdown_keeps_reference_rows_separate():
+    rows = [dict(method="additive", condition="A+B", seed=s, nrmse=0.3 + 0.1 * s)
+            for s in (0, 1)]
+    ref = [dict(method="PerturbedVAE", metric="nrmse", value=0.4474,
+                setting="Norman 2019 doubles", source="arXiv 2605.19343")]
+    md = M.summary_markdown(M.results_frame(rows), reference_rows=ref)
+    measured, _, published = md.partition("published, different data version")
+    assert published, "reference table heading missing"
+    assert "PerturbedVAE" not in measured and "0.4474" not in measured
+    assert "PerturbedVAE" in published and "0.4474" in published
+    assert "additive" in measured and "0.3500 ± 0.0707" in measured
+    assert "additive" not in published
+    assert "published" not in M.summary_markdown(M.results_frame(rows))

@@ -1,0 +1,340 @@
+"""User-facing API: ``PerturbedVAE`` (fit / predict / effects / save / load) and ``load_run``.
+
+>>> from pyro_pvae import PerturbedVAE, datasets
+>>> adata = datasets.norman19_subset()
+>>> vae = PerturbedVAE(adata, split="complete_doubles").fit(epochs=50)
+>>> pred = vae.predict(["KLF1+MAP2K6"], n_cells=200)      # AnnData of predicted cells
+>>> vae.effects().query("pip > 0.5")                        # sparse effects with PIPs
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pyro
+import scipy.sparse as sp
+import torch
+from pyro import poutine
+
+from . import data as D
+from .guides import PerturbedVAEGuide
+from .model import ModelConfig, PerturbedVAEModel, lognormalize_counts, propagate
+from .train import Trainer, TrainConfig, atomic_torch_save, plot_training_curves, resolve_device, save_json
+
+log = logging.getLogger(__name__)
+
+N_REFERENCE_CONTROLS = 2000
+
+
+class PerturbedVAE:
+    """PerturbedVAE fitted by amortised SVI.
+
+    Parameters
+    ----------
+    adata : canonical AnnData (see :func:`pyro_pvae.data.read_perturbseq`), counts in ``X``.
+    split : a :class:`~pyro_pvae.data.Split`, a split name (``"norman_discrepancy"``,
+        ``"combo_seen"``, ``"complete_doubles"``, ``"iid"``) or ``None`` (train on all cells,
+        keeping a small validation share).
+    model : dict or :class:`ModelConfig` of sizes and priors; ``train``: dict or
+        :class:`TrainConfig`.
+    """
+
+    def __init__(self, adata: ad.AnnData | None = None, split=None, model: dict | ModelConfig | None = None,
+                 train: dict | TrainConfig | None = None, split_kwargs: dict | None = None):
+        self.model_config = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(dict(model or {}))
+        self.train_config = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(dict(train or {}))
+        self.adata = adata
+        self.split = None
+        self.history: list[dict] = []
+        self.module_model = self.module_guide = None
+        if adata is not None:
+            self._prepare(adata, split, split_kwargs or {})
+
+    # ---- setup -------------------------------------------------------------------------
+    def _prepare(self, adata, split, split_kwargs):
+        if "condition" not in adata.obs:
+            raise D.DataError("the AnnData has no obs['condition']; read it with pyro_pvae.data.read_perturbseq "
+                              "or convert it with pyro_pvae.data.to_canonical first")
+        seed = self.train_config.seed
+        if isinstance(split, str):
+            split = D.make_split(adata, split, seed, **split_kwargs)
+        elif split is None:
+            split = _all_cells_split(adata, seed)
+        self.split = split
+        self.vocabulary = D.perturbation_vocabulary(adata, split.train_idx)
+        self.gene_names = list(map(str, adata.var_names))
+        cond = adata.obs["condition"].astype(str).to_numpy()
+        train_idx = np.asarray(split.train_idx)
+        self.control_idx = train_idx[cond[train_idx] == D.CONTROL]
+        if len(self.control_idx) == 0:
+            raise D.DataError("the training split has no control cells; they are needed for alignment and prediction")
+        rng = np.random.default_rng(seed)
+        ref = rng.choice(self.control_idx, size=min(N_REFERENCE_CONTROLS, len(self.control_idx)), replace=False)
+        self.reference_controls = sp.csr_matrix(adata.X[np.sort(ref)], dtype=np.float32)
+        self.model_config.n_genes = adata.n_vars
+        self.model_config.n_perts = len(self.vocabulary)
+        self._build_modules()
+
+    def _build_modules(self):
+        torch.manual_seed(self.train_config.seed)
+        self.module_guide = PerturbedVAEGuide(self.model_config, self.train_config.init_gate_prob)
+        self.module_model = PerturbedVAEModel(self.model_config, self.module_guide.inv_encoder)
+        self.module_guide.attach(self.module_model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module_guide.parameters()).device
+
+    # ---- training ----------------------------------------------------------------------
+    def fit(self, run_dir: str | Path | None = None, **train_overrides) -> "PerturbedVAE":
+        """Fit by SVI on the training split; ``train_overrides`` update the train config
+        (e.g. ``epochs=50``). Writes checkpoints and metrics into ``run_dir`` when given."""
+        if self.adata is None:
+            raise RuntimeError("PerturbedVAE was created without data; pass an AnnData to the constructor")
+        self.train_config = TrainConfig.from_dict({**asdict(self.train_config), **train_overrides})
+        cfg = self.train_config
+        pyro.set_rng_seed(cfg.seed)
+        self._build_modules()
+        device = resolve_device(cfg.device)
+        self.module_model.to(device), self.module_guide.to(device)
+        train_b = D.make_batcher(self.adata, cell_idx=self.split.train_idx, vocabulary=self.vocabulary,
+                                 control_idx=self.control_idx, batch_size=min(cfg.batch_size, len(self.split.train_idx)),
+                                 device=device, seed=cfg.seed, shuffle=True, drop_last=True)
+        val_b = None
+        if len(self.split.val_idx):
+            val_b = D.make_batcher(self.adata, cell_idx=self.split.val_idx, vocabulary=self.vocabulary,
+                                   control_idx=self.control_idx, batch_size=max(cfg.batch_size, 512),
+                                   device=device, seed=cfg.seed + 1, shuffle=False, drop_last=False)
+        if run_dir is not None:
+            run_dir = Path(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.split.to_json(run_dir / "split.json")
+        trainer = Trainer(self.module_model, self.module_guide, train_b, val_b, cfg, run_dir)
+        log.info("training on %d cells x %d genes, %d perturbations, device %s",
+                 train_b.n_cells, self.adata.n_vars, len(self.vocabulary), device)
+        self.history = trainer.fit()
+        self.module_model.eval(), self.module_guide.eval()
+        if run_dir is not None:
+            self.save(run_dir / "model.pt")
+            if self.history:
+                plot_training_curves(self.history, run_dir / "training_curves.png")
+        return self
+
+    # ---- posterior draws of the global sites ---------------------------------------------
+    def _global_draws(self, n_draws: int, mean: bool = False):
+        """Draws (delta, W, theta) from the variational posterior, each with a leading draw axis."""
+        g = self.module_guide
+        if mean:
+            theta = g.theta_loc.exp()
+            return g.effect_mean()[None], g.w_mean()[None], theta[None]
+        out = []
+        for _ in range(n_draws):
+            tr = poutine.trace(self._guide_globals).get_trace()
+            out.append([tr.nodes[s]["value"] for s in ("delta", "W", "theta")])
+        return [torch.stack(v) for v in zip(*out)]
+
+    def _guide_globals(self):
+        g = self.module_guide
+        sd = torch.nn.functional.softplus
+        slab = pyro.sample("slab_", pyro.distributions.Normal(g.slab_loc, sd(g.slab_raw_scale) + 1e-4))
+        gate = pyro.sample("gate_", pyro.distributions.Bernoulli(g.pip()))
+        pyro.deterministic("delta", gate * slab)
+        W = pyro.sample("W_", pyro.distributions.Normal(g.w_loc, sd(g.w_raw_scale) + 1e-4))
+        pyro.deterministic("W", W * g.tril_mask)
+        pyro.deterministic("theta", pyro.sample("log_theta_", pyro.distributions.Normal(
+            g.theta_loc, sd(g.theta_raw_scale) + 1e-4)).exp())
+
+    # ---- prediction ----------------------------------------------------------------------
+    def perturbation_matrix(self, conditions, unknown: str = "error") -> np.ndarray:
+        return D.perturbation_matrix(conditions, self.vocabulary, unknown=unknown)
+
+    @torch.no_grad()
+    def _predict_block(self, u: torch.Tensor, x_ctrl: torch.Tensor, delta, W, theta, sample_counts=True,
+                       generator=None):
+        """Counterfactual cells: encode control cells (u = 0), add the condition's shift in
+        eps-space, propagate through the DAG, decode, draw NB counts with the control library."""
+        g, m = self.module_guide, self.module_model
+        xn = lognormalize_counts(x_ctrl)
+        z_inv = g.inv_encoder(xn)[0]
+        zero_u = torch.zeros_like(u)
+        eps_loc, eps_scale = g.eps_posterior(xn, zero_u, W, torch.zeros_like(delta))
+        eps = eps_loc + eps_scale * torch.randn(eps_loc.shape, generator=generator, device=eps_loc.device)
+        z_pert = propagate(eps + m.shift(u, delta), W)
+        log_mu = m.gene_log_mean(z_inv, z_pert, x_ctrl.sum(-1))
+        if not sample_counts:
+            return log_mu.exp()
+        mu = log_mu.exp()
+        if m.cfg.likelihood == "poisson":
+            return torch.poisson(mu, generator=generator)
+        rate = torch._standard_gamma(theta.expand_as(mu)) * mu / theta  # Gamma-Poisson = NB
+        return torch.poisson(rate, generator=generator)
+
+    def _control_block(self, n_cells: int, rng: np.random.Generator) -> torch.Tensor:
+        rows = rng.integers(0, self.reference_controls.shape[0], size=n_cells)
+        return torch.as_tensor(self.reference_controls[rows].toarray(), device=self.device), rows
+
+    def predict(self, conditions, n_cells: int = 100, seed: int = 0, unknown: str = "error",
+                posterior_mean: bool = False) -> ad.AnnData:
+        """Predicted cells for each condition (``"KLF1"``, ``"BAK1+KLF1"``, ``"control"``).
+
+        Each predicted cell starts from a randomly drawn training control cell and uses one
+        posterior draw of the global effects (``posterior_mean=True``: their mean). Returns an
+        AnnData with predicted counts in ``X``, ``layers['lognorm']`` and ``obs['condition']``.
+        ``unknown='ignore'`` lets genes absent from training contribute no effect.
+        """
+        conditions = [D.format_condition(D.parse_condition(c)) for c in _as_list(conditions)]
+        U = self.perturbation_matrix(conditions, unknown=unknown)
+        rng = np.random.default_rng(seed)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        torch.manual_seed(seed)
+        blocks, obs = [], []
+        for cond, u_row in zip(conditions, U):
+            delta, W, theta = self._global_draws(1, mean=posterior_mean)
+            x_ctrl, rows = self._control_block(n_cells, rng)
+            u = torch.as_tensor(np.repeat(u_row[None], n_cells, 0), device=self.device)
+            blocks.append(self._predict_block(u, x_ctrl, delta[0], W[0], theta[0], generator=gen).cpu().numpy())
+            obs.append(pd.DataFrame({"condition": cond, "control_cell": rows}))
+        X = np.concatenate(blocks).astype(np.float32)
+        out = ad.AnnData(X=sp.csr_matrix(X), obs=pd.concat(obs, ignore_index=True),
+                         var=pd.DataFrame(index=self.gene_names))
+        out.obs_names = [f"pred_{i}" for i in range(out.n_obs)]
+        out.layers["lognorm"] = sp.csr_matrix(lognormalize_counts(torch.as_tensor(X)).numpy())
+        out.obs["condition"] = out.obs["condition"].astype("category")
+        return out
+
+    @torch.no_grad()
+    def predict_change_samples(self, condition: str, n_draws: int = 100, n_cells: int = 100, seed: int = 0,
+                               unknown: str = "error") -> np.ndarray:
+        """Posterior predictive draws (n_draws x genes) of the condition's pseudobulk change of
+        log-normalised expression from control, each from a global posterior draw and
+        ``n_cells`` predicted cells (use the observed number of cells for calibrated intervals)."""
+        u_row = self.perturbation_matrix([condition], unknown=unknown)[0]
+        rng = np.random.default_rng(seed)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        torch.manual_seed(seed)
+        delta, W, theta = self._global_draws(n_draws)
+        u = torch.as_tensor(np.repeat(u_row[None], n_cells, 0), device=self.device)
+        out = np.empty((n_draws, len(self.gene_names)), dtype=np.float32)
+        for s in range(n_draws):
+            x_ctrl, _ = self._control_block(n_cells, rng)
+            pert = self._predict_block(u, x_ctrl, delta[s], W[s], theta[s], generator=gen)
+            ctrl = self._predict_block(torch.zeros_like(u), x_ctrl, delta[s], W[s], theta[s], generator=gen)
+            out[s] = (lognormalize_counts(pert).mean(0) - lognormalize_counts(ctrl).mean(0)).cpu().numpy()
+        return out
+
+    # ---- posterior summaries -------------------------------------------------------------
+    def effects(self, n_draws: int = 500) -> pd.DataFrame:
+        """Tidy posterior of delta[p, k]: mean, sd, 5%/95% quantiles and the PIP."""
+        with torch.no_grad():
+            delta = self._global_draws(n_draws)[0].cpu().numpy()
+            pip = self.module_guide.pip().cpu().numpy()
+        P, K = pip.shape
+        q05, q95 = np.quantile(delta, [0.05, 0.95], axis=0)
+        return pd.DataFrame({
+            "perturbation": np.repeat(self.vocabulary, K),
+            "latent": np.tile(np.arange(K), P),
+            "mean": delta.mean(0).ravel(), "sd": delta.std(0).ravel(),
+            "q05": q05.ravel(), "q95": q95.ravel(), "pip": pip.ravel(),
+        })
+
+    def pip(self) -> np.ndarray:
+        """Posterior inclusion probabilities, perturbations x latents."""
+        return self.module_guide.pip().detach().cpu().numpy()
+
+    def dag(self) -> np.ndarray:
+        """Posterior mean of the latent DAG weights W (strictly lower triangular)."""
+        return self.module_guide.w_mean().detach().cpu().numpy()
+
+    @torch.no_grad()
+    def latents(self, adata: ad.AnnData | None = None, idx=None) -> dict[str, np.ndarray]:
+        """Posterior means of z_inv and z_pert for cells of ``adata`` (default: the training data)."""
+        adata = self.adata if adata is None else adata
+        idx = np.arange(adata.n_obs) if idx is None else np.asarray(idx)
+        g, m = self.module_guide, self.module_model
+        cond = adata.obs["condition"].astype(str).to_numpy()[idx]
+        U = self.perturbation_matrix(cond, unknown="ignore")
+        W = g.w_mean()
+        z_inv, z_pert = [], []
+        for start in range(0, len(idx), 4096):
+            rows = idx[start:start + 4096]
+            x = torch.as_tensor(_dense(adata.X[rows]), device=self.device)
+            u = torch.as_tensor(U[start:start + 4096], device=self.device)
+            xn = lognormalize_counts(x)
+            z_inv.append(g.inv_encoder(xn)[0].cpu().numpy())
+            z_pert.append(g.pert_encoder(torch.cat([xn, u], -1))[0].cpu().numpy())
+        return {"z_inv": np.concatenate(z_inv), "z_pert": np.concatenate(z_pert)}
+
+    # ---- persistence ---------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Save modules, configs, vocabulary, genes, split and reference controls (atomic)."""
+        path = Path(path)
+        atomic_torch_save({
+            "format": "pyro_pvae/1",
+            "model_config": self.model_config.to_dict(),
+            "train_config": asdict(self.train_config),
+            "modules": {"model": self.module_model.state_dict(), "guide": self.module_guide.state_dict()},
+            "vocabulary": self.vocabulary,
+            "gene_names": self.gene_names,
+            "reference_controls": self.reference_controls,
+            "history": self.history,
+            "split": self.split.to_dict() if self.split is not None and hasattr(self.split, "to_dict") else None,
+        }, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, adata: ad.AnnData | None = None, device: str = "cpu") -> "PerturbedVAE":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no saved model at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("format") != "pyro_pvae/1":
+            raise ValueError(f"{path} is not a pyro_pvae model file")
+        self = cls(model=ModelConfig.from_dict(state["model_config"]), train=TrainConfig.from_dict(state["train_config"]))
+        self.vocabulary, self.gene_names = state["vocabulary"], state["gene_names"]
+        self.reference_controls, self.history = state["reference_controls"], state["history"]
+        self.adata = adata
+        if state.get("split") is not None and hasattr(D.Split, "from_dict"):
+            self.split = D.Split.from_dict(state["split"])
+        self._build_modules()
+        self.module_model.load_state_dict(state["modules"]["model"])
+        self.module_guide.load_state_dict(state["modules"]["guide"])
+        dev = resolve_device(device)
+        self.module_model.to(dev).eval(), self.module_guide.to(dev).eval()
+        return self
+
+
+def load_run(path: str | Path, device: str = "cpu", with_data: bool = False) -> PerturbedVAE:
+    """Load the fitted model of a run directory written by ``python -m pyro_pvae.fit``.
+    ``with_data=True`` also re-reads the run's data set (from its resolved config)."""
+    path = Path(path)
+    if not (path / "model.pt").exists():
+        raise FileNotFoundError(f"{path} holds no model.pt; is it a pyro_pvae run directory?")
+    adata = None
+    if with_data:
+        from .config import load_dataset
+        from omegaconf import OmegaConf
+        adata = load_dataset(OmegaConf.load(path / "config.yaml"))
+    return PerturbedVAE.load(path / "model.pt", adata=adata, device=device)
+
+
+def _as_list(x):
+    return [x] if isinstance(x, str) else list(x)
+
+
+def _dense(X) -> np.ndarray:
+    return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
+
+
+def _all_cells_split(adata, seed):
+    """All cells for training, 5% kept for validation."""
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(adata.n_obs)
+    n_val = max(1, int(0.05 * adata.n_obs))
+    return D.Split(name="all", seed=seed, train_idx=np.sort(idx[n_val:]), val_idx=np.sort(idx[:n_val]),
+                   test_idx=np.array([], dtype=int), train_conditions=sorted(set(adata.obs["condition"].astype(str))),
+                   test_conditions=[], test_groups={})

@@ -1,0 +1,139 @@
+r"""Variational guides for :mod:`pyro_pvae.model`.
+
+``PerturbedVAEGuide`` is amortised for the local latents and mean-field for the globals:
+
+* ``q(z_inv | x) = N(m(x), s(x))``: the invariant encoder sees only the cell's
+  log-normalised expression, never its label;
+* ``q(eps | x, u) = N((I - W) h(x, u) - c u delta, s'(x, u))``: the perturbation encoder
+  predicts the cell's ``z_pert`` location ``h``; the guide turns it into the exogenous
+  noise ``eps`` with the *sampled* DAG and effects, so the eps-KL pulls ``u delta`` towards
+  what the encoder sees and thereby learns the effects;
+* gates ``q(gamma_pk) = Bernoulli(PIP_pk)``, sampled straight-through (hard 0/1 forward,
+  Gumbel-sigmoid gradient with an annealed temperature); the KL to the Bernoulli prior is
+  analytic, so ``TraceMeanField_ELBO`` uses it. ``PIP_pk`` are the posterior inclusion
+  probabilities;
+* slabs, DAG weights: Normal; theta: LogNormal; pi: Beta.
+"""
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import nn
+from torch.nn.functional import softplus
+
+from .model import ModelConfig, lognormalize_counts, mlp
+
+
+class StraightThroughBernoulli(dist.Bernoulli):
+    """Bernoulli whose ``rsample`` is hard 0/1 in the forward pass and carries the gradient
+    of a relaxed (Gumbel-sigmoid, temperature ``tau``) sample in the backward pass.
+
+    Being a ``Bernoulli``, its KL to a Bernoulli prior is analytic.
+    """
+
+    has_rsample = True
+
+    def __init__(self, logits, temperature: float = 0.5, validate_args=None):
+        self.temperature = temperature
+        super().__init__(logits=logits, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        return type(self)(self.logits.expand(torch.Size(batch_shape)), self.temperature)
+
+    def rsample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        noise = torch.rand(shape, dtype=self.logits.dtype, device=self.logits.device).clamp(1e-6, 1 - 1e-6)
+        soft = torch.sigmoid((self.logits.expand(shape) + noise.log() - (-noise).log1p()) / self.temperature)
+        hard = (soft > 0.5).to(soft.dtype)
+        return hard + (soft - soft.detach())  # exactly 0/1 forward; d/dlogits through `soft`
+
+
+class Encoder(nn.Module):
+    """MLP -> (loc, scale) of a diagonal Normal."""
+
+    def __init__(self, n_in: int, n_out: int, hidden: int, n_layers: int):
+        super().__init__()
+        self.net = mlp(n_in, 2 * n_out, hidden, n_layers)
+
+    def forward(self, h: torch.Tensor):
+        loc, raw_scale = self.net(h).chunk(2, dim=-1)
+        return loc, softplus(raw_scale) + 1e-4
+
+
+class PerturbedVAEGuide(nn.Module):
+    """Amortised encoders + mean-field globals (see module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, init_gate_prob: float = 0.5):
+        super().__init__()
+        self.cfg = cfg
+        P, K, G = cfg.n_perts, cfg.latent_pert, cfg.n_genes
+        self.inv_encoder = Encoder(G, cfg.latent_inv, cfg.hidden, max(cfg.n_layers, 1))
+        self.pert_encoder = Encoder(G + P, K, cfg.hidden, max(cfg.n_layers, 1))
+        p0 = torch.tensor(init_gate_prob)
+        self.gate_logits = nn.Parameter(torch.full((P, K), float(p0.logit())))
+        self.slab_loc = nn.Parameter(0.1 * torch.randn(P, K))
+        self.slab_raw_scale = nn.Parameter(torch.full((P, K), -2.0))
+        self.pi_raw = nn.Parameter(torch.tensor([0.0, 1.0]))
+        self.w_loc = nn.Parameter(torch.zeros(K, K))
+        self.w_raw_scale = nn.Parameter(torch.full((K, K), -3.0))
+        self.theta_loc = nn.Parameter(torch.full((G,), 1.5))
+        self.theta_raw_scale = nn.Parameter(torch.full((G,), -2.0))
+        self.register_buffer("tril_mask", torch.ones(K, K).tril(-1))
+        self._model = [None]  # set by attach(); a list keeps it out of this module's parameters
+
+    def attach(self, model) -> "PerturbedVAEGuide":
+        """Share the model's composition scale (the guide's eps location uses the same shift)."""
+        self._model[0] = model
+        return self
+
+    # ---- posterior summaries -----------------------------------------------------------
+    def pip(self) -> torch.Tensor:
+        """Posterior inclusion probabilities PIP[p, k] (ones for the dense prior)."""
+        if self.cfg.effect_prior == "dense":
+            return torch.ones_like(self.gate_logits)
+        return torch.sigmoid(self.gate_logits)
+
+    def effect_mean(self) -> torch.Tensor:
+        """Posterior mean of delta = PIP * E[slab]."""
+        return self.pip() * self.slab_loc
+
+    def w_mean(self) -> torch.Tensor:
+        return self.w_loc * self.tril_mask
+
+    # ---- the guide ---------------------------------------------------------------------
+    def guide(self, x, u, x_ctrl=None, kl_weight=1.0, temperature=0.5, *, n_cells: int):
+        cfg = self.cfg
+        P, K, G = cfg.n_perts, cfg.latent_pert, cfg.n_genes
+        pyro.module("guide", self)
+
+        if cfg.effect_prior == "spike_slab":
+            pyro.sample("pi", dist.Beta(softplus(self.pi_raw[0]) + 1e-3, softplus(self.pi_raw[1]) + 1e-3))
+        with pyro.plate("perts", P, dim=-2), pyro.plate("pert_latents", K, dim=-1):
+            slab = pyro.sample("slab", dist.Normal(self.slab_loc, softplus(self.slab_raw_scale) + 1e-4))
+            if cfg.effect_prior == "spike_slab":
+                gate = pyro.sample("gate", StraightThroughBernoulli(self.gate_logits, temperature))
+                delta = gate * slab
+            else:
+                delta = slab
+        with pyro.plate("children", K, dim=-2), pyro.plate("parents", K, dim=-1):
+            with poutine.mask(mask=self.tril_mask.bool()):
+                W = pyro.sample("W", dist.Normal(self.w_loc, softplus(self.w_raw_scale) + 1e-4)) * self.tril_mask
+        with pyro.plate("genes", G, dim=-1):
+            pyro.sample("theta", dist.LogNormal(self.theta_loc, softplus(self.theta_raw_scale) + 1e-4))
+
+        batch = x.shape[0]
+        with pyro.plate("cells", n_cells, subsample=torch.arange(batch, device=x.device), dim=-2):
+            with poutine.scale(scale=kl_weight):
+                xn = lognormalize_counts(x)
+                inv_loc, inv_scale = self.inv_encoder(xn)
+                pyro.sample("z_inv", dist.Normal(inv_loc.unsqueeze(-2), inv_scale.unsqueeze(-2)).to_event(1))
+                eps_loc, eps_scale = self.eps_posterior(xn, u, W, delta)
+                pyro.sample("eps", dist.Normal(eps_loc.unsqueeze(-2), eps_scale.unsqueeze(-2)).to_event(1))
+
+    def eps_posterior(self, xn, u, W, delta):
+        """loc, scale of q(eps | x, u) = N((I - W) h(x, u) - shift(u, delta), s(x, u))."""
+        z_loc, scale = self.pert_encoder(torch.cat([xn, u], dim=-1))
+        A = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device) - W
+        return z_loc @ A.T - self._model[0].shift(u, delta), scale

@@ -1,0 +1,195 @@
+r"""The PerturbedVAE generative model, as one Pyro program.
+
+For perturbations p = 1..P, perturbation latents k = 1..K, cells n and genes g:
+
+.. math::
+
+    \pi &\sim \mathrm{Beta}(a, b)                                   && \text{(sparsity level)}\\
+    \gamma_{pk} &\sim \mathrm{Bernoulli}(\pi),\quad s_{pk} \sim \mathcal N(0, \sigma_s^2),
+        \quad \delta_{pk} = \gamma_{pk} s_{pk}                       && \text{(spike and slab)}\\
+    W_{kj} &\sim \mathrm{Laplace}(0, b_W),\ j < k                    && \text{(latent DAG)}\\
+    \theta_g &\sim \mathrm{LogNormal}(\mu_\theta, \sigma_\theta)     && \text{(NB inverse dispersion)}\\
+    z^{inv}_n &\sim \mathcal N(0, I_D),\quad \varepsilon_n \sim \mathcal N(0, I_K)\\
+    z^{pert}_n &= (I - W)^{-1}\big(\varepsilon_n + c_{m_n} \textstyle\sum_p u_{np}\delta_p\big)
+        && \text{(shift interventions)}\\
+    \rho_n &= \mathrm{softmax}\big(f([z^{inv}_n, z^{pert}_n])\big),\quad \mu_{ng} = \ell_n \rho_{ng}\\
+    x_{ng} &\sim \mathrm{NB}(\text{mean } \mu_{ng}, \text{inverse dispersion } \theta_g)
+
+``u_n`` is the multi-hot perturbation label, ``m_n = sum_p u_np`` the number of targets and
+``c_m`` a learned composition scale (``c_1 = 1``; ``c_2`` lets doubles compose sub- or
+super-additively in latent space; it only moves when training contains doubles). ``l_n`` is
+the observed library size. The decoder ``f`` never sees ``u``. The triangular system is
+solved, never inverted.
+
+Alignment: a ``pyro.factor`` adds ``-alpha * ||m(x_n) - m(x_c)||^2`` for each perturbed
+cell n and a randomly paired control cell c, where ``m`` is the mean of the invariant
+encoder q(z_inv | x) (shared with the guide). ``alpha = 0`` turns it off.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    """Sizes and priors of the model (Hydra group ``model``)."""
+
+    n_genes: int = 0
+    n_perts: int = 0
+    latent_inv: int = 10
+    latent_pert: int = 10
+    hidden: int = 256
+    n_layers: int = 1
+    decoder: str = "nonlinear"  # "nonlinear" (MLP) or "linear"
+    effect_prior: str = "spike_slab"  # "spike_slab" or "dense" (Gaussian, ablation)
+    likelihood: str = "nb"  # "nb" or "poisson" (a deliberately wrong model, for checks)
+    pi_prior: tuple = (1.0, 4.0)  # Beta(a, b) on the inclusion probability
+    slab_scale: float = 2.0
+    dense_scale: float = 1.0
+    w_prior_scale: float = 0.1  # Laplace scale of DAG edge weights
+    theta_prior: tuple = (2.0, 1.5)  # LogNormal(loc, scale) of the NB inverse dispersion
+    alpha: float = 0.05  # alignment weight; 0 turns it off
+    learn_composition: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        for key in ("pi_prior", "theta_prior"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["pi_prior"], d["theta_prior"] = list(self.pi_prior), list(self.theta_prior)
+        return d
+
+
+def mlp(n_in: int, n_out: int, hidden: int, n_layers: int) -> nn.Sequential:
+    """n_layers hidden layers of width ``hidden`` with ELU (smooth) activations."""
+    layers, width = [], n_in
+    for _ in range(n_layers):
+        layers += [nn.Linear(width, hidden), nn.ELU()]
+        width = hidden
+    layers.append(nn.Linear(width, n_out))
+    return nn.Sequential(*layers)
+
+
+class Decoder(nn.Module):
+    """f([z_inv, z_pert]) -> gene logits (softmax gives proportions rho)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        n_in = cfg.latent_inv + cfg.latent_pert
+        if cfg.decoder == "linear":
+            self.net = nn.Linear(n_in, cfg.n_genes)
+        elif cfg.decoder == "nonlinear":
+            self.net = mlp(n_in, cfg.n_genes, cfg.hidden, cfg.n_layers)
+        else:
+            raise ValueError(f"model.decoder must be 'nonlinear' or 'linear', got {cfg.decoder!r}")
+
+    def forward(self, z_inv: torch.Tensor, z_pert: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([z_inv, z_pert], dim=-1))
+
+
+def lognormalize_counts(x: torch.Tensor) -> torch.Tensor:
+    """log1p(x / library_size * 1e4): the encoders' input (and the evaluation scale)."""
+    return torch.log1p(x / x.sum(-1, keepdim=True).clamp(min=1.0) * 1e4)
+
+
+def propagate(eps_plus_shift: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """z = (I - W)^{-1} b for each row b, by a triangular solve (W strictly lower)."""
+    A = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device) - W
+    return torch.linalg.solve_triangular(A, eps_plus_shift.unsqueeze(-1), upper=False).squeeze(-1)
+
+
+class PerturbedVAEModel(nn.Module):
+    """Holds the decoder and the composition scale; ``model(...)`` is the Pyro program."""
+
+    def __init__(self, cfg: ModelConfig, inv_encoder: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.decoder = Decoder(cfg)
+        # log c_2: composition scale of cells with two or more targets (c_1 = 1).
+        self.log_multi_scale = nn.Parameter(torch.zeros(()), requires_grad=cfg.learn_composition)
+        # The invariant encoder's mean enters the alignment factor; it belongs to the guide.
+        self._inv_encoder = [inv_encoder]  # a list keeps it out of this module's parameters
+        self.register_buffer("tril_mask", torch.ones(cfg.latent_pert, cfg.latent_pert).tril(-1))
+
+    # ---- pieces shared with prediction -------------------------------------------------
+    def shift(self, u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """c_{m_n} * sum_p u_np delta_p, with c_1 = 1 and c_{>=2} learned."""
+        n_targets = u.sum(-1, keepdim=True)
+        scale = torch.where(n_targets > 1, self.log_multi_scale.exp(), torch.ones_like(n_targets))
+        return scale * (u @ delta)
+
+    def gene_log_mean(self, z_inv, z_pert, library_size):
+        """log mu_ng = log l_n + log_softmax(f([z_inv, z_pert]))_g."""
+        return library_size.log().unsqueeze(-1) + torch.log_softmax(self.decoder(z_inv, z_pert), -1)
+
+    def likelihood(self, log_mu: torch.Tensor, theta: torch.Tensor):
+        if self.cfg.likelihood == "poisson":
+            return dist.Poisson(log_mu.exp())
+        # NB with mean mu and inverse dispersion theta: total_count=theta, logits=log(mu/theta)
+        return dist.NegativeBinomial(total_count=theta, logits=log_mu - theta.log())
+
+    # ---- the generative model ---------------------------------------------------------
+    def model(self, x, u, x_ctrl=None, kl_weight=1.0, temperature=None, *, n_cells: int):
+        """x: (B, G) counts; u: (B, P) multi-hot labels; x_ctrl: (B, G) counts of randomly
+        paired control cells (alignment); kl_weight: annealing weight of the local KLs;
+        temperature: used by the guide only; n_cells: cells in the data (minibatch scale)."""
+        cfg = self.cfg
+        P, K, D, G = cfg.n_perts, cfg.latent_pert, cfg.latent_inv, cfg.n_genes
+        pyro.module("model", self)
+        zeros = x.new_zeros(())
+
+        # Global perturbation effects delta[p, k].
+        if cfg.effect_prior == "spike_slab":
+            pi = pyro.sample("pi", dist.Beta(zeros + cfg.pi_prior[0], zeros + cfg.pi_prior[1]))
+        with pyro.plate("perts", P, dim=-2), pyro.plate("pert_latents", K, dim=-1):
+            if cfg.effect_prior == "spike_slab":
+                slab = pyro.sample("slab", dist.Normal(zeros, cfg.slab_scale))
+                gate = pyro.sample("gate", dist.Bernoulli(pi))
+                delta = gate * slab
+            elif cfg.effect_prior == "dense":
+                delta = pyro.sample("slab", dist.Normal(zeros, cfg.dense_scale))
+            else:
+                raise ValueError(f"model.effect_prior must be 'spike_slab' or 'dense', got {cfg.effect_prior!r}")
+
+        # Latent causal model: strictly lower-triangular W with a Laplace (shrinkage) prior.
+        with pyro.plate("children", K, dim=-2), pyro.plate("parents", K, dim=-1):
+            with poutine.mask(mask=self.tril_mask.bool()):
+                W = pyro.sample("W", dist.Laplace(zeros, cfg.w_prior_scale)) * self.tril_mask
+
+        genes = pyro.plate("genes", G, dim=-1)
+        with genes:
+            theta = pyro.sample("theta", dist.LogNormal(zeros + cfg.theta_prior[0], cfg.theta_prior[1]))
+
+        batch = x.shape[0]
+        with pyro.plate("cells", n_cells, subsample=torch.arange(batch, device=x.device), dim=-2):
+            with poutine.scale(scale=kl_weight):
+                z_inv = pyro.sample("z_inv", dist.Normal(zeros, 1.0).expand([D]).to_event(1)).squeeze(-2)
+                eps = pyro.sample("eps", dist.Normal(zeros, 1.0).expand([K]).to_event(1)).squeeze(-2)
+            z_pert = propagate(eps + self.shift(u, delta), W)
+            log_mu = self.gene_log_mean(z_inv, z_pert, x.sum(-1))
+            with genes:
+                pyro.sample("x", self.likelihood(log_mu, theta), obs=x)
+
+            if cfg.alpha > 0 and x_ctrl is not None:
+                encoder = self._inv_encoder[0]  # registered with Pyro by the guide
+                m = encoder(lognormalize_counts(x))[0]
+                m_ctrl = encoder(lognormalize_counts(x_ctrl))[0]
+                perturbed = (u.sum(-1) > 0).to(x.dtype)
+                penalty = perturbed * (m - m_ctrl).pow(2).sum(-1)
+                pyro.factor("alignment", (-cfg.alpha * penalty).unsqueeze(-1))
+        return z_pert

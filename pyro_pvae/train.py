@@ -1,0 +1,312 @@
+"""SVI training: annealing, progress bar, per-epoch metrics, early stopping, checkpoints, resume.
+
+One epoch = one pass of the training batcher. Schedules are functions of the global step so
+that a resumed run follows the same trajectory:
+
+* KL weight: linear warm-up from 0 to ``kl_weight`` over ``kl_warmup_epochs``;
+* gate temperature: geometric from ``temperature_start`` to ``temperature_end``;
+* learning rate: ClippedAdam with per-step decay so that it ends at ``lr * lr_final_fraction``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import SVI, JitTraceMeanField_ELBO, TraceMeanField_ELBO
+from pyro.optim import ClippedAdam
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+GLOBAL_SITES = ("pi", "slab", "gate", "W", "theta")
+LOCAL_SITES = ("z_inv", "eps")
+
+
+class TrainingError(RuntimeError):
+    """Training could not continue (e.g. a non-finite loss); the message says where and why."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (Hydra group ``train``)."""
+
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 3e-3
+    lr_final_fraction: float = 0.1
+    clip_norm: float = 10.0
+    kl_weight: float = 1.0
+    kl_warmup_epochs: float = 10.0
+    temperature_start: float = 1.0
+    temperature_end: float = 0.2
+    init_gate_prob: float = 0.5
+    seed: int = 0
+    device: str = "auto"
+    jit: bool = False
+    validate_args: bool = False
+    early_stopping_patience: int = 20
+    min_epochs: int = 10
+    checkpoint_every: int = 5
+    resume: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown train config keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"train.device={device!r} but CUDA is not available; use device=auto or cpu")
+    return torch.device(device)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """Write to a temporary file in the same folder, then rename: a kill never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def elbo_parts(model, guide, args, n_cells: int) -> dict[str, float]:
+    """Monte-Carlo split of the (annealed) ELBO of one batch into its parts, per cell:
+    reconstruction log-likelihood, local KL (z_inv, eps), global KL, alignment factor."""
+    with torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(*args, n_cells=n_cells)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, n_cells=n_cells)
+        model_trace.compute_log_prob()
+        guide_trace.compute_log_prob()
+        parts = {"recon": 0.0, "kl_local": 0.0, "kl_global": 0.0, "alignment": 0.0}
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            lp = site["log_prob_sum"]
+            if name == "x":
+                parts["recon"] += float(lp)
+            elif name == "alignment":
+                parts["alignment"] += float(lp)
+            elif name in guide_trace.nodes:
+                kl = float(guide_trace.nodes[name]["log_prob_sum"] - lp)
+                parts["kl_local" if name in LOCAL_SITES else "kl_global"] += kl
+    parts = {k: v / n_cells for k, v in parts.items()}
+    parts["elbo"] = parts["recon"] - parts["kl_local"] - parts["kl_global"] + parts["alignment"]
+    return parts
+
+
+class Trainer:
+    """Runs SVI for a model/guide pair over batchers, writing into ``run_dir``."""
+
+    def __init__(self, model, guide, train_batcher, val_batcher, cfg: TrainConfig, run_dir: Path | None):
+        self.model, self.guide, self.cfg = model, guide, cfg
+        self.train_batcher, self.val_batcher = train_batcher, val_batcher
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.n_cells = train_batcher.n_cells
+        self.steps_per_epoch = max(len(train_batcher), 1)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        lrd = cfg.lr_final_fraction ** (1.0 / max(self.total_steps, 1))
+        self.optim = ClippedAdam({"lr": cfg.lr, "clip_norm": cfg.clip_norm, "lrd": lrd})
+        elbo = JitTraceMeanField_ELBO(ignore_jit_warnings=True) if cfg.jit else TraceMeanField_ELBO()
+        self.svi = SVI(model.model, guide.guide, self.optim, elbo)
+        self.history: list[dict] = []
+        self.start_epoch = 0
+        self.best_val = math.inf
+        self.best_state = None
+        self.bad_epochs = 0
+
+    # ---- schedules -------------------------------------------------------------------
+    def kl_weight(self, epoch: float) -> float:
+        warm = self.cfg.kl_warmup_epochs
+        return self.cfg.kl_weight * (min(1.0, epoch / warm) if warm > 0 else 1.0)
+
+    def temperature(self, step: int) -> float:
+        frac = min(1.0, step / max(self.total_steps, 1))
+        return self.cfg.temperature_start * (self.cfg.temperature_end / self.cfg.temperature_start) ** frac
+
+    def batch_args(self, batch, step: int, epoch_float: float):
+        device = batch.x.device
+        return (batch.x, batch.u, batch.x_ctrl,
+                torch.tensor(self.kl_weight(epoch_float), device=device),
+                torch.tensor(self.temperature(step), device=device))
+
+    # ---- checkpoints -----------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.run_dir / "checkpoint.pt" if self.run_dir else None
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "guide": self.guide.state_dict()}
+
+    def load_modules(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.guide.load_state_dict(state["guide"])
+
+    def save_checkpoint(self, epoch: int) -> None:
+        if self.checkpoint_path is None:
+            return
+        atomic_torch_save({
+            "epoch": epoch,
+            "modules": self.state_dict(),
+            "optim": self.optim.get_state(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "history": self.history,
+            "best_val": self.best_val,
+            "best_state": self.best_state,
+            "bad_epochs": self.bad_epochs,
+            "train_config": asdict(self.cfg),
+        }, self.checkpoint_path)
+
+    def try_resume(self) -> bool:
+        path = self.checkpoint_path
+        if path is None or not path.exists():
+            log.warning("resume=true but no checkpoint at %s: starting from scratch", path)
+            return False
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        self.load_modules(ckpt["modules"])
+        pyro.clear_param_store()
+        self.optim.set_state(ckpt["optim"])
+        torch.set_rng_state(ckpt["rng"])
+        if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        self.history = ckpt["history"]
+        self.best_val, self.best_state, self.bad_epochs = ckpt["best_val"], ckpt["best_state"], ckpt["bad_epochs"]
+        self.start_epoch = ckpt["epoch"] + 1
+        log.info("resumed from %s at epoch %d", path, self.start_epoch)
+        return True
+
+    # ---- loop ------------------------------------------------------------------------
+    def validation_loss(self, epoch: int) -> float:
+        """Mean negative ELBO per cell over the validation batches (final KL weight)."""
+        total, cells = 0.0, 0
+        self.val_batcher.set_epoch(0)  # the same validation pairing every epoch
+        step = self.total_steps
+        for batch in self.val_batcher:
+            args = self.batch_args(batch, step, float(self.cfg.kl_warmup_epochs))
+            total += self.svi.evaluate_loss(*args, n_cells=batch.x.shape[0])
+            cells += batch.x.shape[0]
+        return total / max(cells, 1)
+
+    def fail_on_nonfinite(self, loss: float, batch, args, epoch: int, step: int) -> None:
+        if math.isfinite(loss):
+            return
+        parts = elbo_parts(self.model.model, self.guide.guide, args, self.n_cells)
+        bad = [k for k, v in parts.items() if not math.isfinite(v)] or ["(gradient or parameter update)"]
+        kept = f"; the last good checkpoint is kept at {self.checkpoint_path}" if self.checkpoint_path else ""
+        raise TrainingError(
+            f"non-finite loss ({loss}) at epoch {epoch}, step {step}: bad term(s) {bad} "
+            f"(parts per cell: {parts}). Try a smaller train.lr or check the input counts{kept}.")
+
+    def fit(self) -> list[dict]:
+        cfg = self.cfg
+        pyro.enable_validation(cfg.validate_args)
+        if cfg.resume:
+            self.try_resume()
+        else:
+            pyro.clear_param_store()
+        metrics_path = self.run_dir / "metrics.csv" if self.run_dir else None
+        bar = tqdm(range(self.start_epoch, cfg.epochs), desc="PerturbedVAE", disable=not cfg.progress,
+                   initial=self.start_epoch, total=cfg.epochs, unit="epoch")
+        stopped_early = False
+        for epoch in bar:
+            t0 = time.perf_counter()
+            self.train_batcher.set_epoch(epoch)
+            epoch_loss, cells = 0.0, 0
+            last_args = None
+            for i, batch in enumerate(self.train_batcher):
+                step = epoch * self.steps_per_epoch + i
+                args = self.batch_args(batch, step, epoch + i / self.steps_per_epoch)
+                loss = self.svi.step(*args, n_cells=self.n_cells)
+                self.fail_on_nonfinite(loss, batch, args, epoch, step)
+                epoch_loss += loss * batch.x.shape[0] / self.n_cells
+                cells += batch.x.shape[0]
+                last_args = args
+            val = self.validation_loss(epoch) if self.val_batcher is not None and len(self.val_batcher) else math.nan
+            parts = elbo_parts(self.model.model, self.guide.guide, last_args, self.n_cells) if last_args else {}
+            row = {"epoch": epoch, "train_loss": epoch_loss / max(cells, 1), "val_loss": val,
+                   "kl_weight": self.kl_weight(epoch + 1), "temperature": self.temperature((epoch + 1) * self.steps_per_epoch),
+                   "seconds": time.perf_counter() - t0, "cells_per_s": cells / (time.perf_counter() - t0),
+                   **{f"batch_{k}": v for k, v in parts.items()}}
+            self.history.append(row)
+            bar.set_postfix(loss=f"{row['train_loss']:.1f}", val=f"{val:.1f}", recon=f"{parts.get('recon', 0):.1f}",
+                            kl=f"{parts.get('kl_local', 0):.2f}", align=f"{parts.get('alignment', 0):.3f}")
+            if metrics_path is not None:
+                write_metrics(metrics_path, self.history)
+            # early stopping on the validation loss; the best modules are restored at the end
+            if math.isfinite(val) and epoch + 1 >= cfg.kl_warmup_epochs:
+                if val < self.best_val - 1e-4 * abs(self.best_val):
+                    self.best_val, self.bad_epochs = val, 0
+                    self.best_state = {k: {n: t.detach().cpu().clone() for n, t in v.items()}
+                                       for k, v in self.state_dict().items()}
+                else:
+                    self.bad_epochs += 1
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                self.save_checkpoint(epoch)
+            if self.bad_epochs >= cfg.early_stopping_patience and epoch + 1 >= cfg.min_epochs:
+                log.info("early stopping at epoch %d (no validation improvement for %d epochs)", epoch, self.bad_epochs)
+                self.save_checkpoint(epoch)
+                stopped_early = True
+                break
+        bar.close()
+        if self.best_state is not None:
+            self.load_modules(self.best_state)
+        self.stopped_early = stopped_early
+        return self.history
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def plot_training_curves(history: list[dict], path: Path) -> None:
+    """Training and validation loss per epoch, and the ELBO parts, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].plot(epochs, [r["train_loss"] for r in history], label="train -ELBO/cell")
+    axes[0].plot(epochs, [r["val_loss"] for r in history], label="validation -ELBO/cell")
+    axes[0].set_xlabel("epoch"), axes[0].set_ylabel("loss per cell"), axes[0].legend()
+    for key in ("batch_kl_local", "batch_kl_global", "batch_alignment"):
+        if key in history[0]:
+            axes[1].plot(epochs, [r[key] for r in history], label=key.replace("batch_", ""))
+    axes[1].set_xlabel("epoch"), axes[1].set_ylabel("per cell"), axes[1].legend()
+    fig.tight_layout()
+    tmp = Path(str(path) + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def save_json(obj, path: Path) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))

@@ -396,7 +396,8 @@ def to_canonical(adata, format: str = "auto", label_key: str | None = None,
         obs["condition_original"] = adata.obs["condition"].astype(str).to_numpy()
     cats = sorted(set(canon))
     obs["condition"] = pd.Categorical(canon, categories=cats)
-    obs["n_targets"] = np.array([len(parse_condition(c)) for c in canon], dtype=np.int64)
+    codes, uniq = pd.factorize(canon)
+    obs["n_targets"] = np.array([len(parse_condition(c)) for c in uniq], dtype=np.int64)[codes]
     var.index = names
     var.index.name = None
     out = anndata.AnnData(X=X, obs=obs, var=var)
@@ -502,8 +503,8 @@ def select_hvg(adata, n_top_genes: int, keep: Sequence[str] | None = None):
     chosen_set = set(chosen)
     mask = np.array([g in chosen_set for g in adata.var_names])
     out = adata[:, mask].copy()
-    out.var["highly_variable"] = [g in set(hv) or (g in forced and g in set(order[:n_top_genes]))
-                                  for g in out.var_names]
+    top = set(order[:int(n_top_genes)]) | set(hv)
+    out.var["highly_variable"] = [g in top for g in out.var_names]
     out.var["forced"] = [g in forced for g in out.var_names]
     out.var["dispersions_norm"] = disp[out.var_names].to_numpy()
     return out

@@ -1,0 +1,502 @@
+"""Tests of the data layer: readers, validation, preprocessing, splits, batchers."""
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from pyro_pvae import data
+from pyro_pvae.data import DataError
+
+# ---------------------------------------------------------------------------------------
+# helpers: a small experiment written in each format
+# ---------------------------------------------------------------------------------------
+
+TARGETS = ["KLF1", "MAP2K3", "MAP2K6", "SET", "CEBPE"]
+GENES = TARGETS + [f"G{i}" for i in range(25)]
+# canonical conditions with cell counts
+DESIGN = {"control": 40, "KLF1": 12, "MAP2K3": 12, "MAP2K6": 12, "SET": 12,
+          "KLF1+MAP2K6": 10, "MAP2K3+MAP2K6": 10, "CEBPE+SET": 8}
+
+
+def _canon_conditions():
+    return [c for c, n in DESIGN.items() for _ in range(n)]
+
+
+def _counts(n, g, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.poisson(1.5, size=(n, g)).astype(np.float32)
+    x[:, -1] = np.arange(n)  # every cell's row is distinct
+    return x
+
+
+def _label(cond, fmt):
+    t = data.parse_condition(cond)
+    if fmt == "cpa":
+        return ",".join(t) if t else ""
+    if fmt == "gears":
+        if not t:
+            return "ctrl"
+        return t[0] + "+ctrl" if len(t) == 1 else "+".join(t[::-1])  # unsorted on purpose
+    if fmt == "scperturb":
+        return "_".join(t) if t else "control"
+    if fmt == "generic":
+        return "|".join(t) if t else "NT"
+    return "+".join(t[::-1]) if t else "control"  # canonical-ish, unsorted doubles
+
+
+def _make(fmt="canonical", seed=0):
+    cond = _canon_conditions()
+    x = _counts(len(cond), len(GENES), seed)
+    labels = [_label(c, fmt) for c in cond]
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(len(cond))])
+    var = pd.DataFrame(index=list(GENES))
+    key = {"cpa": "guide_ids", "gears": "condition", "scperturb": "perturbation",
+           "generic": "guide", "canonical": "condition"}[fmt]
+    obs[key] = labels
+    if fmt == "gears":
+        var = pd.DataFrame({"gene_name": GENES}, index=[f"ENSG{i:05d}" for i in range(len(GENES))])
+        a = ad.AnnData(X=sp.csr_matrix(np.log1p(x / x.sum(1, keepdims=True) * 1e4)), obs=obs, var=var)
+        a.layers["counts"] = sp.csr_matrix(x)
+        return a, x, cond
+    return ad.AnnData(X=sp.csr_matrix(x), obs=obs, var=var), x, cond
+
+
+def _write(a, tmp_path, name="d.h5ad"):
+    p = tmp_path / name
+    a.write_h5ad(p)
+    return p
+
+
+# ---------------------------------------------------------------------------------------
+# readers
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["cpa", "gears", "scperturb", "canonical", "generic"])
+def test_readers_give_same_canonical_form(fmt, tmp_path, caplog):
+    a, x, cond = _make(fmt)
+    p = _write(a, tmp_path)
+    kw = dict(label_key="guide", control_label="NT", sep="|") if fmt == "generic" else {}
+    with caplog.at_level(logging.INFO, logger="pyro_pvae.data"):
+        c = data.read_perturbseq(p, **kw)
+    assert list(c.obs["condition"].astype(str)) == cond
+    assert list(c.var_names) == GENES
+    assert sp.isspmatrix_csr(c.X) and c.X.dtype == np.float32
+    np.testing.assert_array_equal(c.X.toarray(), x)
+    assert list(c.obs["n_targets"]) == [len(data.parse_condition(k)) for k in cond]
+    expected_fmt = "generic" if fmt == "generic" else fmt
+    assert c.uns["pyro_pvae"]["format"] == expected_fmt
+    assert f"using format '{expected_fmt}'" in caplog.text
+    # original label column kept
+    orig = {"cpa": "guide_ids", "gears": "condition_original", "scperturb": "perturbation",
+            "generic": "guide", "canonical": "condition_original"}[fmt]
+    assert list(c.obs[orig].astype(str)) == list(a.obs.iloc[:, 0].astype(str))
+    if fmt == "gears":
+        assert c.uns["pyro_pvae"]["counts_source"] == "layers['counts']"
+        assert list(c.var["gene_id"])[:2] == ["ENSG00000", "ENSG00001"]
+
+
+def test_to_canonical_in_memory_and_explicit_format():
+    a, x, cond = _make("scperturb")
+    c = data.to_canonical(a, format="scperturb")
+    assert list(c.obs["condition"].astype(str)) == cond
+    data.validate_canonical(c)
+
+
+def test_counts_from_raw_aligned_to_var_names():
+    a, x, cond = _make("canonical")
+    # raw: genes in another order plus an extra gene
+    raw_genes = ["EXTRA"] + GENES[::-1]
+    raw_x = np.concatenate([np.ones((len(cond), 1), np.float32), x[:, ::-1]], axis=1)
+    b = ad.AnnData(X=sp.csr_matrix(raw_x), obs=a.obs.copy(), var=pd.DataFrame(index=raw_genes))
+    b.raw = b
+    b = b[:, GENES].copy()
+    b.X = sp.csr_matrix(np.log1p(x / x.sum(1, keepdims=True) * 1e4))
+    c = data.to_canonical(b)
+    assert c.uns["pyro_pvae"]["counts_source"] == "raw.X"
+    np.testing.assert_array_equal(c.X.toarray(), x)
+
+
+def test_shipped_subset_canonicalised():
+    from pyro_pvae.datasets import norman19_effects, norman19_subset
+
+    a = norman19_subset()
+    assert a.shape == (3375, 500)
+    conds = set(a.obs["condition"].astype(str))
+    assert "KLF1+SET" in conds and "SET+KLF1" not in conds
+    assert (a.obs["condition_original"] == "SET+KLF1").sum() == 100
+    assert a.X.dtype == np.float32 and sp.isspmatrix_csr(a.X)
+    e = norman19_effects()
+    assert e["lfc_s"].shape == (104, 2000) and e["lfc_d"].shape == (130, 2000)
+    assert e["comp_ok"].sum() == 126
+
+
+# ---------------------------------------------------------------------------------------
+# validation errors
+# ---------------------------------------------------------------------------------------
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="does not exist.*nope.h5ad"):
+        data.read_perturbseq(tmp_path / "nope.h5ad")
+
+
+def test_wrong_suffix_and_unreadable(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match=r"not an \.h5ad file \(suffix '\.csv'\)"):
+        data.read_perturbseq(p)
+    q = tmp_path / "bad.h5ad"
+    q.write_bytes(b"this is not hdf5")
+    with pytest.raises(DataError, match="could not read .*bad.h5ad.* as h5ad") as ei:
+        data.read_perturbseq(q)
+    assert ei.value.__cause__ is None and ei.value.__suppress_context__
+
+
+def test_missing_label_column_lists_columns(tmp_path):
+    a, _, _ = _make("canonical")
+    a.obs["batch"] = "b1"
+    p = _write(a, tmp_path)
+    with pytest.raises(DataError, match=r"obs\['guide'\] not found.*\['condition', 'batch'\]"):
+        data.read_perturbseq(p, format="generic", label_key="guide", control_label="NT")
+    b = ad.AnnData(X=a.X, obs=a.obs[["batch"]], var=a.var)
+    with pytest.raises(DataError, match=r"could not detect.*obs columns: \['batch'\]"):
+        data.to_canonical(b)
+
+
+def test_no_control_cells_lists_labels():
+    a, _, _ = _make("canonical")
+    a.obs["condition"] = a.obs["condition"].replace({"control": "non-targeting"})
+    with pytest.raises(DataError, match=r"no control cells.*'control'.*'non-targeting' \(40\)"):
+        data.to_canonical(a)
+    # naming the control label fixes it
+    c = data.to_canonical(a, control_label="non-targeting")
+    assert (c.obs["condition"] == "control").sum() == 40
+
+
+@pytest.mark.parametrize("bad,what", [(np.nan, "1 NaN"), (np.inf, "1 inf"), (-2.0, "1 negative")])
+def test_bad_values_in_counts(bad, what):
+    a, x, _ = _make("canonical")
+    x = x.copy()
+    x[3, 4] = bad
+    a.X = sp.csr_matrix(x)
+    with pytest.raises(DataError, match=f"{what} values in X"):
+        data.to_canonical(a)
+
+
+def test_negative_in_counts_layer_names_layer():
+    a, x, _ = _make("gears")
+    m = a.layers["counts"].toarray()
+    m[0, 0] = -1
+    m[1, 0] = -3
+    a.layers["counts"] = sp.csr_matrix(m)
+    with pytest.raises(DataError, match=r"2 negative values in layers\['counts'\]"):
+        data.to_canonical(a)
+
+
+def test_lognormalised_without_counts_refused(tmp_path):
+    a, x, _ = _make("gears")
+    del a.layers["counts"]
+    p = _write(a, tmp_path)
+    with pytest.raises(DataError) as ei:
+        data.read_perturbseq(p)
+    msg = str(ei.value)
+    assert "no raw integer UMI counts" in msg and "d.h5ad" in msg
+    assert "X (" in msg and "non-integer" in msg and "layers['counts'] (absent" in msg
+    assert "raw (absent)" in msg
+
+
+@pytest.mark.parametrize("label,pattern", [("KLF1+", r"'KLF1\+'"), ("", "''"),
+                                            ("+SET", r"'\+SET'")])
+def test_empty_conditions(label, pattern):
+    a, _, _ = _make("canonical")
+    labs = a.obs["condition"].astype(str).to_numpy().copy()
+    labs[50] = label
+    a.obs["condition"] = labs
+    with pytest.raises(DataError, match=f"empty target name in label {pattern}"):
+        data.to_canonical(a)
+
+
+def test_cpa_empty_string_is_control_not_error():
+    a, _, cond = _make("cpa")
+    c = data.to_canonical(a)
+    assert (c.obs["condition"] == "control").sum() == DESIGN["control"]
+
+
+def test_duplicate_gene_names():
+    a, _, _ = _make("canonical")
+    names = list(GENES)
+    names[7] = "G0"
+    a.var_names = names
+    with pytest.raises(DataError, match=r"duplicate gene names.*\['G0'\]"):
+        data.to_canonical(a)
+
+
+def test_typo_like_targets_flagged_but_similar_genes_not():
+    a, _, _ = _make("canonical")
+    labs = a.obs["condition"].astype(str).to_numpy().copy()
+    labs[41] = "klf1"
+    labs[42] = "KLF-1"
+    a.obs["condition"] = labs
+    with pytest.raises(DataError, match=r"'KLF-1' vs 'KLF1' vs 'klf1'"):
+        data.to_canonical(a)
+    b, _, _ = _make("canonical")  # MAP2K3 and MAP2K6 are both present: fine
+    c = data.to_canonical(b)
+    assert {"MAP2K3", "MAP2K6"} <= set(data.perturbation_vocabulary(c))
+
+
+# ---------------------------------------------------------------------------------------
+# preprocessing and encodings
+# ---------------------------------------------------------------------------------------
+
+def test_lognormalize_and_library_size():
+    x = np.array([[1, 0, 3], [0, 0, 0], [2, 2, 0]], dtype=np.float32)
+    np.testing.assert_allclose(data.library_size(sp.csr_matrix(x)), [4, 0, 4])
+    ln = data.lognormalize(sp.csr_matrix(x)).toarray()
+    np.testing.assert_allclose(ln[0], np.log1p(x[0] / 4 * 1e4), rtol=1e-6)
+    np.testing.assert_array_equal(ln[1], 0)
+    a = ad.AnnData(X=sp.csr_matrix(x))
+    data.lognormalize(a)
+    np.testing.assert_allclose(a.layers["lognorm"].toarray(), ln)
+    np.testing.assert_allclose(data.lognormalize(x), ln, rtol=1e-6)
+
+
+def test_hvg_keeps_target_genes():
+    a, x, _ = _make("canonical")
+    x = x.copy()
+    x[:, :len(TARGETS)] = 1.0  # targets flat: never highly variable by themselves
+    a.X = sp.csr_matrix(x)
+    c = data.to_canonical(a)
+    h = data.select_hvg(c, n_top_genes=8, keep=["G3"])
+    assert set(TARGETS) <= set(h.var_names) and "G3" in h.var_names
+    assert h.n_vars == 8
+    assert h.var["forced"].sum() == 6
+    h2 = data.select_hvg(c, n_top_genes=12)
+    assert h2.n_vars == 12 and set(TARGETS) <= set(h2.var_names)
+    assert list(h2.var_names) == [g for g in c.var_names if g in set(h2.var_names)]
+
+
+def test_perturbation_vocabulary_and_matrix():
+    c = data.to_canonical(_make("canonical")[0])
+    assert data.perturbation_vocabulary(c) == sorted(TARGETS)
+    idx = np.flatnonzero(c.obs["condition"].isin(["control", "KLF1+MAP2K6"]))
+    assert data.perturbation_vocabulary(c, idx) == ["KLF1", "MAP2K6"]
+    u = data.perturbation_matrix(["control", "KLF1+MAP2K6", "SET"], ["KLF1", "MAP2K6", "SET"])
+    np.testing.assert_array_equal(u, [[0, 0, 0], [1, 1, 0], [0, 0, 1]])
+    assert u.dtype == np.float32
+    with pytest.raises(DataError, match=r"'KLF2' \(nearest known: \['KLF1'"):
+        data.perturbation_matrix(["KLF2+SET"], ["KLF1", "MAP2K6", "SET"])
+    u = data.perturbation_matrix(["KLF2+SET"], ["KLF1", "MAP2K6", "SET"], unknown="ignore")
+    np.testing.assert_array_equal(u, [[0, 0, 1]])
+
+
+# ---------------------------------------------------------------------------------------
+# splits
+# ---------------------------------------------------------------------------------------
+
+def _split_invariants(s, c):
+    tr, va, te = set(s.train_idx), set(s.val_idx), set(s.test_idx)
+    assert not (tr & te) and not (va & te) and not (tr & va)
+    cond = c.obs["condition"].astype(str).to_numpy()
+    assert set(cond[s.test_idx]) - {"control"} == set(s.test_conditions) or s.name == "iid"
+    assert set(s.test_groups) == set(s.test_conditions)
+    assert set(s.test_groups.values()) <= {"single", "seen0", "seen1", "seen2"}
+
+
+@pytest.fixture(scope="module")
+def canon():
+    return data.to_canonical(_make("canonical")[0])
+
+
+@pytest.mark.parametrize("name", ["norman_discrepancy", "combo_seen", "complete_doubles", "iid"])
+def test_split_invariants_determinism_json(name, canon, tmp_path):
+    s = data.make_split(canon, name, seed=3)
+    _split_invariants(s, canon)
+    s2 = data.make_split(canon, name, seed=3)
+    for k in ("train_idx", "val_idx", "test_idx"):
+        np.testing.assert_array_equal(getattr(s, k), getattr(s2, k))
+    assert s.test_groups == s2.test_groups
+    cond = canon.obs["condition"].astype(str).to_numpy()
+    ctrl = np.flatnonzero(cond == "control")
+    if name != "iid":  # controls always in training (train or val)
+        assert set(ctrl) <= set(s.train_idx) | set(s.val_idx)
+    assert len(s.val_idx) > 0
+    p = tmp_path / "sub" / "split.json"
+    s.to_json(p)
+    r = data.Split.from_json(p)
+    assert r.name == name and r.seed == 3 and r.test_groups == s.test_groups
+    assert r.train_conditions == s.train_conditions and r.test_conditions == s.test_conditions
+    np.testing.assert_array_equal(r.test_idx, s.test_idx)
+    np.testing.assert_array_equal(r.val_idx, s.val_idx)
+    assert list(p.parent.iterdir()) == [p]  # no temp file left behind
+
+
+def test_norman_discrepancy_first_96_and_seen_groups():
+    rows = (["control"] * 30 + ["KLF1"] * 100 + ["SET"] * 50 + ["MAP2K3"] * 20
+            + ["KLF1+MAP2K3"] * 5 + ["CEBPE+KLF1"] * 5 + ["CEBPE+FOXA1"] * 5)
+    rng = np.random.default_rng(0)
+    rng.shuffle(rows)
+    a = ad.AnnData(X=sp.csr_matrix(_counts(len(rows), 4)),
+                   obs=pd.DataFrame({"condition": rows}, index=[str(i) for i in range(len(rows))]))
+    c = data.to_canonical(a)
+    s = data.split_norman_discrepancy(c, seed=0)
+    cond = np.array(rows)
+    klf1 = np.flatnonzero(cond == "KLF1")
+    te = set(s.test_idx)
+    assert set(klf1[:96]) <= te and not (set(klf1[96:]) & te)
+    assert set(np.flatnonzero(cond == "SET")) <= te  # fewer than 96 cells: all held out
+    assert not set(np.flatnonzero(cond == "MAP2K3")) & te  # not one of the 14
+    assert s.test_groups == {"KLF1": "single", "SET": "single", "KLF1+MAP2K3": "seen2",
+                             "CEBPE+KLF1": "seen1", "CEBPE+FOXA1": "seen0"}
+    # seeds change val only, never test
+    s7 = data.split_norman_discrepancy(c, seed=7)
+    np.testing.assert_array_equal(s7.test_idx, s.test_idx)
+    assert not np.array_equal(s7.val_idx, s.val_idx)
+
+
+def test_combo_seen_membership():
+    genes = [f"T{i}" for i in range(10)]
+    rows = ["control"] * 40
+    for g in genes:
+        rows += [g] * 10
+    doubles = [f"{genes[i]}+{genes[j]}" for i in range(10) for j in range(i + 1, 10)][:30]
+    for d in doubles:
+        rows += [d] * 3
+    a = ad.AnnData(X=sp.csr_matrix(_counts(len(rows), 5)),
+                   obs=pd.DataFrame({"condition": rows}, index=[str(i) for i in range(len(rows))]))
+    c = data.to_canonical(a)
+    cond = np.array(rows)
+    for seed in (0, 1):
+        s = data.split_combo_seen(c, seed=seed, unseen_gene_fraction=0.3, train_seen2_fraction=0.5)
+        unseen = set(s.params["unseen_genes"])
+        assert len(unseen) == 3
+        train_cond = set(cond[np.concatenate([s.train_idx, s.val_idx])])
+        assert not unseen & train_cond  # unseen genes' singles never in training
+        seen = set(genes) - unseen
+        n_seen2_train = 0
+        for d in doubles:
+            k = sum(g in seen for g in d.split("+"))
+            if d in train_cond:
+                assert k == 2 and d not in s.test_groups
+                n_seen2_train += 1
+            else:
+                assert s.test_groups[d] == f"seen{k}"
+        n_seen2 = sum(all(g in seen for g in d.split("+")) for d in doubles)
+        assert n_seen2_train == round(0.5 * n_seen2)
+        for g in seen:  # 20% of each training single's cells held out
+            assert (cond[s.test_idx] == g).sum() == 2 and s.test_groups[g] == "single"
+    hard = data.split_combo_seen(c, seed=0, train_seen2_fraction=0.0)
+    assert not any("+" in k for k in hard.train_conditions)
+
+
+def test_complete_doubles_on_shipped_file():
+    from pyro_pvae.datasets import norman19_subset
+
+    a = norman19_subset()
+    s = data.split_complete_doubles(a, seed=0)
+    doubles = sorted(k for k, v in s.test_groups.items() if v == "seen2")
+    assert doubles == ["KLF1+MAP2K6", "KLF1+TGFBR2", "MAP2K3+MAP2K6", "MAP2K3+SLC38A2",
+                       "MAPK1+TGFBR2"]
+    assert "KLF1+SET" in s.train_conditions
+    _split_invariants(s, a)
+    cond = a.obs["condition"].astype(str).to_numpy()
+    assert (cond[s.test_idx] == "KLF1").sum() == 20
+
+
+def test_iid_split_fractions(canon):
+    s = data.split_iid(canon, seed=0, test_fraction=0.25)
+    cond = canon.obs["condition"].astype(str).to_numpy()
+    for c, n in DESIGN.items():
+        assert (cond[s.test_idx] == c).sum() == round(0.25 * n)
+    assert "control" not in s.test_groups
+
+
+def test_make_split_unknown_name(canon):
+    with pytest.raises(DataError, match=r"unknown split 'combo'.*'combo_seen'"):
+        data.make_split(canon, "combo", seed=0)
+
+
+# ---------------------------------------------------------------------------------------
+# batchers
+# ---------------------------------------------------------------------------------------
+
+def _batch_setup(canon):
+    s = data.split_complete_doubles(canon, seed=0)
+    cond = canon.obs["condition"].astype(str).to_numpy()
+    ctrl = s.train_idx[cond[s.train_idx] == "control"]
+    vocab = data.perturbation_vocabulary(canon, s.train_idx)
+    return s, cond, ctrl, vocab
+
+
+def _check_batch(b, canon, cond, ctrl, vocab):
+    X = canon.X.toarray()
+    idx = b.idx.numpy()
+    assert b.x.dtype == torch.float32 and b.idx.dtype == torch.long
+    np.testing.assert_array_equal(b.x.numpy(), X[idx])  # densified rows exact
+    np.testing.assert_array_equal(b.u.numpy(), data.perturbation_matrix(cond[idx], vocab))
+    ctrl_rows = {X[i].tobytes() for i in ctrl}
+    assert b.x_ctrl.shape == b.x.shape
+    assert all(r.tobytes() in ctrl_rows for r in b.x_ctrl.numpy())
+
+
+def test_cell_batcher(canon):
+    s, cond, ctrl, vocab = _batch_setup(canon)
+    bt = data.make_batcher(canon, s.train_idx, vocab, ctrl, batch_size=16, seed=5)
+    assert isinstance(bt, data.CellBatcher)
+    assert len(bt) == len(s.train_idx) // 16 and bt.n_genes == len(GENES)
+    bt.set_epoch(0)
+    batches = list(bt)
+    assert len(batches) == len(bt)
+    for b in batches:
+        _check_batch(b, canon, cond, ctrl, vocab)
+    seen = np.concatenate([b.idx.numpy() for b in batches])
+    assert len(set(seen)) == len(seen) and set(seen) <= set(s.train_idx)
+    # set_epoch determinism: same (seed, epoch) -> same batches, other epoch -> other order
+    bt.set_epoch(0)
+    again = list(bt)
+    for b1, b2 in zip(batches, again):
+        assert torch.equal(b1.idx, b2.idx) and torch.equal(b1.x_ctrl, b2.x_ctrl)
+    bt.set_epoch(1)
+    assert not torch.equal(next(iter(bt)).idx, batches[0].idx)
+    other = data.CellBatcher(canon, s.train_idx, vocab, ctrl, 16, seed=5)
+    other.set_epoch(0)
+    assert torch.equal(next(iter(other)).idx, batches[0].idx)
+    # drop_last=False covers every cell once
+    full = data.CellBatcher(canon, s.train_idx, vocab, ctrl, 16, drop_last=False)
+    got = np.sort(np.concatenate([b.idx.numpy() for b in full]))
+    np.testing.assert_array_equal(got, np.sort(s.train_idx))
+
+
+def test_cell_batcher_unknown_target_in_cells(canon):
+    _, cond, ctrl, _ = _batch_setup(canon)
+    with pytest.raises(DataError, match=r"'SET' \(nearest known"):
+        data.CellBatcher(canon, np.flatnonzero(cond == "SET"), ["KLF1"], ctrl, 4)
+
+
+def test_backed_batcher_every_cell_once(canon, tmp_path):
+    p = _write(canon, tmp_path, "canon.h5ad")
+    s, cond, ctrl, vocab = _batch_setup(canon)
+    bt = data.make_batcher(str(p), s.train_idx, vocab, ctrl, batch_size=10, seed=1,
+                           chunk_size=16, buffer_chunks=2, drop_last=False)
+    assert isinstance(bt, data.BackedBatcher)
+    for epoch in (0, 1):
+        bt.set_epoch(epoch)
+        batches = list(bt)
+        assert len(batches) == len(bt) == int(np.ceil(len(s.train_idx) / 10))
+        got = np.concatenate([b.idx.numpy() for b in batches])
+        assert len(got) == len(set(got))
+        np.testing.assert_array_equal(np.sort(got), np.sort(s.train_idx))
+        for b in batches:
+            _check_batch(b, canon, cond, ctrl, vocab)
+    bt.set_epoch(0)
+    first = [b.idx for b in bt]
+    bt.set_epoch(0)
+    assert all(torch.equal(a, b.idx) for a, b in zip(first, bt))
+    dl = data.BackedBatcher(p, s.train_idx, vocab, ctrl, 10, chunk_size=16, drop_last=True)
+    assert [len(b.idx) for b in dl] == [10] * (len(s.train_idx) // 10)
+    bt.close()
+    dl.close()

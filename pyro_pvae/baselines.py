@@ -210,7 +210,7 @@ class Linear(Baseline):
 
     name = "linear"
 
-    def __init__(self, n_components: int = 10, ridge: float = 0.1, max_cells: int = 20000,
+    def __init__(self, n_components: int = 10, ridge: float = 0.1, max_cells: int = 10000,
                  seed: int = 0):
         super().__init__()
         self.n_components = n_components
@@ -225,12 +225,16 @@ class Linear(Baseline):
             rows = np.sort(rng.choice(rows, self.max_cells, replace=False))
         X = L[rows]
         X = X.toarray() if sp.issparse(X) else np.asarray(X)
-        X = X.astype(np.float64) - X.mean(axis=0, keepdims=True)
+        X = X.astype(np.float32) - X.mean(axis=0, keepdims=True, dtype=np.float64)
         k = int(min(self.n_components, X.shape[0] - 1, X.shape[1]))
         if k < 1:
             raise DataError("too few training cells or genes for the linear baseline's PCA")
-        _, _, vt = np.linalg.svd(X, full_matrices=False)
-        self.G_ = vt[:k].T  # genes x k
+        if min(X.shape) <= 500:
+            _, _, vt = np.linalg.svd(X.astype(np.float64), full_matrices=False)
+        else:  # large data: randomized SVD (Halko et al.), seeded
+            from sklearn.utils.extmath import randomized_svd
+            _, _, vt = randomized_svd(X, k, n_iter=7, random_state=self.seed)
+        self.G_ = np.asarray(vt[:k], dtype=np.float64).T  # genes x k
         gene_pos = {g: i for i, g in enumerate(self.gene_names)}
         self._gene_pos = gene_pos
 

@@ -880,20 +880,25 @@ def _n_batches(n: int, batch_size: int, drop_last: bool) -> int:
 
 
 def _gather_rows(crow, col, val, idx, n_genes: int):
-    """Dense (B, G) rows ``idx`` of a CSR matrix given as (crow, col, val) tensors (same device)."""
+    """Dense (B, G) rows ``idx`` of a CSR matrix given as (crow, col, val) tensors (same device).
+
+    torch's sparse CSR has no row ``index_select``: gather the rows' slices of col/val by
+    position (starts + offsets via repeat_interleave) and scatter them into a zero matrix.
+    Assumes no duplicate entries within a row (canonical CSR)."""
     starts = crow[idx]
     lengths = crow[idx + 1] - starts
     B = idx.shape[0]
-    out = torch.zeros((B, n_genes), dtype=val.dtype, device=val.device)
+    dev = val.device
     total = int(lengths.sum())
+    out = torch.zeros(B * n_genes, dtype=val.dtype, device=dev)
     if total == 0:
-        return out
-    rows = torch.repeat_interleave(torch.arange(B, device=val.device), lengths)
+        return out.view(B, n_genes)
+    rows = torch.repeat_interleave(torch.arange(B, device=dev), lengths, output_size=total)
     offs = torch.cumsum(lengths, 0) - lengths
-    pos = (torch.repeat_interleave(starts - offs, lengths)
-           + torch.arange(total, device=val.device))
-    out[rows, col[pos].long()] = val[pos]
-    return out
+    pos = (starts - offs)[rows] + torch.arange(total, device=dev)
+    flat = rows * n_genes + col[pos].long()
+    out.scatter_(0, flat, val[pos])
+    return out.view(B, n_genes)
 
 
 def _u_from_targets(targets, P: int):
@@ -925,6 +930,9 @@ class CellBatcher:
         if not sp.issparse(X):
             X = sp.csr_matrix(np.asarray(X, dtype=np.float32))
         X = sp.csr_matrix(X, dtype=np.float32)
+        if not X.has_canonical_format:
+            X = X.copy()
+            X.sum_duplicates()
         N, G = X.shape
         self.device = torch.device(device)
         self.cell_idx = _check_indices(cell_idx, N, "cell_idx")

@@ -395,12 +395,12 @@ def to_canonical(adata, format: str = "auto", label_key: str | None = None,
     if spec.label_key == "condition":
         obs["condition_original"] = adata.obs["condition"].astype(str).to_numpy()
     cats = sorted(set(canon))
-    obs["condition"] = pd.Categorical(canon, categories=cats)
+    obs["condition"] = pd.Categorical(canon, categories=pd.Index(cats, dtype=object))
     codes, uniq = pd.factorize(canon)
     obs["n_targets"] = np.array([len(parse_condition(c)) for c in uniq], dtype=np.int64)[codes]
     var.index = names
     var.index.name = None
-    out = anndata.AnnData(X=X, obs=obs, var=var)
+    out = anndata.AnnData(X=X, obs=_plain_strings(obs), var=_plain_strings(var))
     out.obs_names_make_unique()
     out.uns["pyro_pvae"] = {"format": fmt, "label_key": spec.label_key,
                             "control_label": spec.control_label, "sep": spec.sep,
@@ -408,6 +408,18 @@ def to_canonical(adata, format: str = "auto", label_key: str | None = None,
     logger.info("%s: %d cells x %d genes, %d conditions, counts from %s", source,
                 out.n_obs, out.n_vars, len(cats), counts_key)
     return out
+
+
+def _plain_strings(df: pd.DataFrame) -> pd.DataFrame:
+    """Index and string columns as object dtype: pandas >= 3 infers its new string dtype,
+    which anndata refuses to write by default (allow_write_nullable_strings)."""
+    df = df.copy()
+    df.index = pd.Index(np.asarray(df.index.astype(str), dtype=object), dtype=object)
+    for k in df.columns:
+        if pd.api.types.is_string_dtype(df[k].dtype) and not isinstance(
+                df[k].dtype, pd.CategoricalDtype):
+            df[k] = pd.Series(np.asarray(df[k], dtype=object), index=df.index, dtype=object)
+    return df
 
 
 def validate_canonical(adata) -> None:

@@ -726,7 +726,16 @@ def split_norman_discrepancy(adata, seed: int = 0,
 def split_combo_seen(adata, seed: int = 0, unseen_gene_fraction: float = 0.2,
                      train_seen2_fraction: float = 0.5, single_test_fraction: float = 0.2,
                      val_fraction: float = 0.05) -> Split:
-    """GEARS-style combination split (see module docs / issue text)."""
+    """GEARS-style combination split.
+
+    A seeded ``unseen_gene_fraction`` of the genes that have a single condition is unseen:
+    their singles go entirely to test (group 'single'). Each remaining ("seen") single keeps
+    all but a seeded ``single_test_fraction`` of its cells in training (the held-out cells go
+    to test, group 'single'). Combinations are seen0/1/2 by how many of their genes are seen;
+    a seeded ``train_seen2_fraction`` of the seen2 combinations goes to training, the other
+    seen2 and all seen0/seen1 combinations to test. ``train_seen2_fraction=0`` gives the
+    harder split with no combinations in training. ``params['unseen_genes']`` records the
+    unseen genes."""
     cond = _conditions(adata)
     control, singles, combos = _kinds(_groups(cond))
     rng = np.random.default_rng(int(seed))

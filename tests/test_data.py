@@ -42,7 +42,9 @@ def _label(cond, fmt):
     if fmt == "gears":
         if not t:
             return "ctrl"
-        return t[0] + "+ctrl" if len(t) == 1 else "+".join(t[::-1])  # unsorted on purpose
+        if len(t) == 1:  # both GEARS spellings of a single
+            return t[0] + "+ctrl" if t[0] < "M" else "ctrl+" + t[0]
+        return "+".join(t[::-1])  # unsorted on purpose
     if fmt == "scperturb":
         return "_".join(t) if t else "control"
     if fmt == "generic":

@@ -77,11 +77,11 @@ _EFFECTS_FILE = _DATA_DIR / "norman19_pseudobulk_effects.npz"
 CALIBRATION: dict[str, float] = {
     "library_median_full": 13523.0,
     "library_log_sd": 0.37,
-    "panel_fraction_5000": 0.45,  # assumption, see above
-    "umis_per_gene": 13523.0 * 0.45 / 5000.0,
+    "panel_fraction_5000": 0.30,  # assumption, see above
+    "umis_per_gene": 13523.0 * 0.30 / 5000.0,
     "baseline_log_sd": 1.71,
     "theta_naive_median": 1.6,
-    "theta_median": 3.0,
+    "theta_median": 8.0,
     "theta_log_sd": 1.0,
     "single_effect_rms_median": 0.34,
     "single_effect_n_gt_0p1_frac": 1449.0 / 2000.0,
@@ -148,8 +148,8 @@ _DEFAULTS: dict[str, Any] = dict(
     interaction_size=1.0,
     decoder="nonlinear",
     n_hidden=32,
-    pert_scale=0.2,           # RMS over genes of the logit change per unit of a z_pert coordinate
-    inv_scale=0.2,            # same for z_inv coordinates (non-cell-cycle programs)
+    pert_scale=0.12,          # RMS over genes of the logit change per unit of a z_pert coordinate
+    inv_scale=0.12,           # same for z_inv coordinates (non-cell-cycle programs)
     cell_cycle_fraction=0.1,
     cell_cycle_amplitude=0.5,
     nonlinear_ratio=1.0,      # Jacobian RMS of the tanh part relative to the linear part
@@ -160,6 +160,7 @@ _DEFAULTS: dict[str, Any] = dict(
     theta_median=CALIBRATION["theta_median"],
     theta_log_sd=CALIBRATION["theta_log_sd"],
     chunk_size=4000,
+    n_threads=2,              # conditions drawn in parallel threads (numpy releases the GIL)
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -200,44 +201,54 @@ def _config(preset: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Counts
 # ---------------------------------------------------------------------------------------------
-def _sample_nb(rng: np.random.Generator, mu: np.ndarray, theta: np.ndarray) -> sp.csr_matrix:
+def _sample_nb(rng: np.random.Generator, mu: np.ndarray, theta: np.ndarray,
+               hi_threshold: float = 4.0) -> sp.csr_matrix:
     """Exact NB(mean mu, inverse dispersion theta) draws, returned as CSR float32.
 
-    Equivalent to the Gamma-Poisson mixture ``Poisson(Gamma(theta, mu / theta))`` but faster
-    on mostly-zero data: a single uniform ``u`` per entry is compared with ``P(0)``; the few
-    non-zero entries are resolved by inverse CDF (recursion on the NB pmf), i.e. the count
-    is the smallest ``k`` with ``CDF(k) >= u``.
+    The NB is the Gamma-Poisson mixture ``Poisson(Gamma(theta, mu / theta))``.  Entries with
+    ``mu > hi_threshold`` (a few highly expressed genes) are drawn exactly that way with numpy;
+    the many low-mean entries, mostly zeros, are drawn faster by inverse CDF: one uniform ``u``
+    per entry is compared with ``P(0) = (theta / (theta + mu))^theta`` and the few non-zero
+    ones are resolved by the pmf recursion ``P(k) = P(k-1) (k-1+theta)/k mu/(theta+mu)``
+    (the count is the smallest ``k`` with ``CDF(k) >= u``).  Both are exact NB draws.
     """
     n, g = mu.shape
+    mu = np.asarray(mu, dtype=np.float32)
     theta = np.broadcast_to(np.asarray(theta, dtype=np.float64), (g,))
-    u = rng.random((n, g))
-    mu32 = mu.astype(np.float32, copy=False)
     th32 = theta.astype(np.float32)
-    logq = np.log(th32) - np.log(th32 + mu32)          # log(theta / (theta + mu))
-    p0 = np.exp(th32 * logq)
-    r, c = np.nonzero(u > p0)
-    if r.size == 0:
-        return sp.csr_matrix((n, g), dtype=np.float32)
+    u = rng.random((n, g), dtype=np.float32)
+    lp0 = np.log1p(mu / th32)
+    lp0 *= -th32                                  # log P(0)
+    hi = mu > hi_threshold
+    nz = np.log(np.maximum(u, 1e-30)) > lp0
+    nz &= ~hi
+    r, c = np.nonzero(nz)
     m = mu[r, c].astype(np.float64)
     th = theta[c]
-    uu = u[r, c]
-    pk = np.exp(th * (np.log(th) - np.log(th + m)))
+    uu = u[r, c].astype(np.float64)
+    pk = np.exp(-th * np.log1p(m / th))
     cdf = pk.copy()
     ratio = m / (th + m)
-    k = np.zeros(r.size, dtype=np.int64)
-    active = np.arange(r.size)
+    k = np.zeros(r.size, dtype=np.float32)
+    idx = np.arange(r.size)
     kk = 0
-    while active.size:
+    while idx.size:
         kk += 1
-        pk_a = pk[active] * (kk - 1 + th[active]) / kk * ratio[active]
-        pk[active] = pk_a
-        cdf[active] += pk_a
-        k[active] = kk
-        # stop where the CDF reached u, or where the pmf underflowed (numerical tail)
+        pk = pk * ((kk - 1 + th) / kk) * ratio
+        cdf += pk
         # (the cap only matters if rounding leaves the CDF a hair below u far in the tail)
-        keep = (cdf[active] < uu[active]) & (kk < 20 * (m[active] + 10))
-        active = active[keep]
-    return sp.csr_matrix((k.astype(np.float32), (r, c)), shape=(n, g), dtype=np.float32)
+        done = (cdf >= uu) | (kk >= 20 * (m + 10))
+        k[idx[done]] = kk
+        keep = ~done
+        idx, pk, cdf, th, ratio, uu, m = (a[keep] for a in (idx, pk, cdf, th, ratio, uu, m))
+    rh, ch = np.nonzero(hi)
+    if rh.size:
+        mh = mu[rh, ch].astype(np.float64)
+        kh = rng.poisson(rng.gamma(theta[ch], mh / theta[ch])).astype(np.float32)
+        r = np.concatenate([r, rh])
+        c = np.concatenate([c, ch])
+        k = np.concatenate([k, kh])
+    return sp.csr_matrix((k, (r, c)), shape=(n, g), dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,13 +392,18 @@ def _condition_spec(truth: Mapping[str, Any], label: str) -> tuple[np.ndarray, n
     return shift, Wc
 
 
-def _decode_logits(truth: Mapping[str, Any], z: np.ndarray) -> np.ndarray:
+def _decode_logits(truth: Mapping[str, Any], z: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """Gene logits ``baseline_logit + f(z)`` for latents ``z = [z_inv, z_pert]`` (n x (D+K))."""
     A = np.asarray(truth["decoder_A"])
-    out = z @ A.T
+    feats, mats = [z], [A]
     if str(truth["decoder_kind"]) == "nonlinear":
         C, b, B = (np.asarray(truth[k]) for k in ("decoder_C", "decoder_b", "decoder_B"))
-        out += (np.tanh(z @ C.T + b) - np.tanh(b)) @ B.T
-    out += np.asarray(truth["baseline_logit"])
+        feats.append(np.tanh(z @ C.T + b) - np.tanh(b))
+        mats.append(B)
+    F = np.hstack(feats).astype(dtype)
+    M = np.hstack(mats).astype(dtype)
+    out = F @ M.T
+    out += np.asarray(truth["baseline_logit"]).astype(dtype)
     return out
 
 
@@ -404,7 +420,7 @@ def _draw_cells(truth: Mapping[str, Any], label: str, n: int, rng: np.random.Gen
         z_inv = rng.normal(size=(m, D))
         eps = rng.normal(size=(m, K))
         z_pert = solve_triangular(IminusW, (eps + shift).T, lower=True).T
-        logits = _decode_logits(truth, np.hstack([z_inv, z_pert])).astype(np.float32)
+        logits = _decode_logits(truth, np.hstack([z_inv, z_pert]), np.float32)
         logits -= logits.max(1, keepdims=True)
         np.exp(logits, out=logits)
         logits /= logits.sum(1, keepdims=True)
@@ -468,18 +484,19 @@ def simulate(preset: str = "tiny", seed: int = 0, **overrides: Any):
     conds = [CONTROL] * 1 + [str(p) for p in truth["perturbations"]] + list(truth["doubles"])
     sizes = [cfg["n_control"]] + [cfg["cells_per_single"]] * cfg["n_singles"] + \
         [cfg["cells_per_double"]] * cfg["n_doubles"]
-    mats, zi, zp, ep, libs, labels = [], [], [], [], [], []
-    for label, n in zip(conds, sizes):
-        if n <= 0:
-            continue
-        crng = np.random.default_rng([seed, 1 + len(labels)])
-        X, a, b, c, lib = _draw_cells(truth, label, n, crng, cfg["chunk_size"])
-        mats.append(X)
-        zi.append(a)
-        zp.append(b)
-        ep.append(c)
-        libs.append(lib)
-        labels.append(label)
+    todo = [(i, label, n) for i, (label, n) in enumerate(zip(conds, sizes)) if n > 0]
+
+    def _one(item):
+        i, label, n = item
+        # one independent stream per condition: deterministic whatever the thread schedule
+        return _draw_cells(truth, label, n, np.random.default_rng([seed, 1 + i]), cfg["chunk_size"])
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, int(cfg["n_threads"]))) as ex:
+        results = list(ex.map(_one, todo))
+    labels = [label for _, label, _ in todo]
+    mats, zi, zp, ep, libs = (list(x) for x in zip(*results))
     X = sp.vstack(mats, format="csr").astype(np.float32)
     obs_cond = np.repeat(labels, [m.shape[0] for m in mats])
     obs = pd.DataFrame(

@@ -91,8 +91,11 @@ def _labels_of(obs: pd.DataFrame, key: str) -> pd.Series:
     return obs[key]
 
 
-def _detect_format(adata) -> str:
+def _detect_format(adata, only: str | None = None) -> str:
+    """Format from obs columns/labels; ``only``: look at that column alone (user's label_key)."""
     cols = list(adata.obs.columns)
+    if only is not None:
+        cols = [c for c in cols if c == only]
     if "guide_ids" in cols:
         return "cpa"
     if "condition" in cols:
@@ -119,16 +122,12 @@ def _resolve_spec(adata, format, label_key, control_label, sep) -> tuple[str, _F
     fmt = (format or "auto").lower()
     fmt = _FORMAT_ALIASES.get(fmt, fmt)
     if fmt == "auto":
-        if label_key is not None and label_key in adata.obs.columns and label_key not in (
-                "guide_ids", "condition", "perturbation", "gene"):
+        try:
+            fmt = _detect_format(adata, only=label_key)
+        except DataError:
+            if label_key is None:
+                raise
             fmt = "generic"
-        else:
-            try:
-                fmt = _detect_format(adata)
-            except DataError:
-                if label_key is None:
-                    raise
-                fmt = "generic"
     if fmt == "generic":
         if label_key is None:
             raise DataError("format='generic' needs label_key= (the obs column holding the "

@@ -103,6 +103,18 @@ def test_readers_give_same_canonical_form(fmt, tmp_path, caplog):
         assert list(c.var["gene_id"])[:2] == ["ENSG00000", "ENSG00001"]
 
 
+def test_auto_respects_user_label_key():
+    a, _, cond = _make("canonical")
+    a.obs["guide_ids"] = "junk"  # a CPA column that must not win over the user's label_key
+    c = data.to_canonical(a, label_key="condition")
+    assert c.uns["pyro_pvae"]["format"] == "canonical"
+    assert list(c.obs["condition"].astype(str)) == cond
+    a.obs["my_label"] = a.obs["condition"].astype(str).str.replace("+", "&", regex=False)
+    c = data.to_canonical(a, label_key="my_label", sep="&")
+    assert c.uns["pyro_pvae"]["format"] == "generic" and c.uns["pyro_pvae"]["control_label"] == "control"
+    assert list(c.obs["condition"].astype(str)) == cond
+
+
 def test_to_canonical_in_memory_and_explicit_format():
     a, x, cond = _make("scperturb")
     c = data.to_canonical(a, format="scperturb")

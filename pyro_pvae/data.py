@@ -87,10 +87,6 @@ _FORMAT_ALIASES = {"own": "canonical", "pyro_pvae": "canonical", "shipped": "can
 _CONTROL_CANDIDATES = ("control", "ctrl", "non-targeting", "non_targeting", "NT", "")
 
 
-def _labels_of(obs: pd.DataFrame, key: str) -> pd.Series:
-    return obs[key]
-
-
 def _detect_format(adata, only: str | None = None) -> str:
     """Format from obs columns/labels; ``only``: look at that column alone (user's label_key)."""
     cols = list(adata.obs.columns)

@@ -12,7 +12,9 @@ r"""Variational guides for :mod:`pyro_pvae.model`.
   Gumbel-sigmoid gradient with an annealed temperature); the KL to the Bernoulli prior is
   analytic, so ``TraceMeanField_ELBO`` uses it. ``PIP_pk`` are the posterior inclusion
   probabilities;
-* slabs, DAG weights: Normal; theta: LogNormal; pi: Beta.
+* slabs ``q(s_pk | gamma_pk)``: Normal(m, v) when the gate is on and the prior when it is
+  off, so an effect pays its slab KL only when included (Titsias & Lazaro-Gredilla 2011);
+* DAG weights: Normal; theta: LogNormal; pi: Beta.
 """
 from __future__ import annotations
 
@@ -111,12 +113,16 @@ class PerturbedVAEGuide(nn.Module):
         if cfg.effect_prior == "spike_slab":
             pyro.sample("pi", dist.Beta(softplus(self.pi_raw[0]) + 1e-3, softplus(self.pi_raw[1]) + 1e-3))
         with pyro.plate("perts", P, dim=-2), pyro.plate("pert_latents", K, dim=-1):
-            slab = pyro.sample("slab", dist.Normal(self.slab_loc, softplus(self.slab_raw_scale) + 1e-4))
+            slab_scale = softplus(self.slab_raw_scale) + 1e-4
             if cfg.effect_prior == "spike_slab":
                 gate = pyro.sample("gate", StraightThroughBernoulli(self.gate_logits, temperature))
+                # q(s | gate): the fitted Normal when the gate is on, the prior when it is off, so
+                # an effect pays the slab's KL only when it is included (Occam's razor).
+                slab = pyro.sample("slab", dist.Normal(gate * self.slab_loc,
+                                                       gate * slab_scale + (1 - gate) * cfg.slab_scale))
                 delta = gate * slab
             else:
-                delta = slab
+                delta = pyro.sample("slab", dist.Normal(self.slab_loc, slab_scale))
         with pyro.plate("children", K, dim=-2), pyro.plate("parents", K, dim=-1):
             with poutine.mask(mask=self.tril_mask.bool()):
                 W = pyro.sample("W", dist.Normal(self.w_loc, softplus(self.w_raw_scale) + 1e-4)) * self.tril_mask

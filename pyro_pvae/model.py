@@ -158,8 +158,8 @@ class PerturbedVAEModel(nn.Module):
             pi = pyro.sample("pi", dist.Beta(zeros + cfg.pi_prior[0], zeros + cfg.pi_prior[1]))
         with pyro.plate("perts", P, dim=-2), pyro.plate("pert_latents", K, dim=-1):
             if cfg.effect_prior == "spike_slab":
-                slab = pyro.sample("slab", dist.Normal(zeros, cfg.slab_scale))
                 gate = pyro.sample("gate", dist.Bernoulli(pi))
+                slab = pyro.sample("slab", dist.Normal(zeros, cfg.slab_scale))
                 delta = gate * slab
             elif cfg.effect_prior == "dense":
                 delta = pyro.sample("slab", dist.Normal(zeros, cfg.dense_scale))

@@ -618,3 +618,170 @@ def cached_simulation(preset: str = "tiny", seed: int = 0, cache_dir: str | os.P
         if os.path.exists(tmp):
             os.remove(tmp)
     return adata
+
+
+# ---------------------------------------------------------------------------------------------
+# Semi-synthetic data with the real Norman 2019 effects
+# ---------------------------------------------------------------------------------------------
+def simulate_norman_effects(seed: int = 0, n_cells_per_condition: int = 50, n_control: int = 1000,
+                            n_genes: int | None = None, tiny: bool = False,
+                            conditions: Iterable[str] | None = None, include_doubles: bool = True,
+                            n_inv_latents: int = 4, inv_scale: float = 0.12,
+                            library_median: float | None = None,
+                            library_log_sd: float = CALIBRATION["library_log_sd"],
+                            baseline_log_sd: float = CALIBRATION["baseline_log_sd"],
+                            theta_median: float = CALIBRATION["theta_median"],
+                            theta_log_sd: float = CALIBRATION["theta_log_sd"],
+                            effects_path: str | os.PathLike | None = None):
+    """Cell-level data whose perturbation effects are the REAL Norman 2019 pseudobulk changes.
+
+    Source: ``norman19_pseudobulk_effects.npz`` (``lfc_s`` 104 singles, ``lfc_d`` 130 doubles,
+    over 2,000 HVGs).  Its values are differences of log1p(CPM) of pseudobulk means:
+    ``lfc[c, g] = log1p(CPM_c[g]) - log1p(CPM_ctrl[g])``.
+
+    Construction:
+
+    1. Baseline: per-gene control proportions drawn lognormal (``baseline_log_sd``, calibrated
+       on the real cells, see :data:`CALIBRATION`) and scaled to ``CPM_ctrl`` (sum 1e6 over the
+       panel).  For consistency with the file, each gene's baseline is raised where needed so
+       that ``log1p(CPM_ctrl[g]) >= max_c(-lfc[c, g]) + 0.05`` (no condition would need a
+       negative CPM), and rescaled to sum 1e6 (iterated to a fixed point).
+    2. Each condition: ``CPM_c = clip(expm1(log1p(CPM_ctrl) + lfc_c), 0)``, then
+       ``rho_c = CPM_c / sum(CPM_c)`` (renormalised proportions; the renormalisation changes the
+       realised change by one global log factor per condition, small in practice;
+       ``uns['truth']['realized_delta_log1p_cpm']`` holds the exact realised targets).
+    3. Cells: invariant cell-state variation ``z_inv ~ N(0, I_D)`` through sparse gene loadings
+       (mean-preserving: ``log rho_cell = log rho_c + A z - 0.5 sum_d A^2``, renormalised),
+       lognormal library sizes (median ``library_median``, default
+       ``CALIBRATION['umis_per_gene'] * n_genes``), NB counts with lognormal ``theta_g``.
+
+    Conditions: all 104 singles and the doubles with ``comp_ok`` (both singles present; 126),
+    labels canonical (pair names sorted).  ``tiny=True``: 300 genes (unless ``n_genes`` is
+    given) and six complete doubles with their singles.  ``conditions`` restricts to a list of
+    canonical labels.  ``n_genes``: a random (seeded) subset of the 2,000 genes.
+
+    ``uns['truth']``: ``conditions`` (labels, rows of the arrays), ``true_delta_log1p_cpm``
+    (the file's values, the targets to score against), ``realized_delta_log1p_cpm``,
+    ``singles``, ``doubles``, ``comp_ok`` (for the doubles included: all True),
+    ``file_doubles`` / ``file_comp_ok`` (the whole file), ``baseline_cpm``, ``theta``,
+    ``inv_loadings``.
+    """
+    import anndata as ad
+    import pandas as pd
+
+    e = np.load(effects_path or _EFFECTS_FILE, allow_pickle=True)
+    genes_all = np.asarray(e["genes_hvg"]).astype(str)
+    sing = [format_condition(parse_condition(str(s))) for s in e["sing_labels"]]
+    doub_file = [format_condition(str(d).split("+")) for d in e["doub_labels"]]
+    comp_ok = np.asarray(e["comp_ok"], dtype=bool)
+    lfc_s = np.asarray(e["lfc_s"], dtype=np.float64)
+    lfc_d = np.asarray(e["lfc_d"], dtype=np.float64)
+    rng = np.random.default_rng([seed, 31337])
+
+    labels = list(sing)
+    effects = list(lfc_s)
+    if include_doubles:
+        for d, ok, row in zip(doub_file, comp_ok, lfc_d):
+            if ok:
+                labels.append(d)
+                effects.append(row)
+    effects = np.vstack(effects)
+    if conditions is not None:
+        want = [format_condition(parse_condition(c)) for c in conditions]
+        miss = [c for c in want if c not in labels]
+        if miss:
+            raise ValueError(f"conditions not in the effects file (or not complete doubles): {miss}")
+        keep = [labels.index(c) for c in want]
+    elif tiny:
+        dbl = [i for i, c in enumerate(labels) if len(parse_condition(c)) == 2][:6]
+        sgl = sorted({labels.index(s) for i in dbl for s in parse_condition(labels[i])})
+        keep = sgl + dbl
+    else:
+        keep = list(range(len(labels)))
+    labels = [labels[i] for i in keep]
+    effects = effects[keep]
+    if tiny and n_genes is None:
+        n_genes = 300
+    G_all = len(genes_all)
+    gidx = np.arange(G_all) if n_genes is None else np.sort(rng.choice(G_all, size=int(n_genes), replace=False))
+    genes = genes_all[gidx]
+    effects = effects[:, gidx]
+    G = len(genes)
+
+    # 1. baseline CPM, consistent with the largest decreases in the file
+    floor = np.expm1(np.maximum(0.0, -effects.min(0)) + 0.05)
+    cpm0 = np.exp(rng.normal(0.0, baseline_log_sd, size=G))
+    cpm0 *= 1e6 / cpm0.sum()
+    for _ in range(100):
+        cpm0 = np.maximum(cpm0, floor)
+        cpm0 *= 1e6 / cpm0.sum()
+        if np.all(cpm0 >= floor * (1 - 1e-9)):
+            break
+    # 2. condition proportions
+    rho = {CONTROL: cpm0 / cpm0.sum()}
+    for lab, row in zip(labels, effects):
+        cpm_c = np.clip(np.expm1(np.log1p(cpm0) + row), 0.0, None)
+        rho[lab] = cpm_c / cpm_c.sum()
+    realized = np.vstack([np.log1p(1e6 * rho[l]) - np.log1p(1e6 * rho[CONTROL]) for l in labels])
+    # 3. cells
+    D = int(n_inv_latents)
+    A = _col_rms_normalise(_heavy(rng, (G, D)) * (rng.random((G, D)) < 0.3), inv_scale)
+    corr = 0.5 * (A ** 2).sum(1)
+    theta = np.exp(np.log(theta_median) + theta_log_sd * rng.normal(size=G))
+    if library_median is None:
+        library_median = CALIBRATION["umis_per_gene"] * G
+    all_labels = [CONTROL] + labels
+    sizes = [int(n_control)] + [int(n_cells_per_condition)] * len(labels)
+    mats, zs, obs_cond = [], [], []
+    for i, (lab, n) in enumerate(zip(all_labels, sizes)):
+        if n <= 0:
+            continue
+        crng = np.random.default_rng([seed, 2, i])
+        logr = np.log(np.maximum(rho[lab], 1e-300))
+        for s in range(0, n, 4000):
+            m = min(4000, n - s)
+            z = crng.normal(size=(m, D))
+            lg = (z @ A.T + (logr - corr)).astype(np.float32)
+            lg -= lg.max(1, keepdims=True)
+            np.exp(lg, out=lg)
+            lg[:, rho[lab] == 0] = 0.0
+            lg /= lg.sum(1, keepdims=True)
+            lib = np.exp(np.log(library_median) + library_log_sd * crng.normal(size=m))
+            mats.append(_sample_nb(crng, lg * lib[:, None].astype(np.float32), theta))
+            zs.append(z)
+            obs_cond += [lab] * m
+    X = sp.vstack(mats, format="csr").astype(np.float32)
+    present = [l for l, n in zip(all_labels, sizes) if n > 0]
+    obs = pd.DataFrame(
+        {
+            "condition": pd.Categorical(obs_cond, categories=present),
+            "n_targets": np.array([len(parse_condition(c)) for c in obs_cond], dtype=np.int64),
+        },
+        index=[f"cell{i}" for i in range(X.shape[0])],
+    )
+    adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
+    adata.obsm["z_inv_true"] = np.vstack(zs)
+    singles = [l for l in labels if len(parse_condition(l)) == 1]
+    doubles = [l for l in labels if len(parse_condition(l)) == 2]
+    adata.uns["truth"] = _to_uns({
+        "conditions": labels,
+        "true_delta_log1p_cpm": effects,
+        "realized_delta_log1p_cpm": realized,
+        "singles": singles,
+        "doubles": doubles,
+        "comp_ok": np.ones(len(doubles), dtype=bool),
+        "file_doubles": doub_file,
+        "file_comp_ok": comp_ok,
+        "baseline_cpm": cpm0,
+        "theta": theta,
+        "inv_loadings": A,
+    })
+    adata.uns["simulation"] = _to_uns({
+        "kind": "norman_effects", "seed": int(seed),
+        "n_cells_per_condition": int(n_cells_per_condition), "n_control": int(n_control),
+        "n_genes": int(G), "tiny": bool(tiny), "n_inv_latents": D, "inv_scale": float(inv_scale),
+        "library_median": float(library_median), "library_log_sd": float(library_log_sd),
+        "baseline_log_sd": float(baseline_log_sd), "theta_median": float(theta_median),
+        "theta_log_sd": float(theta_log_sd), "include_doubles": bool(include_doubles),
+    })
+    return adata

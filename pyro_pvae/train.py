@@ -204,7 +204,8 @@ class Trainer:
         step = self.total_steps
         for batch in self.val_batcher:
             args = self.batch_args(batch, step, float(self.cfg.kl_warmup_epochs))
-            total += self.svi.evaluate_loss(*args, n_cells=batch.x.shape[0])
+            # scaled like the training loss: per-cell local terms + global KL / n_cells
+            total += self.svi.evaluate_loss(*args, n_cells=self.n_cells) * batch.x.shape[0] / self.n_cells
             cells += batch.x.shape[0]
         return total / max(cells, 1)
 

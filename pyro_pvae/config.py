@@ -1,0 +1,194 @@
+"""Configuration: ``--config NAME`` plus Hydra overrides, composed with Hydra's compose API,
+and the data/split a config describes.
+
+``--config`` is our own flag (Hydra's is ``--config-name``): we take it, hand the remaining
+``key=value`` overrides to Hydra and turn Hydra's errors into short messages that list what
+exists.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+MAIN_KEYS = {
+    "data.path": "local .h5ad file (CPA, GEARS, scPerturb or generic layout)",
+    "data.source": "file | norman19_subset | simulation | norman_effects",
+    "data.n_top_genes": "keep this many highly variable genes (targets always kept)",
+    "split.name": "auto | norman_discrepancy | combo_seen | complete_doubles | iid | none",
+    "model=paper": "the paper's sizes (20 perturbation + 85 invariant latents, hidden 256)",
+    "model.latent_pert / model.latent_inv": "latent sizes",
+    "model.alpha": "alignment weight (0 turns it off)",
+    "model.effect_prior": "spike_slab | dense",
+    "train.epochs / train.batch_size / train.lr": "optimisation",
+    "train.device": "auto | cpu | cuda",
+    "train.resume=true output.run_dir=DIR": "continue a killed run from its last checkpoint",
+}
+
+
+class ConfigError(ValueError):
+    """A config name or key that does not exist, or an inconsistent setting."""
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "base")
+
+
+def usage(prog: str) -> str:
+    lines = [f"usage: python -m {prog} --config NAME [key=value ...]", "",
+             "configs (in configs/): " + ", ".join(available_configs()), "", "main keys:"]
+    lines += [f"  {k:<42} {v}" for k, v in MAIN_KEYS.items()]
+    lines += ["", f"example: python -m {prog} --config norman data.path=/data/Norman2019_raw.h5ad "
+                  "model.latent_pert=20 train.epochs=100",
+              "all keys: see configs/base.yaml, configs/model/default.yaml, configs/train/default.yaml"]
+    return "\n".join(lines)
+
+
+def parse_cli(argv: list[str], prog: str) -> tuple[str | None, list[str]]:
+    """Split ``--config NAME`` (or ``--config=NAME``) from the Hydra overrides.
+    Returns (None, []) for --help."""
+    name, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            return None, []
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a name: " + ", ".join(available_configs()))
+            name, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            name = arg.split("=", 1)[1]
+        elif arg.startswith("-"):
+            raise ConfigError(f"unknown option {arg!r}; use --config NAME and key=value overrides (see --help)")
+        else:
+            overrides.append(arg)
+        i += 1
+    if name is None:
+        raise ConfigError("missing --config NAME; available: " + ", ".join(available_configs()))
+    return name, overrides
+
+
+def compose(name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``configs/NAME.yaml`` with overrides; clear errors for unknown names/keys."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if name not in available_configs():
+        raise ConfigError(f"unknown config {name!r}; available: {', '.join(available_configs())}")
+    overrides = list(overrides or [])
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name=name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        msg = str(e).splitlines()[0]
+        sections = ("data", "split", "model", "train", "output")
+        for ov in overrides:
+            section = ov.lstrip("+~").split("=", 1)[0].split(".")[0]
+            if section not in sections:
+                raise ConfigError(f"unknown config section {section!r} in {ov!r}; sections: "
+                                  f"{', '.join(sections)} (see --help)") from None
+            key = ov.lstrip("+~").split("=", 1)[0]
+            section = key.split(".")[0]
+            if ("=" in ov and not ov.startswith("+")) and section in ("data", "split", "model", "train", "output"):
+                try:
+                    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                        base = hydra_compose(config_name=name)
+                    if OmegaConf.select(base, key, default="__missing__") == "__missing__":
+                        parent = key.rsplit(".", 1)[0] if "." in key else None
+                        known = sorted(OmegaConf.select(base, parent).keys()) if parent and \
+                            isinstance(OmegaConf.select(base, parent), DictConfig) else sorted(base.keys())
+                        raise ConfigError(f"unknown config key {key!r}; keys under {parent or 'the root'}: "
+                                          f"{', '.join(map(str, known))}") from None
+                except ConfigError:
+                    raise
+                except Exception:
+                    pass
+        raise ConfigError(f"could not compose config {name!r} with overrides {overrides}: {msg}") from None
+    with open_dict(cfg):
+        cfg.config_name = name
+    return cfg
+
+
+# ---- what a config describes -------------------------------------------------------------
+
+def load_dataset(cfg: DictConfig):
+    """The canonical AnnData described by ``cfg.data`` (announces what it loads)."""
+    from . import data as D
+    from . import datasets
+
+    d = cfg.data
+    source = "file" if d.path else d.source
+    if source == "file":
+        if not d.path:
+            raise ConfigError("data.source=file needs data.path=/path/to/file.h5ad")
+        log.info("data: reading %s (format %s)", d.path, d.format)
+        adata = D.read_perturbseq(d.path, format=d.format, label_key=d.label_key,
+                                  control_label=d.control_label, sep=d.sep)
+    elif source == "norman19_subset":
+        log.info("data: no data.path given -> the shipped REAL Norman 2019 subset "
+                 "(3,375 K562 CRISPRa cells, 500 genes; pyro_pvae/datasets/SOURCES.md)")
+        adata = datasets.norman19_subset()
+    elif source == "simulation":
+        from .simulate import cached_simulation
+
+        sim = d.simulation
+        log.info("data: SIMULATED data set, preset %r, seed %d (cached)", sim.preset, sim.seed)
+        adata = cached_simulation(sim.preset, seed=sim.seed, **OmegaConf.to_container(sim.overrides))
+    elif source == "norman_effects":
+        from .simulate import simulate_norman_effects
+
+        sim = d.simulation
+        log.info("data: SEMI-SYNTHETIC cells with the real Norman 2019 pseudobulk effects (seed %d)", sim.seed)
+        adata = simulate_norman_effects(seed=sim.seed, **OmegaConf.to_container(sim.overrides))
+    else:
+        raise ConfigError(f"unknown data.source {source!r}; use file, norman19_subset, simulation or norman_effects")
+    if d.n_top_genes:
+        adata = D.select_hvg(adata, int(d.n_top_genes))
+    log.info("data: %d cells x %d genes, %d conditions", adata.n_obs, adata.n_vars,
+             adata.obs["condition"].nunique())
+    return adata
+
+
+def resolve_split(cfg: DictConfig, adata):
+    """The Split named by ``cfg.split`` (``auto``: complete_doubles on the shipped subset,
+    norman_discrepancy on a full Norman file, combo_seen otherwise); ``none``: no test set."""
+    from . import data as D
+
+    name = cfg.split.name
+    if name == "none":
+        return None
+    if name == "auto":
+        if cfg.data.source == "norman19_subset" and not cfg.data.path:
+            name = "complete_doubles"
+        elif cfg.data.path and cfg.config_name == "norman":
+            name = "norman_discrepancy"
+        else:
+            name = "combo_seen"
+    return D.make_split(adata, name, int(cfg.split.seed), **OmegaConf.to_container(cfg.split.kwargs))
+
+
+def make_run_dir(cfg: DictConfig, kind: str = "fit") -> Path:
+    """``output.run_dir`` if set; else ``runs/<config>-<kind>-<timestamp>``; with
+    ``train.resume`` and no run_dir: the latest run of this config."""
+    if cfg.output.run_dir:
+        run_dir = Path(cfg.output.run_dir)
+    else:
+        root = Path(cfg.output.root)
+        prefix = f"{cfg.config_name}-{kind}-"
+        if cfg.train.get("resume"):
+            previous = sorted(root.glob(prefix + "*"))
+            if not previous:
+                raise ConfigError(f"train.resume=true but no earlier run {prefix}* under {root}; "
+                                  "give output.run_dir=DIR")
+            return previous[-1]
+        run_dir = root / (prefix + time.strftime("%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir

@@ -248,7 +248,9 @@ def _sample_nb(rng: np.random.Generator, mu: np.ndarray, theta: np.ndarray,
         r = np.concatenate([r, rh])
         c = np.concatenate([c, ch])
         k = np.concatenate([k, kh])
-    return sp.csr_matrix((k, (r, c)), shape=(n, g), dtype=np.float32)
+    out = sp.csr_matrix((k, (r, c)), shape=(n, g), dtype=np.float32)
+    out.eliminate_zeros()  # (Gamma-Poisson draws of the high-mean entries can be 0)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,10 +55,11 @@ _EFFECTS_FILE = _DATA_DIR / "norman19_pseudobulk_effects.npz"
 # * library_median_full / library_log_sd: obs['ncounts'] (whole-transcriptome UMIs per cell) of
 #   norman19_subset.h5ad: median over all 3,375 cells 13,523; sd of log(ncounts) over the 100
 #   control cells 0.37.  The simulator's library is the count over the *simulated panel*; we
-#   assume a 5,000-HVG panel holds ~45% of a cell's UMIs (an assumption, not measured: the
-#   shipped subset only has 500 genes), i.e. ~1.2 UMIs per panel gene per cell
-#   (umis_per_gene = 13,523 * 0.45 / 5,000), so the default library median is
-#   umis_per_gene * n_genes (6,000 for 5,000 genes; median UMIs in the thousands).
+#   assume a 5,000-HVG panel holds ~30% of a cell's UMIs (an assumption, not measured: the
+#   shipped subset only has 500 genes), i.e. ~0.81 UMIs per panel gene per cell
+#   (umis_per_gene = 13,523 * 0.30 / 5,000), so the default library median is
+#   umis_per_gene * n_genes (~4,060 for 5,000 genes; median UMIs in the thousands; norman_like
+#   control cells then have ~75% zeros and 80% of genes with mean < 1 count).
 # * baseline_log_sd: sd over genes of log mean proportion (counts / ncounts, averaged over all
 #   cells) for the genes of the subset detected in >= 1% of cells: 1.71.  Baseline gene
 #   proportions are lognormal with this spread -> most genes have mean well under one count.
@@ -66,13 +67,16 @@ _EFFECTS_FILE = _DATA_DIR / "norman19_pseudobulk_effects.npz"
 #   mean > 0.05 of the subset: median ~1.4 (control cells) to 1.8 (all cells), log-sd ~1.7
 #   (largely estimation noise on so few cells).  Part of the real overdispersion comes from
 #   cell-state variation, which the simulator produces through the latents, so the
-#   NB theta is drawn lognormal with median 3.0 and log-sd 1.0, giving naive moment estimates on
-#   simulated control cells in the same range as the real ones (checked in the tests).
+#   NB theta is drawn lognormal with median 8.0 and log-sd 1.0, chosen so that the naive moment
+#   estimates on simulated norman_like control cells (median ~1.1) land near the real ones
+#   (1.4-1.8); the tests check the range 0.5-4.
 # * single effects: lfc_s of norman19_pseudobulk_effects.npz (log1p CPM change, 2,000 HVGs):
 #   per-single RMS over genes has median 0.34 (IQR 0.26-0.45; the 10% quantile 0.21 is mostly
 #   the pseudobulk noise floor), so the noiseless signal is ~0.25-0.3 RMS; median 1,449 of
-#   2,000 genes change by > 0.1.  Decoder scale and effect_size defaults are set so that the
-#   noiseless simulated single effects (true_condition_means, log1p CPM) have median RMS ~0.3.
+#   2,000 genes change by > 0.1.  Decoder scales (pert_scale = inv_scale = 0.12 logit per latent
+#   unit) and effect_size = 1.5 are set so that the noiseless simulated single effects
+#   (log1p CPM of the expected pseudobulk, norman_like, seed 0) have median RMS 0.32
+#   (10%-90%: 0.20-0.51) with 67% of genes moving by > 0.1 -- comparable to the real values.
 # ---------------------------------------------------------------------------------------------
 CALIBRATION: dict[str, float] = {
     "library_median_full": 13523.0,

@@ -1,0 +1,209 @@
+"""Plain-PyTorch yardstick: the SAME ELBO as ``TraceMeanField_ELBO`` on
+``PerturbedVAEModel.model`` / ``PerturbedVAEGuide.guide``, written by hand.
+
+Used only as a reference for speed (``benchmarks/throughput.py`` reports the Pyro/plain
+ratio) and checked for correctness in ``tests/test_plain_elbo.py``: for the same parameters
+and the same random draws (same seed, draws taken in the guide's order) the value and the
+gradients agree with Pyro's to float tolerance.
+
+What it mirrors, site by site (``s = n_cells / B`` is the subsample scale, ``w`` the KL weight):
+
+* globals, drawn in the guide's order: ``pi`` (Beta), ``gate`` (straight-through Gumbel
+  sigmoid, one ``torch.rand``), ``slab`` (Normal, the prior when the gate is off), ``W``
+  (Normal, masked to the strict lower triangle), ``theta`` (LogNormal); each enters with its
+  analytic KL (Beta-Beta, Bernoulli-Bernoulli, Normal-Normal, Normal-Laplace masked,
+  LogNormal-LogNormal), unscaled;
+* locals: ``z_inv`` and ``eps`` with analytic KL to N(0, I), scaled by ``w * s``;
+* likelihood: NB(total_count=theta, logits=log mu - log theta) summed, scaled by ``s``;
+* alignment factor ``-alpha * ||m(x) - m(x_ctrl)||^2`` for perturbed cells, scaled by ``s``.
+
+``loss = -ELBO``, one particle. ``dedupe=True`` reuses the guide's ``m(x)`` in the alignment
+factor instead of running the invariant encoder on ``x`` a second time (same value and
+gradient; shows what removing the duplicate costs/saves).
+
+``amp(model, guide, dtype)`` runs the three MLPs under ``torch.autocast`` (bf16) and hands
+back float32 outputs, so the distributions, KLs and the NB log-likelihood stay in float32.
+It patches the modules, so Pyro's ELBO and this one both see it.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributions as td
+from torch.nn.functional import log_softmax, softplus
+
+
+def _lognorm(x: torch.Tensor) -> torch.Tensor:
+    return torch.log1p(x / x.sum(-1, keepdim=True).clamp(min=1.0) * 1e4)
+
+
+def plain_loss(model, guide, x, u, x_ctrl=None, kl_weight=1.0, temperature=0.5, *, n_cells: int,
+               dedupe: bool = False, return_parts: bool = False):
+    """-ELBO of one batch (a scalar tensor with a graph), like TraceMeanField_ELBO's loss."""
+    cfg = model.cfg
+    g = guide
+    P, K, D, G = cfg.n_perts, cfg.latent_pert, cfg.latent_inv, cfg.n_genes
+    B = x.shape[0]
+    s = n_cells / B
+    dev, dt = x.device, x.dtype
+    zero = x.new_zeros(())
+
+    # ---------------- global sites (guide order: pi, gate, slab, W, theta) --------------
+    kl_global = zero
+    if cfg.effect_prior == "spike_slab":
+        q_pi = td.Beta(softplus(g.pi_raw[0]) + 1e-3, softplus(g.pi_raw[1]) + 1e-3)
+        pi = q_pi.rsample()
+        kl_global = kl_global + td.kl_divergence(q_pi, td.Beta(zero + cfg.pi_prior[0], zero + cfg.pi_prior[1]))
+        # straight-through Bernoulli: hard 0/1 forward, Gumbel-sigmoid gradient
+        logits = g.gate_logits
+        noise = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device).clamp(1e-6, 1 - 1e-6)
+        soft = torch.sigmoid((logits + noise.log() - (-noise).log1p()) / temperature)
+        gate = (soft > 0.5).to(soft.dtype) + (soft - soft.detach())
+        kl_global = kl_global + td.kl_divergence(td.Bernoulli(logits=logits),
+                                                 td.Bernoulli(probs=pi.expand(P, K))).sum()
+        slab_scale = softplus(g.slab_raw_scale) + 1e-4
+        q_s = td.Normal(gate * g.slab_loc, gate * slab_scale + (1 - gate) * cfg.slab_scale)
+        slab = q_s.rsample()
+        kl_global = kl_global + td.kl_divergence(q_s, td.Normal(zero.expand(P, K), cfg.slab_scale)).sum()
+        delta = gate * slab
+    else:
+        q_s = td.Normal(g.slab_loc, softplus(g.slab_raw_scale) + 1e-4)
+        delta = q_s.rsample()
+        kl_global = kl_global + td.kl_divergence(q_s, td.Normal(zero.expand(P, K), cfg.dense_scale)).sum()
+    mask = g.tril_mask
+    q_w = td.Normal(g.w_loc, softplus(g.w_raw_scale) + 1e-4)
+    W = q_w.rsample() * mask
+    kl_w = td.kl_divergence(q_w, td.Laplace(zero.expand(K, K), cfg.w_prior_scale))
+    kl_global = kl_global + torch.where(mask.bool(), kl_w, zero).sum()
+    q_t = td.LogNormal(g.theta_loc, softplus(g.theta_raw_scale) + 1e-4)
+    theta = q_t.rsample()
+    kl_global = kl_global + td.kl_divergence(
+        q_t, td.LogNormal(zero.expand(G) + cfg.theta_prior[0], cfg.theta_prior[1])).sum()
+
+    # ---------------- local sites -------------------------------------------------------
+    xn = _lognorm(x)
+    inv_loc, inv_scale = g.inv_encoder(xn)
+    q_z = td.Normal(inv_loc, inv_scale)
+    z_inv = q_z.rsample()
+    n_t = u.sum(-1, keepdim=True)
+    shift = torch.where(n_t > 1, model.log_multi_scale.exp(), torch.ones_like(n_t)) * (u @ delta)
+    A = torch.eye(K, dtype=dt, device=dev) - W
+    z_loc, e_scale = g.pert_encoder(torch.cat([xn, u], dim=-1))
+    q_e = td.Normal(z_loc @ A.T - shift, e_scale)
+    eps = q_e.rsample()
+    kl_local = (td.kl_divergence(q_z, td.Normal(zero, 1.0)).sum()
+                + td.kl_divergence(q_e, td.Normal(zero, 1.0)).sum())
+
+    z_pert = torch.linalg.solve_triangular(A, (eps + shift).unsqueeze(-1), upper=False).squeeze(-1)
+    log_mu = x.sum(-1).log().unsqueeze(-1) + log_softmax(model.decoder(z_inv, z_pert), -1)
+    if cfg.likelihood == "poisson":
+        recon = td.Poisson(log_mu.exp()).log_prob(x).sum()
+    else:
+        recon = td.NegativeBinomial(total_count=theta, logits=log_mu - theta.log()).log_prob(x).sum()
+
+    align = zero
+    if cfg.alpha > 0 and x_ctrl is not None:
+        enc = g.inv_encoder
+        m = inv_loc if dedupe else enc(_lognorm(x))[0]
+        m_ctrl = enc(_lognorm(x_ctrl))[0]
+        perturbed = (u.sum(-1) > 0).to(dt)
+        align = (-cfg.alpha * perturbed * (m - m_ctrl).pow(2).sum(-1)).sum()
+
+    elbo = s * (recon + align) - kl_weight * s * kl_local - kl_global
+    if return_parts:
+        return -elbo, {"recon": s * recon, "align": s * align, "kl_local": kl_weight * s * kl_local,
+                       "kl_global": kl_global}
+    return -elbo
+
+
+# ---------------------------------------------------------------------------------------
+# bf16 autocast of the networks (both this ELBO and Pyro's see it: the modules are patched)
+# ---------------------------------------------------------------------------------------
+
+def _networks(model, guide):
+    return [guide.inv_encoder.net, guide.pert_encoder.net, model.decoder.net]
+
+
+@contextlib.contextmanager
+def amp(model, guide, dtype=torch.bfloat16, enabled: bool = True):
+    """Within the block, the encoders' and decoder's MLPs run under ``torch.autocast(dtype)``
+    and return float32."""
+    if not enabled or dtype is None:
+        yield
+        return
+    nets = _networks(model, guide)
+    originals = [n.forward for n in nets]
+
+    def wrap(fwd, device_type):
+        def forward(h):
+            with torch.autocast(device_type=device_type, dtype=dtype):
+                out = fwd(h)
+            return out.float()
+        return forward
+
+    try:
+        for n, f in zip(nets, originals):
+            dev = next(n.parameters()).device.type
+            n.forward = wrap(f, dev)
+        yield
+    finally:
+        for n in nets:
+            if "forward" in n.__dict__:
+                del n.forward
+
+
+# ---------------------------------------------------------------------------------------
+# counts of the floor
+# ---------------------------------------------------------------------------------------
+
+def flops_per_cell(model) -> dict:
+    """Matrix FLOPs per cell of one training step (forward + backward) of the networks.
+
+    Linear n_in -> n_out costs 2*n_in*n_out forward, 2x that backward (input and weight
+    gradients) except for the first layer of an encoder (its input needs no gradient: 1x).
+    Encoders: invariant on x (guide), again on x and on x_ctrl (alignment; only the loc half
+    is used but the layer is computed whole), perturbation encoder on [x, u]; decoder.
+    """
+    cfg = model.cfg
+    G, P, H, D, K, L = cfg.n_genes, cfg.n_perts, cfg.hidden, cfg.latent_inv, cfg.latent_pert, cfg.n_layers
+
+    def mlp(n_in, n_out, first_needs_grad):
+        dims = [n_in] + [H] * max(L, 1) + [n_out]
+        f, b = 0, 0
+        for i, (a, c) in enumerate(zip(dims[:-1], dims[1:])):
+            f += 2 * a * c
+            b += (4 if (i > 0 or first_needs_grad) else 2) * a * c
+        return f, b
+
+    parts = {
+        "inv_enc": mlp(G, 2 * D, False),
+        "inv_enc_align_x": mlp(G, 2 * D, False) if cfg.alpha > 0 else (0, 0),
+        "inv_enc_align_ctrl": mlp(G, 2 * D, False) if cfg.alpha > 0 else (0, 0),
+        "pert_enc": mlp(G + P, 2 * K, False),
+    }
+    if cfg.decoder == "linear":
+        parts["decoder"] = (2 * (D + K) * G, 4 * (D + K) * G)
+    else:
+        dims = [D + K] + [H] * L + [G]
+        f = sum(2 * a * c for a, c in zip(dims[:-1], dims[1:]))
+        parts["decoder"] = (f, 2 * f)
+    fwd = sum(p[0] for p in parts.values())
+    bwd = sum(p[1] for p in parts.values())
+    return {"forward": fwd, "backward": bwd, "total": fwd + bwd,
+            "parts": {k: v[0] + v[1] for k, v in parts.items()}}
+
+
+def bytes_per_cell(model, nnz_per_cell: float, dense_passes: int = 0) -> dict:
+    """Lower bound of device-memory bytes per cell: the sparse rows of x and x_ctrl read once
+    (float32 value + int32 column), the dense (B, G) float32 inputs written and read back by
+    the first layers, and the decoder's (B, G) output written and read once each forward
+    and backward (logits, their gradient). ``dense_passes`` adds more full (B, G) float32
+    passes (the unfused elementwise chain of log_softmax + NB log-prob and their backward)."""
+    G = model.cfg.n_genes
+    sparse = 2 * nnz_per_cell * 8
+    dense_in = 2 * 2 * G * 4            # x and x_ctrl densified: written once, read once
+    dec_out = 4 * G * 4                  # logits written + read, grad written + read
+    minimal = sparse + dense_in + dec_out
+    return {"minimal": minimal, "with_passes": minimal + dense_passes * G * 4}

@@ -1,0 +1,167 @@
+"""Recovery scores on constructed cases, and one tiny end-to-end study cell."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pyro_pvae import identifiability as idf
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _study():
+    spec = importlib.util.spec_from_file_location("identifiability_study", REPO / "analyses" / "identifiability.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ---------------------------------------------------------------------------- MCC
+def test_mcc_permuted_rescaled_copy_is_one():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(500, 4))
+    perm = np.array([2, 0, 3, 1])
+    z_hat = z[:, perm] * np.array([3.0, -0.5, 2.0, -7.0]) + 5.0
+    m = idf.mcc(z, z_hat)
+    assert m.value == pytest.approx(1.0)
+    # true k is matched with the inferred column that holds it
+    np.testing.assert_array_equal(m.as_permutation(4), np.argsort(perm))
+    np.testing.assert_array_equal(m.sign[np.argsort(m.true_idx)], np.sign([-0.5, -7.0, 3.0, 2.0]))
+
+
+def test_mcc_independent_noise_near_zero():
+    rng = np.random.default_rng(1)
+    m = idf.mcc(rng.normal(size=(5000, 3)), rng.normal(size=(5000, 3)))
+    assert m.value < 0.05
+
+
+def test_mcc_rectangular_and_constant_column():
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(300, 2))
+    z_hat = np.column_stack([np.ones(300), z[:, 1], rng.normal(size=300), z[:, 0]])
+    m = idf.mcc(z, z_hat)
+    assert m.value == pytest.approx(1.0)
+    assert list(m.as_permutation(2)) == [3, 1]
+
+
+# ---------------------------------------------------------------------------- R^2
+def test_linear_r2_recovers_linear_map_and_detects_independence():
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(2000, 3))
+    A = rng.normal(size=(3, 3))
+    assert idf.linear_r2(z @ A + 1.0, z) == pytest.approx(1.0, abs=1e-8)
+    assert abs(idf.linear_r2(rng.normal(size=(2000, 3)), z)) < 0.02
+    # half the variance explained
+    y = z[:, :1] + rng.normal(size=(2000, 1))
+    assert idf.linear_r2(z[:, :1], y) == pytest.approx(0.5, abs=0.05)
+
+
+# ---------------------------------------------------------------------------- PIPs
+def test_pip_scores_constructed():
+    gates = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=bool)
+    # perfect PIPs, but the inferred latents are permuted: inferred column j = true perm[j]
+    inferred = gates[:, [2, 0, 1]].astype(float)
+    m = idf.match_effects(gates * 1.5, inferred * 1.2)
+    s = idf.pip_scores(inferred, gates, m)
+    assert s["f1"] == 1.0 and s["auprc"] == pytest.approx(1.0)
+    # without matching it is wrong
+    assert idf.pip_scores(inferred, gates)["f1"] < 0.5
+    # hand-computed case: 5 true of 12; predict 4 with 3 right -> P=3/4, R=3/5, F1=2*3/(6+1+2)
+    pip = np.where(gates, 0.9, 0.1)
+    pip[3, 2] = 0.2            # one missed
+    pip[0, 1] = 0.7            # one false positive
+    s = idf.pip_scores(pip, gates)
+    assert s["precision"] == pytest.approx(4 / 5) and s["recall"] == pytest.approx(4 / 5)
+    assert s["f1"] == pytest.approx(0.8)
+
+
+def test_average_precision_matches_hand_value_and_sklearn():
+    y = np.array([1, 0, 1, 0, 0, 1])
+    score = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    # precisions at the positives: 1/1, 2/3, 3/6
+    assert idf.average_precision(y, score) == pytest.approx((1 + 2 / 3 + 0.5) / 3)
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    y = rng.random(200) < 0.3
+    s = np.round(rng.random(200), 1)  # with ties
+    assert idf.average_precision(y, s) == pytest.approx(sk.average_precision_score(y, s))
+    assert np.isnan(idf.average_precision(np.zeros(5), np.arange(5)))
+
+
+# ---------------------------------------------------------------------------- DAG
+def test_shd_known_pair():
+    # true: 0 -> 1, 0 -> 2, 1 -> 3   (W[child, parent])
+    T = np.zeros((4, 4))
+    T[1, 0] = T[2, 0] = T[3, 1] = 0.8
+    E = np.zeros((4, 4))
+    E[1, 0] = 0.7           # kept
+    E[0, 2] = -0.6          # 0 -> 2 reversed into 2 -> 0
+    E[3, 2] = 0.5           # added 2 -> 3 ; 1 -> 3 deleted
+    E[3, 0] = 0.05          # below threshold: no edge
+    s = idf.shd(T, E, threshold=0.1)
+    assert (s["additions"], s["deletions"], s["reversals"], s["shd"]) == (1, 1, 1, 3)
+    assert idf.shd(T, T)["shd"] == 0
+
+
+def test_permute_dag_undoes_relabelling():
+    rng = np.random.default_rng(0)
+    K = 5
+    T = np.tril(rng.normal(size=(K, K)), -1) * (rng.random((K, K)) < 0.5)
+    perm = rng.permutation(K)            # inferred latent perm[k] is true latent k
+    W_hat = np.zeros((K, K))
+    W_hat[np.ix_(perm, perm)] = T        # relabelled: no longer lower triangular in general
+    z = rng.normal(size=(100, K))
+    m = idf.mcc(z, z[:, np.argsort(perm)])
+    np.testing.assert_array_equal(m.as_permutation(), perm)
+    np.testing.assert_allclose(idf.permute_dag(W_hat, m), T)
+    assert idf.shd(T, idf.permute_dag(W_hat, m), threshold=0.0)["shd"] == 0
+
+
+def test_rmse():
+    assert idf.rmse([1.0, 2.0], [1.0, 4.0]) == pytest.approx(np.sqrt(2.0))
+
+
+# ---------------------------------------------------------------------------- end to end
+TINY_GRID = {
+    "seeds": 1,
+    "dag_threshold": 0.25,
+    "base": {
+        "sim": {"preset": "tiny", "n_genes": 60, "n_singles": 5, "n_doubles": 2, "cells_per_single": 20,
+                "cells_per_double": 10, "n_control": 60, "n_inv_latents": 2, "n_pert_latents": 2},
+        "model": {"latent_inv": 2, "latent_pert": 2, "hidden": 16, "alpha": 1.0},
+        "train": {"epochs": 2, "batch_size": 64, "early_stopping_patience": 100, "progress": False,
+                  "device": "cpu"},
+    },
+    "conditions": {"base": {"factor": "base", "level": "base"},
+                   "dense_prior": {"factor": "prior", "level": "dense", "model": {"effect_prior": "dense"}}},
+}
+
+
+def test_tiny_study_end_to_end(tmp_path):
+    study = _study()
+    df = study.run_study(TINY_GRID, out=tmp_path, progress=False, only=["base"])
+    assert list(df.columns) == ["condition", "factor", "level", "seed", "score", "value"]
+    assert set(df.score) == set(study.SCORES)
+    assert np.isfinite(df.value.to_numpy()).all()
+    assert (tmp_path / "results.csv").exists() and (tmp_path / "summary.md").exists()
+    assert (tmp_path / "recovery_vs_envs.png").exists()
+    back = pd.read_csv(tmp_path / "results.csv")
+    assert len(back) == len(df)
+    assert "| base |" in (tmp_path / "summary.md").read_text()
+
+
+def test_grids_resolve():
+    study = _study()
+    for name in ("small", "full"):
+        g = study.load_grid(name)
+        conds = study.resolve_conditions(g)
+        assert conds[0]["name"] == "base"
+        for c in conds:
+            from pyro_pvae.simulate import _config
+            sim = dict(c["sim"])
+            _config(sim.pop("preset"), sim)  # valid simulator keys
+            from pyro_pvae.model import ModelConfig
+            from pyro_pvae.train import TrainConfig
+            ModelConfig.from_dict(c["model"]), TrainConfig.from_dict(c["train"])

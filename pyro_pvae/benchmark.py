@@ -192,8 +192,7 @@ def pseudobulk_log1p_cpm(X) -> np.ndarray:
 def _progress(total: int, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=True,
-                disable=not sys.stderr.isatty() and total < 0)
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=True, mininterval=1.0)
 
 
 def _fit_model(adata, split, model_cfg: dict, train_cfg: dict, variant: str, seed: int):
@@ -228,7 +227,7 @@ def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_
     ``timings`` (list of dicts), ``deltas`` {(method, condition): predicted change, seed 0},
     ``obs_delta`` {condition: observed change}, ``top_de`` {condition: gene positions}."""
     from . import data as D
-    from .metrics import DataError, MetricNote, evaluate_condition, top_de_genes
+    from .metrics import DataError, evaluate_condition, top_de_genes
 
     D.lognormalize(adata)  # the scale the model predicts on; recomputed from counts
     L = adata.layers["lognorm"]
@@ -256,7 +255,7 @@ def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_
             top_de[c] = None
     obs_delta = {c: obs[c].mean(0) - ctrl.mean(0) for c in conds}
 
-    rows, timings, deltas = [], [], {}
+    rows, timings, deltas, shrink = [], [], {}, None
     bar = _progress(seeds * len(methods) * len(conds), "benchmark")
     for seed in range(seeds):
         for method in methods:
@@ -272,6 +271,8 @@ def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_
             else:
                 b = _fit_baseline(method, adata, split, seed)
                 t_fit = time.perf_counter() - t0
+                if method == "additive_shrink":
+                    shrink = (b.c_, len(b.shrink_doubles_))
                 pred = b.predict(conds, n_cells=n_pred_cells, seed=seed)
                 notes = dict(b.notes)
             pcond = _conditions(pred)
@@ -286,8 +287,6 @@ def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_
                 m = evaluate_condition(p, obs[c], ctrl, genes, top_de=top_de[c],
                                        pred_change_samples=samples, seed=seed)
                 m = {k: m[k] for k in CELL_METRICS if k in m}
-                if top_de[c] is None:  # keep the reason: evaluate_condition retried and noted
-                    m = {k: v for k, v in m.items()}
                 rows.append({"method": method, "condition": c, "group": groups[c], "seed": seed,
                              "note": notes.get(c, ""), "metrics": m})
                 if keep_deltas and seed == 0:
@@ -303,7 +302,7 @@ def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_
     df = results_frame(rows)
     de_pos = {c: ([gpos[g] for g in top_de[c]] if top_de[c] else []) for c in conds}
     return df, {"timings": timings, "deltas": deltas, "obs_delta": obs_delta, "top_de": de_pos,
-                "n_obs": {c: len(obs[c]) for c in conds}, "n_control": len(ctrl_rows)}
+                "n_obs": {c: len(obs[c]) for c in conds}, "n_control": len(ctrl_rows), "shrink": shrink}
 
 
 # ----------------------------------------------------------------------------- effects mode
@@ -361,7 +360,7 @@ def effects_benchmark(adata, split, methods: Sequence[str], model_cfg: dict | No
     ctrl_pb = pseudobulk_log1p_cpm(adata.X[train_idx[cond[train_idx] == D.CONTROL]])
     floor = {c: score_effects(pseudobulk_log1p_cpm(adata.X[test_idx[cond[test_idx] == c]]) - ctrl_pb,
                               true_of[c])["delta_rmse_all"] for c in conds}
-    rows, timings, deltas = [], [], {}
+    rows, timings, deltas, shrink = [], [], {}, None
     bar = _progress(seeds * len(methods) * len(conds), "benchmark")
     for seed in range(seeds):
         for method in methods:
@@ -380,6 +379,8 @@ def effects_benchmark(adata, split, methods: Sequence[str], model_cfg: dict | No
             else:
                 b = _fit_baseline(method, pb, None, seed)
                 t_fit = time.perf_counter() - t0
+                if method == "additive_shrink":
+                    shrink = (b.c_, len(b.shrink_doubles_))
                 change = {c: b.predict_change(c) for c in conds}
                 notes = dict(b.notes)
             for c in conds:
@@ -394,7 +395,6 @@ def effects_benchmark(adata, split, methods: Sequence[str], model_cfg: dict | No
     bar.close()
     df = results_frame(rows)
     top = {c: list(np.argsort(-np.abs(true_of[c]), kind="stable")[:N_TOP]) for c in conds}
-    shrink = None
     return df, {"timings": timings, "deltas": deltas, "obs_delta": {c: true_of[c] for c in conds},
                 "top_de": top, "noise_floor": floor, "shrink": shrink}
 
@@ -484,6 +484,10 @@ def summary_text(df: pd.DataFrame, config_name: str, header: Sequence[str], mode
         lines += ["", "Noise floor (not a method): the held-out *observed* cells' own pseudobulk change vs the real "
                       f"change, delta_rmse_all = {fl.mean():.4f} (mean over the held-out conditions); no method "
                       "that only sees training cells can be expected to go below it by much."]
+    if extras.get("shrink"):
+        c, n = extras["shrink"]
+        lines += ["", f"additive_shrink: global factor {c:.3f}, fitted on {n} training double(s) "
+                      "(the sum of the singles' changes times this factor)."]
     conds = list(dict.fromkeys(df.sort_values(["group", "condition"])["condition"]))
     key_metrics = ([m for m in ("pearson_delta_all", "pseudobulk_rmse_all", "nrmse", "coverage90_top20de")
                     if m in metrics] if mode == "cells" else metrics)

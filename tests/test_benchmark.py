@@ -22,8 +22,8 @@ CELL_METRICS = {"nrmse", "r2_mean", "mmd", "pearson_delta_all", "pearson_delta_t
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("bench") / "tiny-benchmark"
-    rc = B.main(["--config", "tiny", "train.epochs=2", "train.min_epochs=1", "benchmark.n_pred_cells=40",
-                 "benchmark.n_change_draws=5", f"output.run_dir={run_dir}"])
+    rc = B.main(["--config", "tiny", "train.epochs=1", "train.min_epochs=1", "benchmark.n_pred_cells=40",
+                 "benchmark.n_change_draws=4", f"output.run_dir={run_dir}"])
     assert rc == 0
     return run_dir
 

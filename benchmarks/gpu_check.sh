@@ -24,19 +24,19 @@ if [ "${TINY:-0}" = 1 ]; then
   A=(--sizes 1000x200:64); A2=(--sizes 1000x200:128); E=(--cells 1500 --genes 200 --runs 128:0 --epochs 1); C=(--cells 1500 --genes 200 --batch 128 --steps 15)
   V=pyro_svi,pyro_jit,pyro_module,plain,plain_bf16,data; W=(--warmup 1 --steps 2)
 else
-  A=(--sizes 10000x2000:512,4096 100000x5000:64,512,1024,4096 100000x10000:1024); A2=(--sizes 100000x5000:1024)
-  E=(--cells 60000 --genes 5000 --runs 512:0,512:1,4096:0 --epochs 2); C=(--cells 60000 --genes 5000 --batch 1024 --steps 400)
-  V=pyro_svi,pyro_module,plain,plain_dedupe,pyro_module_bf16,plain_bf16,data; W=(--warmup 10 --steps 30)
+  A=(--sizes 100000x5000:512,1024,4096 10000x2000:64,512 100000x10000:1024); A2=(--sizes 100000x5000:1024)
+  E=(--cells 60000 --genes 5000 --runs 512:0,4096:0 --epochs 2); C=(--cells 60000 --genes 5000 --batch 1024 --steps 200)
+  V=pyro_svi,pyro_module,plain,plain_dedupe,pyro_module_bf16,plain_bf16,data; W=(--warmup 8 --steps 25)
 fi
 step() { echo; echo "=== $1 ($(date +%T))"; }
 {
   step "(a) throughput, Pyro/plain ratio"
-  timeout ${T_A:-200} $PY benchmarks/throughput.py --device $DEVICE "${A[@]}" --variants $V "${W[@]}" --max-seconds ${MAXS:-170} --out $OUT/throughput.csv
+  timeout ${T_A:-110} $PY benchmarks/throughput.py --device $DEVICE "${A[@]}" --variants $V "${W[@]}" --max-seconds ${MAXS:-95} --out $OUT/throughput.csv
   step "(a2) JitTraceMeanField_ELBO at one size"
-  timeout ${T_A2:-60} $PY benchmarks/throughput.py --device $DEVICE "${A2[@]}" --variants pyro_jit,pyro_svi,plain "${W[@]}" --out $OUT/throughput_jit.csv
+  timeout ${T_A2:-35} $PY benchmarks/throughput.py --device $DEVICE "${A2[@]}" --variants pyro_jit,pyro_svi,plain "${W[@]}" --out $OUT/throughput_jit.csv
   step "(b) norman_like-shaped training: time per epoch, peak GPU memory"
-  timeout ${T_B:-90} $PY benchmarks/epoch_time.py --device $DEVICE "${E[@]}" --out $OUT/epoch_time.csv
+  timeout ${T_B:-60} $PY benchmarks/epoch_time.py --device $DEVICE "${E[@]}" --out $OUT/epoch_time.csv
   step "(c) bf16 vs fp32"
-  timeout ${T_C:-60} $PY benchmarks/bf16_check.py --device $DEVICE "${C[@]}" --out $OUT/bf16_check.csv
+  timeout ${T_C:-40} $PY benchmarks/bf16_check.py --device $DEVICE "${C[@]}" --out $OUT/bf16_check.csv
   step "done"
 } 2>&1 | grep -v -E "Warning|warnings.warn|^  warn" | tee -a "$LOG"

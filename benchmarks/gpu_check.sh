@@ -28,12 +28,17 @@ else
   E=(--cells 60000 --genes 5000 --runs 512:0,4096:0 --epochs 2); C=(--cells 60000 --genes 5000 --batch 1024 --steps 200)
   V=pyro_svi,pyro_module,plain,plain_dedupe,pyro_module_bf16,plain_bf16,data; W=(--warmup 8 --steps 25)
 fi
+# quick overrides (a tight device budget): A_SIZES="100000x5000:512,1024" VARIANTS=... E_EPOCHS=1 C_STEPS=100 SKIP_JIT=1
+[ -n "${A_SIZES:-}" ] && A=(--sizes $A_SIZES)
+[ -n "${VARIANTS:-}" ] && V=$VARIANTS
+[ -n "${E_RUNS:-}" ] && E=(--cells 60000 --genes 5000 --runs $E_RUNS --epochs ${E_EPOCHS:-1})
+[ -n "${C_STEPS:-}" ] && C=(--cells 60000 --genes 5000 --batch 1024 --steps $C_STEPS)
 step() { echo; echo "=== $1 ($(date +%T))"; }
 {
   step "(a) throughput, Pyro/plain ratio"
   timeout ${T_A:-110} $PY benchmarks/throughput.py --device $DEVICE "${A[@]}" --variants $V "${W[@]}" --max-seconds ${MAXS:-95} --out $OUT/throughput.csv
   step "(a2) JitTraceMeanField_ELBO at one size"
-  timeout ${T_A2:-35} $PY benchmarks/throughput.py --device $DEVICE "${A2[@]}" --variants pyro_jit,pyro_svi,plain "${W[@]}" --out $OUT/throughput_jit.csv
+  [ "${SKIP_JIT:-0}" = 1 ] || timeout ${T_A2:-35} $PY benchmarks/throughput.py --device $DEVICE "${A2[@]}" --variants pyro_jit,pyro_svi,plain "${W[@]}" --out $OUT/throughput_jit.csv
   step "(b) norman_like-shaped training: time per epoch, peak GPU memory"
   timeout ${T_B:-60} $PY benchmarks/epoch_time.py --device $DEVICE "${E[@]}" --out $OUT/epoch_time.csv
   step "(c) bf16 vs fp32"

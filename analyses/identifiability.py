@@ -21,6 +21,9 @@ Per fit (scores from :mod:`pyro_pvae.identifiability`):
   and ``pip_f1_zmatch`` under the latent (MCC) matching. For the dense prior there are no
   inclusion decisions: F1 is NaN and AUPRC ranks |posterior mean effect|;
 * DAG: ``shd`` (latent matching) and ``shd_effmatch``; inferred edges ``|W| > dag_threshold``;
+* information check: ``probe_inv_from_x`` / ``probe_pert_from_x`` = held-out R^2 of a ridge
+  regression of the true latents on the cell's log-normalised expression (no model): roughly how
+  much a linear read-out of one cell can recover at all;
 * doubles (all held out; training sees controls and singles): ``rmse_double_model`` /
   ``rmse_double_additive`` = RMSE over genes of the predicted vs true change of mean
   log-normalised expression from control, averaged over the doubles; the truth is
@@ -52,7 +55,7 @@ CONFIG_DIR = REPO / "configs" / "identifiability"
 #: scores in table order (higher is better unless listed in LOWER_IS_BETTER)
 SCORES = ["mcc_pert", "r2_pert", "r2_inv", "leak_inv_from_pert", "leak_pert_from_inv",
           "effect_mcc", "pip_f1", "pip_auprc", "pip_f1_zmatch", "shd", "shd_effmatch",
-          "rmse_double_model", "rmse_double_additive", "fit_seconds"]
+          "rmse_double_model", "rmse_double_additive", "probe_inv_from_x", "probe_pert_from_x", "fit_seconds"]
 LOWER_IS_BETTER = {"leak_inv_from_pert", "leak_pert_from_inv", "shd", "shd_effmatch",
                    "rmse_double_model", "rmse_double_additive", "fit_seconds"}
 
@@ -125,6 +128,10 @@ def fit_and_score(cond: dict, seed: int, n_threads: int = 1) -> list[dict]:
     s["r2_inv"] = idf.linear_r2(lat["z_inv"], zi_true, seed=seed)
     s["leak_inv_from_pert"] = idf.linear_r2(lat["z_pert"], zi_true, seed=seed)
     s["leak_pert_from_inv"] = idf.linear_r2(lat["z_inv"], zp_true, seed=seed)
+    # information check: ridge regression from the cell's log-normalised expression (no model)
+    xn = _lognorm(adata.X[idx])
+    s["probe_inv_from_x"] = _ridge_r2(xn, zi_true, seed)
+    s["probe_pert_from_x"] = _ridge_r2(xn, zp_true, seed)
     # ---- effects (rows reordered from the model's vocabulary to the truth's perturbations)
     perts = [str(p) for p in np.asarray(truth["perturbations"])]
     rows = [vae.vocabulary.index(p) for p in perts]
@@ -161,6 +168,25 @@ def fit_and_score(cond: dict, seed: int, n_threads: int = 1) -> list[dict]:
         s["rmse_double_model"] = s["rmse_double_additive"] = np.nan
     return [{"condition": cond["name"], "factor": cond["factor"], "level": cond["level"], "seed": int(seed),
              "score": k, "value": float(v)} for k, v in s.items()]
+
+
+def _lognorm(X) -> np.ndarray:
+    import scipy.sparse as sp
+
+    X = X.toarray() if sp.issparse(X) else np.asarray(X)
+    X = X.astype(np.float64)
+    return np.log1p(X / np.maximum(X.sum(1, keepdims=True), 1.0) * 1e4)
+
+
+def _ridge_r2(X, Y, seed: int) -> float:
+    """Held-out R^2 (half / half split) of a ridge regression (penalty chosen by inner CV)."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.metrics import r2_score
+
+    perm = np.random.default_rng(seed).permutation(len(X))
+    tr, te = perm[: len(X) // 2], perm[len(X) // 2:]
+    fit = RidgeCV(alphas=np.logspace(-1, 4, 11)).fit(X[tr], Y[tr])
+    return float(r2_score(Y[te], fit.predict(X[te]), multioutput="variance_weighted"))
 
 
 def _job(cond, seed, n_threads, rows_dir):

@@ -29,7 +29,8 @@ are conservative (coverage above nominal is expected and is not a failure).
 
 Public functions: :func:`posterior_predictive` (draws + statistics, a :class:`PPCResult`),
 :func:`summarize`, :func:`plot_ppc_figures`, :func:`ppc` (one call: writes ``ppc/`` with
-``ppc_summary.json`` and PNG figures), :func:`sample_globals`, :func:`to_inference_data`.
+``ppc_summary.json`` and PNG figures), :func:`sample_globals`, :func:`to_inference_data`,
+:func:`load_fitted` (a run directory's model with its data and split).
 """
 from __future__ import annotations
 
@@ -90,18 +91,30 @@ DEFAULT_THRESHOLDS = {
 # Resolving the model and the data
 # ---------------------------------------------------------------------------------------------
 
+def load_fitted(run_dir, adata=None, device: str = "cpu"):
+    """``api.load_run`` plus the run's data (re-read from ``config.yaml`` unless ``adata`` is
+    given) and its split (``split.json``; ``PerturbedVAE.load`` does not restore it yet)."""
+    from .api import load_run
+
+    run_dir = Path(run_dir)
+    if adata is None and not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml to re-read its data from; pass adata=")
+    vae = load_run(run_dir, device=device, with_data=adata is None)
+    if adata is not None:
+        vae.adata = adata
+    if vae.split is None and (run_dir / "split.json").exists():
+        vae.split = D.Split.from_json(run_dir / "split.json")
+    return vae
+
+
 def _resolve(run_or_model, adata=None, device: str = "cpu"):
     """(PerturbedVAE, AnnData, run_dir or None) from a run directory or a fitted model."""
-    from .api import PerturbedVAE, load_run
+    from .api import PerturbedVAE
 
     run_dir = None
     if isinstance(run_or_model, (str, os.PathLike)):
         run_dir = Path(run_or_model)
-        if adata is None and not (run_dir / "config.yaml").exists():
-            raise FileNotFoundError(f"{run_dir} has no config.yaml to re-read its data from; pass adata=")
-        vae = load_run(run_dir, device=device, with_data=adata is None)
-        if vae.split is None and (run_dir / "split.json").exists():
-            vae.split = D.Split.from_json(run_dir / "split.json")
+        vae = load_fitted(run_dir, adata, device)
     elif isinstance(run_or_model, PerturbedVAE):
         vae = run_or_model
     else:

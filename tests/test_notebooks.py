@@ -32,7 +32,6 @@ def kernel_env(tmp_path_factory):
         "display_name": "Python 3 (pyro_pvae test)", "language": "python"}))
     env = {
         "JUPYTER_PATH": os.pathsep.join([str(root), os.environ.get("JUPYTER_PATH", "")]).rstrip(os.pathsep),
-        "MPLBACKEND": "Agg",
         "OMP_NUM_THREADS": "1",          # small shared CI machines: one intra-op thread is faster
         "PYRO_PVAE_EPOCHS": "20",        # posterior_analysis fits the tiny simulation for this long
         "PYRO_PVAE_CACHE": str(tmp_path_factory.mktemp("sim-cache")),
@@ -72,3 +71,7 @@ def test_notebook_executes(path, kernel_env):
         pytest.fail(f"{path.name}: a cell failed:\n{str(e)[-3000:]}")
     n_code = sum(c.cell_type == "code" for c in nb.cells)
     assert sum(c.cell_type == "code" and c.execution_count is not None for c in nb.cells) == n_code
+    if path.name == "posterior_analysis.ipynb":  # forest, PIP, DAG, programs, PPC x3 figures
+        images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                  if "image/png" in o.get("data", {})]
+        assert len(images) >= 7, f"only {len(images)} figures rendered"

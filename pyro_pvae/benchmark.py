@@ -436,9 +436,13 @@ def _table(df: pd.DataFrame, methods: Sequence[str], metrics: Sequence[str], dig
 def _per_condition_table(df: pd.DataFrame, methods, metric: str, conds, digits=4) -> list[str]:
     d = df[df["metric"] == metric]
     lines = ["| condition | group | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    skipped = 0
     for c in conds:
         dc = d[d["condition"] == c]
         if dc.empty:
+            continue
+        if dc["value"].notna().sum() == 0:
+            skipped += 1
             continue
         cells = []
         for m in methods:
@@ -451,6 +455,9 @@ def _per_condition_table(df: pd.DataFrame, methods, metric: str, conds, digits=4
                 sd = float(v.std(ddof=1)) if v.notna().sum() > 1 else math.nan
                 cells.append(_ms(float(v.mean()), sd, digits))
         lines.append(f"| {c} | {dc['group'].iloc[0]} | " + " | ".join(cells) + " |")
+    if skipped:
+        lines += ["", f"({skipped} condition(s) left out: {metric} undefined for every method; reason in "
+                      "the `note` column of results.csv.)"]
     return lines
 
 

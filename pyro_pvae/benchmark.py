@@ -656,13 +656,13 @@ def run(name: str, overrides: Sequence[str]):
         # small models on a shared CPU: one intra-op thread is ~10x faster than thrashing
         # OpenMP threads against other processes (measured on the 2-core dev box)
         torch.set_num_threads(int(threads))
-    run_dir = make_run_dir(cfg, "benchmark")
-    log.info("run directory: %s", run_dir)
-    _atomic_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.split.name == "none":
+        raise BenchmarkError("split.name=none has no held-out conditions; the benchmark needs a split")
     adata = load_dataset(cfg)
     split = resolve_split(cfg, adata)
-    if split is None:
-        raise BenchmarkError("split.name=none has no held-out conditions; the benchmark needs a split")
+    run_dir = make_run_dir(cfg, "benchmark")  # only once the data and split are known to load
+    log.info("run directory: %s", run_dir)
+    _atomic_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     split.to_json(run_dir / "split.json")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     train_cfg = train_settings(cfg, overrides)

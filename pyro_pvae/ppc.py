@@ -311,9 +311,10 @@ def posterior_predictive(run_or_model, adata=None, *, cells="train", max_cells: 
                 if m.any():
                     lo = lognormalize_counts(batch.x[torch.as_tensor(m)]).double().cpu().numpy()
                     lr = lognormalize_counts(x_rep[:, torch.as_tensor(m)]).double().cpu().numpy()
-                    np.add.at(o_grp, g[m], lo)
-                    for s in range(S):
-                        np.add.at(r_grp[s], g[m], lr[s])
+                    onehot = np.zeros((n_groups, int(m.sum())))
+                    onehot[g[m], np.arange(int(m.sum()))] = 1.0
+                    o_grp += onehot @ lo
+                    r_grp += np.einsum("cb,sbg->scg", onehot, lr, optimize=True)
                 for j, r in enumerate(rows):
                     if int(r) in keep_set:
                         k = keep_set[int(r)]

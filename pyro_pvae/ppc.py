@@ -40,12 +40,10 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyro
 import pyro.util
-import scipy.sparse as sp
 import torch
 from pyro import poutine
 from pyro.infer import Predictive

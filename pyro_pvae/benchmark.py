@@ -499,8 +499,10 @@ def summary_text(df: pd.DataFrame, config_name: str, header: Sequence[str], mode
     if "noise_floor" in extras and extras["noise_floor"]:
         fl = np.array(list(extras["noise_floor"].values()), float)
         lines += ["", "Noise floor (not a method): the held-out *observed* cells' own pseudobulk change vs the real "
-                      f"change, delta_rmse_all = {fl.mean():.4f} (mean over the held-out conditions); no method "
-                      "that only sees training cells can be expected to go below it by much."]
+                      f"change, delta_rmse_all = {fl.mean():.4f} (mean over the held-out conditions): the sampling noise "
+                      "of a pseudobulk log1p(CPM) change estimated from this many simulated cells at this depth. "
+                      "Estimates from training cells (the singles the additive baseline sums) carry noise of the "
+                      "same size; methods that shrink towards no change can score below it."]
     if extras.get("closure_gap"):
         g = np.array(list(extras["closure_gap"].values()), float)
         lines += ["", "Simulator closure gap (not a method): RMSE between the changes the simulated cells realise "

@@ -142,8 +142,9 @@ class PerturbedVAE:
         g = self.module_guide
         sd = torch.nn.functional.softplus
         slab = pyro.sample("slab_", pyro.distributions.Normal(g.slab_loc, sd(g.slab_raw_scale) + 1e-4))
-        gate = pyro.sample("gate_", pyro.distributions.Bernoulli(g.pip()))
-        pyro.deterministic("delta", gate * slab)
+        if g.cfg.effect_prior == "spike_slab" and g.cfg.gate_inference == "straight_through":
+            slab = pyro.sample("gate_", pyro.distributions.Bernoulli(g.pip())) * slab
+        pyro.deterministic("delta", slab)
         W = pyro.sample("W_", pyro.distributions.Normal(g.w_loc, sd(g.w_raw_scale) + 1e-4))
         pyro.deterministic("W", W * g.tril_mask)
         pyro.deterministic("theta", pyro.sample("log_theta_", pyro.distributions.Normal(
@@ -162,7 +163,7 @@ class PerturbedVAE:
         xn = lognormalize_counts(x_ctrl)
         z_inv = g.inv_encoder(xn)[0]
         zero_u = torch.zeros_like(u)
-        eps_loc, eps_scale = g.eps_posterior(xn, zero_u, W, torch.zeros_like(delta))
+        eps_loc, eps_scale = g.eps_posterior(xn, zero_u, W, torch.zeros_like(delta))  # running control center
         eps = eps_loc + eps_scale * torch.randn(eps_loc.shape, generator=generator, device=eps_loc.device)
         z_pert = propagate(eps + m.shift(u, delta), W)
         log_mu = m.gene_log_mean(z_inv, z_pert, x_ctrl.sum(-1))
@@ -266,7 +267,7 @@ class PerturbedVAE:
             u = torch.as_tensor(U[start:start + 4096], device=self.device)
             xn = lognormalize_counts(x)
             z_inv.append(g.inv_encoder(xn)[0].cpu().numpy())
-            z_pert.append(g.pert_encoder(torch.cat([xn, u], -1))[0].cpu().numpy())
+            z_pert.append((g.pert_encoder(torch.cat([xn, u], -1))[0] - g.running_control_center).cpu().numpy())
         return {"z_inv": np.concatenate(z_inv), "z_pert": np.concatenate(z_pert)}
 
     # ---- persistence ---------------------------------------------------------------------
@@ -282,7 +283,7 @@ class PerturbedVAE:
             "gene_names": self.gene_names,
             "reference_controls": self.reference_controls,
             "history": self.history,
-            "split": self.split.to_dict() if self.split is not None and hasattr(self.split, "to_dict") else None,
+            "split": self.split.to_dict() if self.split is not None else None,
         }, path)
         return path
 
@@ -298,8 +299,8 @@ class PerturbedVAE:
         self.vocabulary, self.gene_names = state["vocabulary"], state["gene_names"]
         self.reference_controls, self.history = state["reference_controls"], state["history"]
         self.adata = adata
-        if state.get("split") is not None and hasattr(D.Split, "from_dict"):
-            self.split = D.Split.from_dict(state["split"])
+        if state.get("split") is not None:
+            self.split = D.Split(**state["split"])
         self._build_modules()
         self.module_model.load_state_dict(state["modules"]["model"])
         self.module_guide.load_state_dict(state["modules"]["guide"])

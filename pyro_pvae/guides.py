@@ -4,10 +4,11 @@ r"""Variational guides for :mod:`pyro_pvae.model`.
 
 * ``q(z_inv | x) = N(m(x), s(x))``: the invariant encoder sees only the cell's
   log-normalised expression, never its label;
-* ``q(eps | x, u) = N((I - W) h(x, u) - c u delta, s'(x, u))``: the perturbation encoder
-  predicts the cell's ``z_pert`` location ``h``; the guide turns it into the exogenous
-  noise ``eps`` with the *sampled* DAG and effects, so the eps-KL pulls ``u delta`` towards
-  what the encoder sees and thereby learns the effects;
+* ``q(eps | x, u) = N((I - W)(h(x, u) - h_ctrl) - c u delta, s'(x, u))``: the perturbation
+  encoder predicts the cell's ``z_pert`` location ``h``, measured from the mean ``h_ctrl``
+  of control cells; the guide turns it into the exogenous noise ``eps`` with the *sampled*
+  DAG and effects, so the eps-KL pulls ``u delta`` towards what the encoder sees and
+  thereby learns the effects;
 * gates ``q(gamma_pk) = Bernoulli(PIP_pk)``, sampled straight-through (hard 0/1 forward,
   Gumbel-sigmoid gradient with an annealed temperature); the KL to the Bernoulli prior is
   analytic, so ``TraceMeanField_ELBO`` uses it. ``PIP_pk`` are the posterior inclusion
@@ -25,7 +26,7 @@ from pyro import poutine
 from torch import nn
 from torch.nn.functional import softplus
 
-from .model import ModelConfig, lognormalize_counts, mlp
+from .model import ModelConfig, inclusion_probability, lognormalize_counts, mlp
 
 
 class StraightThroughBernoulli(dist.Bernoulli):
@@ -83,6 +84,7 @@ class PerturbedVAEGuide(nn.Module):
         self.theta_loc = nn.Parameter(torch.full((G,), 1.5))
         self.theta_raw_scale = nn.Parameter(torch.full((G,), -2.0))
         self.register_buffer("tril_mask", torch.ones(K, K).tril(-1))
+        self.register_buffer("running_control_center", torch.zeros(K))
         self._model = [None]  # set by attach(); a list keeps it out of this module's parameters
 
     def attach(self, model) -> "PerturbedVAEGuide":
@@ -91,15 +93,29 @@ class PerturbedVAEGuide(nn.Module):
         return self
 
     # ---- posterior summaries -----------------------------------------------------------
-    def pip(self) -> torch.Tensor:
-        """Posterior inclusion probabilities PIP[p, k] (ones for the dense prior)."""
-        if self.cfg.effect_prior == "dense":
+    def pi_mean(self) -> torch.Tensor:
+        a, b = softplus(self.pi_raw[0]) + 1e-3, softplus(self.pi_raw[1]) + 1e-3
+        return a / (a + b)
+
+    def pip(self, n_draws: int = 256) -> torch.Tensor:
+        """Posterior inclusion probabilities PIP[p, k] (ones for the dense prior).
+
+        straight-through: q(gate = 1); marginal: E_q(delta)[p(gate = 1 | delta, E[pi])], a
+        Monte-Carlo average over a fixed set of standard-normal draws (deterministic)."""
+        cfg = self.cfg
+        if cfg.effect_prior == "dense":
             return torch.ones_like(self.gate_logits)
-        return torch.sigmoid(self.gate_logits)
+        if cfg.gate_inference == "straight_through":
+            return torch.sigmoid(self.gate_logits)
+        noise = torch.randn((n_draws, 1, 1), generator=torch.Generator().manual_seed(0)).to(self.slab_loc)
+        delta = self.slab_loc + (softplus(self.slab_raw_scale) + 1e-4) * noise
+        return inclusion_probability(delta, self.pi_mean(), cfg.spike_scale, cfg.slab_scale).mean(0)
 
     def effect_mean(self) -> torch.Tensor:
-        """Posterior mean of delta = PIP * E[slab]."""
-        return self.pip() * self.slab_loc
+        """Posterior mean of delta (straight-through: PIP * E[slab])."""
+        if self.cfg.effect_prior == "spike_slab" and self.cfg.gate_inference == "straight_through":
+            return self.pip() * self.slab_loc
+        return self.slab_loc
 
     def w_mean(self) -> torch.Tensor:
         return self.w_loc * self.tril_mask
@@ -114,7 +130,7 @@ class PerturbedVAEGuide(nn.Module):
             pyro.sample("pi", dist.Beta(softplus(self.pi_raw[0]) + 1e-3, softplus(self.pi_raw[1]) + 1e-3))
         with pyro.plate("perts", P, dim=-2), pyro.plate("pert_latents", K, dim=-1):
             slab_scale = softplus(self.slab_raw_scale) + 1e-4
-            if cfg.effect_prior == "spike_slab":
+            if cfg.effect_prior == "spike_slab" and cfg.gate_inference == "straight_through":
                 gate = pyro.sample("gate", StraightThroughBernoulli(self.gate_logits, temperature))
                 # q(s | gate): the fitted Normal when the gate is on, the prior when it is off, so
                 # an effect pays the slab's KL only when it is included (Occam's razor).
@@ -135,11 +151,26 @@ class PerturbedVAEGuide(nn.Module):
                 xn = lognormalize_counts(x)
                 inv_loc, inv_scale = self.inv_encoder(xn)
                 pyro.sample("z_inv", dist.Normal(inv_loc.unsqueeze(-2), inv_scale.unsqueeze(-2)).to_event(1))
-                eps_loc, eps_scale = self.eps_posterior(xn, u, W, delta)
+                center = self.control_center(x_ctrl, u)
+                eps_loc, eps_scale = self.eps_posterior(xn, u, W, delta, center)
                 pyro.sample("eps", dist.Normal(eps_loc.unsqueeze(-2), eps_scale.unsqueeze(-2)).to_event(1))
 
-    def eps_posterior(self, xn, u, W, delta):
-        """loc, scale of q(eps | x, u) = N((I - W) h(x, u) - shift(u, delta), s(x, u))."""
+    def control_center(self, x_ctrl, u) -> torch.Tensor:
+        """Mean encoder location h(x_c, 0) of the batch's paired control cells (training), or
+        its running average (evaluation / prediction). Measuring z_pert from the control
+        population pins its origin, so delta is the shift *from control* (without it, a common
+        offset can sit in both the controls' eps and every delta)."""
+        if x_ctrl is None or not self.training:
+            return self.running_control_center
+        h = self.pert_encoder(torch.cat([lognormalize_counts(x_ctrl), torch.zeros_like(u)], -1))[0].mean(0)
+        with torch.no_grad():
+            self.running_control_center.mul_(0.95).add_(0.05 * h)
+        return h
+
+    def eps_posterior(self, xn, u, W, delta, center=None):
+        """loc, scale of q(eps | x, u) = N((I - W)(h(x, u) - center) - shift(u, delta), s(x, u))."""
         z_loc, scale = self.pert_encoder(torch.cat([xn, u], dim=-1))
+        if center is None:
+            center = self.running_control_center
         A = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device) - W
-        return z_loc @ A.T - self._model[0].shift(u, delta), scale
+        return (z_loc - center) @ A.T - self._model[0].shift(u, delta), scale

@@ -21,9 +21,10 @@ super-additively in latent space; it only moves when training contains doubles).
 the observed library size. The decoder ``f`` never sees ``u``. The triangular system is
 solved, never inverted.
 
-Alignment: a ``pyro.factor`` adds ``-alpha * ||m(x_n) - m(x_c)||^2`` for each perturbed
-cell n and a randomly paired control cell c, where ``m`` is the mean of the invariant
-encoder q(z_inv | x) (shared with the guide). ``alpha = 0`` turns it off.
+Alignment: a ``pyro.factor`` adds ``-alpha * penalty``, pulling the invariant posterior
+means ``m(x)`` (the guide's q(z_inv | x) encoder) of perturbed cells towards those of
+randomly paired control cells (see :meth:`PerturbedVAEModel.alignment_penalty`).
+``alpha = 0`` turns it off.
 """
 from __future__ import annotations
 
@@ -51,10 +52,13 @@ class ModelConfig:
     likelihood: str = "nb"  # "nb" or "poisson" (a deliberately wrong model, for checks)
     pi_prior: tuple = (1.0, 4.0)  # Beta(a, b) on the inclusion probability
     slab_scale: float = 2.0
+    gate_inference: str = "marginal"  # "marginal" (gate summed out) or "straight_through"
+    spike_scale: float = 0.05  # marginal: sd of the narrow spike standing in for the point mass
     dense_scale: float = 1.0
     w_prior_scale: float = 0.1  # Laplace scale of DAG edge weights
     theta_prior: tuple = (2.0, 1.5)  # LogNormal(loc, scale) of the NB inverse dispersion
-    alpha: float = 0.05  # alignment weight; 0 turns it off
+    alpha: float = 20.0  # alignment weight; 0 turns it off
+    alignment: str = "group_mean"  # "group_mean" or "pairwise" (see alignment_penalty)
     learn_composition: bool = True
 
     @classmethod
@@ -107,6 +111,21 @@ def lognormalize_counts(x: torch.Tensor) -> torch.Tensor:
     return torch.log1p(x / x.sum(-1, keepdim=True).clamp(min=1.0) * 1e4)
 
 
+def spike_slab_mixture(pi, spike_scale: float, slab_scale: float, shape) -> dist.MixtureSameFamily:
+    """(1 - pi) N(0, spike_scale^2) + pi N(0, slab_scale^2): the spike-and-slab prior of one
+    effect with its gate summed out (a narrow Normal spike stands in for the point mass)."""
+    weights = torch.stack([1 - pi, pi], -1).expand(*shape, 2)
+    scales = torch.tensor([spike_scale, slab_scale], dtype=pi.dtype, device=pi.device).expand(*shape, 2)
+    return dist.MixtureSameFamily(dist.Categorical(probs=weights), dist.Normal(torch.zeros_like(scales), scales))
+
+
+def inclusion_probability(delta, pi, spike_scale: float, slab_scale: float):
+    """p(gate = 1 | delta, pi) = pi N(delta; 0, slab) / [pi N(delta; 0, slab) + (1 - pi) N(delta; 0, spike)]."""
+    log_slab = dist.Normal(0.0, slab_scale).log_prob(delta) + torch.log(pi)
+    log_spike = dist.Normal(0.0, spike_scale).log_prob(delta) + torch.log1p(-pi)
+    return torch.sigmoid(log_slab - log_spike)
+
+
 def propagate(eps_plus_shift: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """z = (I - W)^{-1} b for each row b, by a triangular solve (W strictly lower)."""
     A = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device) - W
@@ -143,6 +162,23 @@ class PerturbedVAEModel(nn.Module):
         # NB with mean mu and inverse dispersion theta: total_count=theta, logits=log(mu/theta)
         return dist.NegativeBinomial(total_count=theta, logits=log_mu - theta.log())
 
+    def alignment_penalty(self, x, u, x_ctrl) -> torch.Tensor:
+        """Distance between invariant posterior means of perturbed cells and paired controls.
+
+        ``pairwise``: sum_n [u_n != 0] ||m(x_n) - m(x_c(n))||^2 (the paper's form);
+        ``group_mean`` (default): sum_p N_p ||mean_{n: u_np=1} m(x_n) - mean_n m(x_c(n))||^2,
+        i.e. the same pull on the per-perturbation means, without the pairwise form's
+        between-cell variance term (which shrinks all z_inv towards a collapse)."""
+        encoder = self._inv_encoder[0]  # registered with Pyro by the guide
+        m = encoder(lognormalize_counts(x))[0]
+        m_ctrl = encoder(lognormalize_counts(x_ctrl))[0]
+        if self.cfg.alignment == "pairwise":
+            perturbed = (u.sum(-1) > 0).to(x.dtype)
+            return (perturbed * (m - m_ctrl).pow(2).sum(-1)).sum()
+        counts = u.sum(0)  # cells of each perturbation in the batch
+        group_means = (u.T @ m) / counts.clamp(min=1).unsqueeze(-1)
+        return (counts * (group_means - m_ctrl.mean(0)).pow(2).sum(-1)).sum()
+
     # ---- the generative model ---------------------------------------------------------
     def model(self, x, u, x_ctrl=None, kl_weight=1.0, temperature=None, *, n_cells: int):
         """x: (B, G) counts; u: (B, P) multi-hot labels; x_ctrl: (B, G) counts of randomly
@@ -157,7 +193,10 @@ class PerturbedVAEModel(nn.Module):
         if cfg.effect_prior == "spike_slab":
             pi = pyro.sample("pi", dist.Beta(zeros + cfg.pi_prior[0], zeros + cfg.pi_prior[1]))
         with pyro.plate("perts", P, dim=-2), pyro.plate("pert_latents", K, dim=-1):
-            if cfg.effect_prior == "spike_slab":
+            if cfg.effect_prior == "spike_slab" and cfg.gate_inference == "marginal":
+                # gate summed out: delta ~ (1 - pi) N(0, spike^2) + pi N(0, slab^2)
+                delta = pyro.sample("slab", spike_slab_mixture(pi, cfg.spike_scale, cfg.slab_scale, (P, K)))
+            elif cfg.effect_prior == "spike_slab":
                 gate = pyro.sample("gate", dist.Bernoulli(pi))
                 slab = pyro.sample("slab", dist.Normal(zeros, cfg.slab_scale))
                 delta = gate * slab
@@ -185,11 +224,6 @@ class PerturbedVAEModel(nn.Module):
             with genes:
                 pyro.sample("x", self.likelihood(log_mu, theta), obs=x)
 
-            if cfg.alpha > 0 and x_ctrl is not None:
-                encoder = self._inv_encoder[0]  # registered with Pyro by the guide
-                m = encoder(lognormalize_counts(x))[0]
-                m_ctrl = encoder(lognormalize_counts(x_ctrl))[0]
-                perturbed = (u.sum(-1) > 0).to(x.dtype)
-                penalty = perturbed * (m - m_ctrl).pow(2).sum(-1)
-                pyro.factor("alignment", (-cfg.alpha * penalty).unsqueeze(-1))
+        if cfg.alpha > 0 and x_ctrl is not None:
+            pyro.factor("alignment", -cfg.alpha * n_cells / batch * self.alignment_penalty(x, u, x_ctrl))
         return z_pert

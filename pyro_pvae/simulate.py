@@ -589,7 +589,8 @@ def _expected_pseudobulk_log1p_cpm(truth, label, n_cells=2000, seed=0) -> np.nda
 # ---------------------------------------------------------------------------------------------
 # Cache
 # ---------------------------------------------------------------------------------------------
-_CACHE_VERSION = "simulate-v1"
+# the cache key includes a hash of this file, so a changed simulator never serves stale data
+_CACHE_VERSION = "simulate-v1-" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 
 
 def cached_simulation(preset: str = "tiny", seed: int = 0, cache_dir: str | os.PathLike | None = None,

@@ -43,6 +43,7 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 3e-3
     lr_final_fraction: float = 0.1
+    global_lr_multiplier: float = 10.0
     clip_norm: float = 10.0
     kl_weight: float = 1.0
     kl_warmup_epochs: float = 10.0
@@ -126,7 +127,7 @@ class Trainer:
         self.steps_per_epoch = max(len(train_batcher), 1)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         lrd = cfg.lr_final_fraction ** (1.0 / max(self.total_steps, 1))
-        self.optim = ClippedAdam({"lr": cfg.lr, "clip_norm": cfg.clip_norm, "lrd": lrd})
+        self.optim = ClippedAdam(self.optim_args_for(cfg, lrd))
         elbo = JitTraceMeanField_ELBO(ignore_jit_warnings=True) if cfg.jit else TraceMeanField_ELBO()
         self.svi = SVI(model.model, guide.guide, self.optim, elbo)
         self.history: list[dict] = []
@@ -134,6 +135,17 @@ class Trainer:
         self.best_val = math.inf
         self.best_state = None
         self.bad_epochs = 0
+
+    @staticmethod
+    def optim_args_for(cfg: TrainConfig, lrd: float):
+        """Per-parameter ClippedAdam settings: the guide's global variational parameters
+        (effects, DAG, dispersions) get ``lr * global_lr_multiplier``; they receive one noisy
+        gradient per step, while the networks are shared by every cell."""
+        def args(module_name: str, param_name: str) -> dict:
+            is_global = module_name == "guide" and "encoder" not in param_name
+            lr = cfg.lr * (cfg.global_lr_multiplier if is_global else 1.0)
+            return {"lr": lr, "clip_norm": cfg.clip_norm, "lrd": lrd}
+        return args
 
     # ---- schedules -------------------------------------------------------------------
     def kl_weight(self, epoch: float) -> float:
@@ -202,12 +214,20 @@ class Trainer:
         total, cells = 0.0, 0
         self.val_batcher.set_epoch(0)  # the same validation pairing every epoch
         step = self.total_steps
-        for batch in self.val_batcher:
-            args = self.batch_args(batch, step, float(self.cfg.kl_warmup_epochs))
-            # scaled like the training loss: per-cell local terms + global KL / n_cells
-            total += self.svi.evaluate_loss(*args, n_cells=self.n_cells) * batch.x.shape[0] / self.n_cells
-            cells += batch.x.shape[0]
+        # fixed Monte-Carlo noise: comparable across epochs, and the training RNG is untouched
+        devices = [self.train_batcher_device] if self.train_batcher_device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.seed + 12345)
+            for batch in self.val_batcher:
+                args = self.batch_args(batch, step, float(self.cfg.kl_warmup_epochs))
+                # scaled like the training loss: per-cell local terms + global KL / n_cells
+                total += self.svi.evaluate_loss(*args, n_cells=self.n_cells) * batch.x.shape[0] / self.n_cells
+                cells += batch.x.shape[0]
         return total / max(cells, 1)
+
+    @property
+    def train_batcher_device(self) -> torch.device:
+        return next(self.guide.parameters()).device
 
     def fail_on_nonfinite(self, loss: float, batch, args, epoch: int, step: int) -> None:
         if math.isfinite(loss):
@@ -288,13 +308,11 @@ def write_metrics(path: Path, history: list[dict]) -> None:
 
 def plot_training_curves(history: list[dict], path: Path) -> None:
     """Training and validation loss per epoch, and the ELBO parts, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the user's backend alone
 
     epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5))
+    axes = fig.subplots(1, 2)
     axes[0].plot(epochs, [r["train_loss"] for r in history], label="train -ELBO/cell")
     axes[0].plot(epochs, [r["val_loss"] for r in history], label="validation -ELBO/cell")
     axes[0].set_xlabel("epoch"), axes[0].set_ylabel("loss per cell"), axes[0].legend()
@@ -305,7 +323,6 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     tmp = Path(str(path) + ".tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, path)
 
 

@@ -1,0 +1,182 @@
+"""The generative model, the guide and the PerturbedVAE API (fit / predict / effects / save)."""
+import numpy as np
+import pytest
+import torch
+from pyro import poutine
+from torch.distributions import kl_divergence
+
+import pyro.distributions as dist
+from pyro_pvae import data as D
+from pyro_pvae.api import PerturbedVAE
+from pyro_pvae.baselines import Additive
+from pyro_pvae.guides import PerturbedVAEGuide, StraightThroughBernoulli
+from pyro_pvae.model import ModelConfig, PerturbedVAEModel, propagate
+from pyro_pvae.simulate import simulate, true_condition_means
+
+
+def small_modules(**kw):
+    cfg = ModelConfig(n_genes=30, n_perts=5, latent_inv=3, latent_pert=4, hidden=16, **kw)
+    guide = PerturbedVAEGuide(cfg)
+    model = PerturbedVAEModel(cfg, guide.inv_encoder)
+    guide.attach(model)
+    return cfg, model, guide
+
+
+def test_straight_through_gate_is_exactly_binary_with_gradient_and_analytic_kl():
+    logits = torch.tensor([[-1.0, 0.0, 2.0]], requires_grad=True)
+    d = StraightThroughBernoulli(logits, temperature=0.5)
+    s = d.rsample((500,))
+    assert set(s.detach().unique().tolist()) <= {0.0, 1.0}
+    # the empirical inclusion rate follows sigmoid(logits)
+    np.testing.assert_allclose(s.mean(0).detach().numpy(), torch.sigmoid(logits).detach().numpy(), atol=0.08)
+    s.sum().backward()
+    assert logits.grad is not None and torch.all(logits.grad > 0)
+    # KL(q || Bernoulli(pi)) is the closed form (TraceMeanField_ELBO uses it)
+    q, pi = torch.sigmoid(logits), torch.tensor(0.2)
+    expected = q * (q / pi).log() + (1 - q) * ((1 - q) / (1 - pi)).log()
+    torch.testing.assert_close(kl_divergence(d, dist.Bernoulli(pi)), expected)
+
+
+def test_marginal_spike_slab_prior_and_inclusion_probability():
+    from pyro_pvae.model import inclusion_probability, spike_slab_mixture
+
+    pi = torch.tensor(0.3)
+    prior = spike_slab_mixture(pi, 0.05, 2.0, (2, 3))
+    d = torch.tensor([0.0, 0.01, 1.5])
+    expected = torch.log(0.7 * dist.Normal(0, 0.05).log_prob(d).exp() + 0.3 * dist.Normal(0, 2.0).log_prob(d).exp())
+    torch.testing.assert_close(prior.log_prob(d.expand(2, 3))[0], expected)
+    pip = inclusion_probability(d, pi, 0.05, 2.0)
+    assert pip[0] < 0.05 and pip[2] > 0.99  # zero effect -> spike; a large effect -> slab
+    # the guide's PIP averages p(gate | delta) over q(delta); deterministic
+    cfg, model, guide = small_modules()
+    with torch.no_grad():
+        guide.slab_loc.zero_()
+        guide.slab_loc[0, 0] = 2.0
+    pips = guide.pip()
+    assert pips[0, 0] > 0.9 and pips[1:].max() < 0.5
+    torch.testing.assert_close(pips, guide.pip())
+
+
+def test_propagate_is_the_triangular_solve_of_i_minus_w():
+    torch.manual_seed(0)
+    W = torch.randn(5, 5).tril(-1)
+    b = torch.randn(7, 5)
+    expected = b @ torch.linalg.inv(torch.eye(5) - W).T
+    torch.testing.assert_close(propagate(b, W), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_double_shift_is_the_scaled_sum_of_its_singles():
+    _, model, _ = small_modules()
+    delta = torch.randn(5, 4)
+    u = torch.tensor([[1.0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        model.log_multi_scale.fill_(np.log(0.7))
+    s = model.shift(u, delta)
+    torch.testing.assert_close(s[0], delta[0])
+    torch.testing.assert_close(s[2], 0.7 * (delta[0] + delta[1]))
+
+
+@pytest.mark.parametrize("gate_inference", ["marginal", "straight_through"])
+def test_model_and_guide_traces_have_the_documented_sites_and_shapes(gate_inference):
+    cfg, model, guide = small_modules(gate_inference=gate_inference)
+    x = torch.poisson(torch.full((8, 30), 2.0))
+    u = torch.zeros(8, 5)
+    u[:4, 1] = 1
+    args = (x, u, x.flip(0), torch.tensor(1.0), torch.tensor(0.5))
+    g = poutine.trace(guide.guide).get_trace(*args, n_cells=100)
+    m = poutine.trace(poutine.replay(model.model, trace=g)).get_trace(*args, n_cells=100)
+    shapes = {n: tuple(s["value"].shape) for n, s in m.nodes.items() if s["type"] == "sample"}
+    assert shapes["slab"] == (5, 4) and shapes["W"] == (4, 4)
+    assert ("gate" in shapes) == (gate_inference == "straight_through")
+    assert shapes["theta"] == (30,) and shapes["x"] == (8, 30)
+    assert shapes["z_inv"] == (8, 1, 3) and shapes["eps"] == (8, 1, 4)
+    assert "alignment" in shapes
+    # cells are subsampled: the plate scales the likelihood by n_cells / batch
+    m.compute_log_prob()
+    assert m.nodes["x"]["scale"] == pytest.approx(100 / 8)
+    # without alignment there is no factor
+    cfg.alpha = 0.0
+    m0 = poutine.trace(poutine.replay(model.model, trace=g)).get_trace(*args, n_cells=100)
+    assert "alignment" not in m0.nodes
+
+
+def test_unknown_model_option_is_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match="unknown model config keys.*latnt"):
+        ModelConfig.from_dict({"latnt": 3})
+    cfg, model, guide = small_modules(decoder="linear")
+    with pytest.raises(ValueError, match="decoder must be"):
+        PerturbedVAEModel(ModelConfig(n_genes=3, n_perts=1, decoder="cubic"))
+
+
+@pytest.fixture(scope="module")
+def tiny_fit():
+    """The tiny simulation (with its non-additive pairs), fitted once for the tests below."""
+    adata = simulate("tiny", seed=0)
+    split = D.make_split(adata, "combo_seen", 0, unseen_gene_fraction=0.0, train_seen2_fraction=0.5)
+    vae = PerturbedVAE(adata, split=split, model=dict(latent_inv=4, latent_pert=4, hidden=64),
+                       train=dict(epochs=100, batch_size=64, progress=False, early_stopping_patience=100))
+    vae.fit()
+    return adata, split, vae
+
+
+def test_fit_recovers_sparse_support_above_chance(tiny_fit):
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.metrics import average_precision_score
+
+    adata, _, vae = tiny_fit
+    truth = adata.uns["truth"]
+    rows = [vae.vocabulary.index(p) for p in truth["perturbations"]]
+    pip, mean = vae.pip()[rows], vae.effects()["mean"].to_numpy().reshape(len(vae.vocabulary), -1)[rows]
+    gates = np.asarray(truth["gates"], bool)
+    corr = np.nan_to_num(np.abs(np.corrcoef(truth["delta"].T, mean.T)[:4, 4:]))
+    _, match = linear_sum_assignment(-corr)
+    auprc = average_precision_score(gates.ravel(), pip[:, match].ravel())
+    assert auprc > gates.mean() + 0.08, (auprc, gates.mean())  # chance AUPRC = base rate
+    assert 0.1 < (pip > 0.5).mean() < 0.8  # sparse, not all-on or all-off
+    assert np.median(corr[np.arange(4), match]) > 0.5  # effects recovered up to permutation
+
+
+def test_held_out_doubles_closer_to_truth_than_additive(tiny_fit):
+    adata, split, vae = tiny_fit
+    doubles = [c for c, g in split.test_groups.items() if g != "single"]
+    assert doubles
+    truth = true_condition_means(adata, doubles + [D.CONTROL], n_cells=3000, seed=1)
+    additive = Additive().fit(adata, split)
+    err_model, err_add = [], []
+    for c in doubles:
+        true_change = truth[c] - truth[D.CONTROL]
+        pred = vae.predict_change_samples(c, n_draws=20, n_cells=300, seed=0).mean(0)
+        err_model.append(np.sqrt(np.mean((pred - true_change) ** 2)))
+        err_add.append(np.sqrt(np.mean((additive.predict_change(c) - true_change) ** 2)))
+    assert np.mean(err_model) < np.mean(err_add), (err_model, err_add)
+
+
+def test_predict_returns_cells_and_clear_errors(tiny_fit):
+    adata, _, vae = tiny_fit
+    g1, g2 = vae.vocabulary[:2]
+    pred = vae.predict([g1, f"{g2}+{g1}"], n_cells=25, seed=3)
+    assert pred.n_obs == 50 and list(pred.var_names) == list(adata.var_names)
+    assert set(pred.obs["condition"]) == {g1, D.format_condition([g1, g2])}
+    X = pred.X.toarray()
+    assert np.all(X >= 0) and np.allclose(X, np.round(X))
+    lib = X.sum(1, keepdims=True)
+    np.testing.assert_allclose(pred.layers["lognorm"].toarray(), np.log1p(X / np.maximum(lib, 1) * 1e4), rtol=1e-5)
+    # deterministic in the seed
+    again = vae.predict([g1, f"{g2}+{g1}"], n_cells=25, seed=3)
+    np.testing.assert_array_equal(again.X.toarray(), X)
+    with pytest.raises(D.DataError, match=g1):
+        vae.predict([g1 + "X"], n_cells=5)
+
+
+def test_effects_table_and_save_load_round_trip(tiny_fit, tmp_path):
+    _, _, vae = tiny_fit
+    eff = vae.effects(n_draws=200)
+    assert list(eff.columns) == ["perturbation", "latent", "mean", "sd", "q05", "q95", "pip"]
+    assert len(eff) == len(vae.vocabulary) * 4 and eff.pip.between(0, 1).all()
+    assert (eff.q05 <= eff["mean"] + 1e-6).all() and (eff["mean"] <= eff.q95 + 1e-6).all()
+    path = vae.save(tmp_path / "model.pt")
+    back = PerturbedVAE.load(path)
+    np.testing.assert_allclose(back.pip(), vae.pip())
+    c = vae.vocabulary[0]
+    np.testing.assert_array_equal(back.predict([c], n_cells=10, seed=1).X.toarray(),
+                                  vae.predict([c], n_cells=10, seed=1).X.toarray())

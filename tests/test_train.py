@@ -1,0 +1,110 @@
+"""Training loop: kill-and-resume, non-finite losses, early stopping, metrics files."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pyro_pvae import data as D
+from pyro_pvae.api import PerturbedVAE
+from pyro_pvae.simulate import simulate
+from pyro_pvae.train import TrainingError
+
+REPO = Path(__file__).resolve().parents[1]
+FIT = [sys.executable, "-m", "pyro_pvae.fit", "--config", "tiny", "train.epochs=6", "train.checkpoint_every=1",
+       "train.progress=false", "model.hidden=32"]
+
+
+def run_fit(run_dir, *extra, env=None):
+    return subprocess.run(FIT + [f"output.run_dir={run_dir}", *extra], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def sim_cache(tmp_path_factory):
+    env = dict(os.environ, PYRO_PVAE_CACHE=str(tmp_path_factory.mktemp("cache")))
+    return env
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, sim_cache):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert run_fit(full, env=sim_cache).returncode == 0
+
+    proc = subprocess.Popen(FIT + [f"output.run_dir={killed}"], cwd=REPO, env=sim_cache,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "checkpoint.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=False)["epoch"] >= 1:
+            break
+        time.sleep(0.2)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before it could be killed")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    epoch_at_kill = torch.load(ckpt, weights_only=False)["epoch"]
+    assert epoch_at_kill < 5 and not (killed / "model.pt").exists()
+
+    res = run_fit(killed, "train.resume=true", env=sim_cache)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = pd.read_csv(full / "metrics.csv"), pd.read_csv(killed / "metrics.csv")
+    assert list(b.epoch) == list(range(6))
+    np.testing.assert_allclose(b.train_loss, a.train_loss, rtol=1e-5)
+    ea, eb = pd.read_csv(full / "effects.csv"), pd.read_csv(killed / "effects.csv")
+    np.testing.assert_allclose(eb.pip, ea.pip, rtol=1e-5, atol=1e-6)
+
+
+def small_vae(**train):
+    adata = simulate("tiny", seed=1)
+    return PerturbedVAE(adata, split="iid", model=dict(latent_inv=3, latent_pert=3, hidden=16),
+                        train=dict(epochs=3, batch_size=128, progress=False, **train))
+
+
+def test_non_finite_loss_names_the_step_and_term_and_keeps_the_checkpoint(tmp_path):
+    vae = small_vae(checkpoint_every=1)
+    vae.fit(run_dir=tmp_path)
+    good = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert good["epoch"] == 2
+
+    class Poison(torch.nn.Module):  # a decoder that returns NaN logits
+        def forward(self, z_inv, z_pert):
+            return torch.full((z_inv.shape[0], vae.model_config.n_genes), float("nan"))
+
+    original = PerturbedVAE._build_modules
+
+    def build_with_nan_decoder(self):
+        original(self)
+        self.module_model.decoder = Poison()
+
+    PerturbedVAE._build_modules = build_with_nan_decoder
+    try:
+        with pytest.raises(TrainingError, match=r"non-finite loss .* epoch 0, step 0: bad term\(s\) \['recon'"):
+            vae.fit(run_dir=tmp_path / "bad")
+    finally:
+        PerturbedVAE._build_modules = original
+    # the earlier run's checkpoint is intact
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == good["epoch"]
+    assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
+def test_early_stopping_stops_when_validation_does_not_improve():
+    vae = small_vae(lr=0.0, epochs=40, kl_warmup_epochs=0, early_stopping_patience=3, min_epochs=1)
+    vae.fit()
+    assert len(vae.history) == 4  # the first epoch sets the best, three more without improvement
+
+
+def test_metrics_csv_and_curves_are_written(tmp_path):
+    vae = small_vae()
+    vae.fit(run_dir=tmp_path)
+    m = pd.read_csv(tmp_path / "metrics.csv")
+    for col in ("epoch", "train_loss", "val_loss", "batch_recon", "batch_kl_local", "batch_alignment", "cells_per_s"):
+        assert col in m.columns
+    assert np.isfinite(m.train_loss).all() and m.train_loss.iloc[-1] < m.train_loss.iloc[0]
+    assert (tmp_path / "training_curves.png").stat().st_size > 1000
+    assert D.Split.from_json(tmp_path / "split.json").name == "iid"

@@ -8,14 +8,17 @@ gradients agree with Pyro's to float tolerance.
 
 What it mirrors, site by site (``s = n_cells / B`` is the subsample scale, ``w`` the KL weight):
 
-* globals, drawn in the guide's order: ``pi`` (Beta), ``gate`` (straight-through Gumbel
-  sigmoid, one ``torch.rand``), ``slab`` (Normal, the prior when the gate is off), ``W``
+* globals, drawn in the guide's order: ``pi`` (Beta), then either ``slab`` (Normal; the
+  default marginal spike-and-slab, Monte-Carlo KL to the mixture prior) or ``gate``
+  (straight-through Gumbel sigmoid, one ``torch.rand``) and ``slab`` (Normal, the prior when
+  the gate is off), then ``W``
   (Normal, masked to the strict lower triangle), ``theta`` (LogNormal); each enters with its
   analytic KL (Beta-Beta, Bernoulli-Bernoulli, Normal-Normal, Normal-Laplace masked,
   LogNormal-LogNormal), unscaled;
 * locals: ``z_inv`` and ``eps`` with analytic KL to N(0, I), scaled by ``w * s``;
 * likelihood: NB(total_count=theta, logits=log mu - log theta) summed, scaled by ``s``;
-* alignment factor ``-alpha * ||m(x) - m(x_ctrl)||^2`` for perturbed cells, scaled by ``s``.
+* alignment factor ``-alpha * penalty`` (group-mean or pairwise, as the model), scaled by ``s``;
+* the guide's eps location is measured from the paired controls' mean encoder location.
 
 ``loss = -ELBO``, one particle. ``dedupe=True`` reuses the guide's ``m(x)`` in the alignment
 factor instead of running the invariant encoder on ``x`` a second time (same value and
@@ -56,6 +59,8 @@ def plain_loss(model, guide, x, u, x_ctrl=None, kl_weight=1.0, temperature=0.5, 
         q_pi = td.Beta(softplus(g.pi_raw[0]) + 1e-3, softplus(g.pi_raw[1]) + 1e-3)
         pi = q_pi.rsample()
         kl_global = kl_global + td.kl_divergence(q_pi, td.Beta(zero + cfg.pi_prior[0], zero + cfg.pi_prior[1]))
+    slab_scale = softplus(g.slab_raw_scale) + 1e-4
+    if cfg.effect_prior == "spike_slab" and cfg.gate_inference == "straight_through":
         # straight-through Bernoulli: hard 0/1 forward, Gumbel-sigmoid gradient
         logits = g.gate_logits
         noise = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device).clamp(1e-6, 1 - 1e-6)
@@ -63,13 +68,20 @@ def plain_loss(model, guide, x, u, x_ctrl=None, kl_weight=1.0, temperature=0.5, 
         gate = (soft > 0.5).to(soft.dtype) + (soft - soft.detach())
         kl_global = kl_global + td.kl_divergence(td.Bernoulli(logits=logits),
                                                  td.Bernoulli(probs=pi.expand(P, K))).sum()
-        slab_scale = softplus(g.slab_raw_scale) + 1e-4
         q_s = td.Normal(gate * g.slab_loc, gate * slab_scale + (1 - gate) * cfg.slab_scale)
         slab = q_s.rsample()
         kl_global = kl_global + td.kl_divergence(q_s, td.Normal(zero.expand(P, K), cfg.slab_scale)).sum()
         delta = gate * slab
+    elif cfg.effect_prior == "spike_slab":
+        # gate summed out: Monte-Carlo KL to the spike/slab mixture, log q - log p at the draw
+        q_s = td.Normal(g.slab_loc, slab_scale)
+        delta = q_s.rsample()
+        mix = td.MixtureSameFamily(td.Categorical(probs=torch.stack([1 - pi, pi]).expand(P, K, 2)),
+                                   td.Normal(zero.expand(P, K, 2), torch.tensor([cfg.spike_scale, cfg.slab_scale],
+                                                                                dtype=dt, device=dev)))
+        kl_global = kl_global + (q_s.log_prob(delta) - mix.log_prob(delta)).sum()
     else:
-        q_s = td.Normal(g.slab_loc, softplus(g.slab_raw_scale) + 1e-4)
+        q_s = td.Normal(g.slab_loc, slab_scale)
         delta = q_s.rsample()
         kl_global = kl_global + td.kl_divergence(q_s, td.Normal(zero.expand(P, K), cfg.dense_scale)).sum()
     mask = g.tril_mask
@@ -91,7 +103,11 @@ def plain_loss(model, guide, x, u, x_ctrl=None, kl_weight=1.0, temperature=0.5, 
     shift = torch.where(n_t > 1, model.log_multi_scale.exp(), torch.ones_like(n_t)) * (u @ delta)
     A = torch.eye(K, dtype=dt, device=dev) - W
     z_loc, e_scale = g.pert_encoder(torch.cat([xn, u], dim=-1))
-    q_e = td.Normal(z_loc @ A.T - shift, e_scale)
+    if g.training and x_ctrl is not None:  # z_pert measured from the paired controls' mean location
+        center = g.pert_encoder(torch.cat([_lognorm(x_ctrl), torch.zeros_like(u)], -1))[0].mean(0)
+    else:
+        center = g.running_control_center
+    q_e = td.Normal((z_loc - center) @ A.T - shift, e_scale)
     eps = q_e.rsample()
     kl_local = (td.kl_divergence(q_z, td.Normal(zero, 1.0)).sum()
                 + td.kl_divergence(q_e, td.Normal(zero, 1.0)).sum())
@@ -108,8 +124,14 @@ def plain_loss(model, guide, x, u, x_ctrl=None, kl_weight=1.0, temperature=0.5, 
         enc = g.inv_encoder
         m = inv_loc if dedupe else enc(_lognorm(x))[0]
         m_ctrl = enc(_lognorm(x_ctrl))[0]
-        perturbed = (u.sum(-1) > 0).to(dt)
-        align = (-cfg.alpha * perturbed * (m - m_ctrl).pow(2).sum(-1)).sum()
+        if cfg.alignment == "pairwise":
+            perturbed = (u.sum(-1) > 0).to(dt)
+            penalty = (perturbed * (m - m_ctrl).pow(2).sum(-1)).sum()
+        else:  # group_mean
+            counts = u.sum(0)
+            group_means = (u.T @ m) / counts.clamp(min=1).unsqueeze(-1)
+            penalty = (counts * (group_means - m_ctrl.mean(0)).pow(2).sum(-1)).sum()
+        align = -cfg.alpha * penalty
 
     elbo = s * (recon + align) - kl_weight * s * kl_local - kl_global
     if return_parts:

@@ -49,7 +49,7 @@ from pyro import poutine
 from pyro.infer import Predictive
 
 from . import data as D
-from .model import lognormalize_counts
+from .model import lognormalize_counts, inclusion_probability
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,9 @@ def _temperature(vae) -> float:
 @torch.no_grad()
 def sample_globals(vae, n_draws: int) -> dict[str, torch.Tensor]:
     """``n_draws`` joint draws of the global sites from the guide (the sites the model has:
-    ``pi, gate, slab, W, theta``), each with a leading draw axis; plus ``delta``."""
+    ``pi, gate, slab, W, theta``), each with a leading draw axis; plus ``delta``. With the
+    gate summed out (``gate_inference='marginal'``) ``slab`` is the effect and gates are drawn
+    from ``p(gate | delta, pi)``."""
     g = vae.module_guide
     cfg = g.cfg
     dev = vae.device
@@ -182,8 +184,12 @@ def sample_globals(vae, n_draws: int) -> dict[str, torch.Tensor]:
             if name in tr.nodes:
                 draws.setdefault(name, []).append(tr.nodes[name]["value"].detach())
     out = {k: torch.stack(v) for k, v in draws.items()}
-    out_delta = out["gate"] * out["slab"] if "gate" in out else out["slab"]
-    return {**out, "delta": out_delta}
+    if "gate" in out:  # straight-through gates: delta = gate * slab
+        return {**out, "delta": out["gate"] * out["slab"]}
+    if cfg.effect_prior == "spike_slab":  # gate summed out: draw it from p(gate | delta, pi)
+        prob = inclusion_probability(out["slab"], out["pi"].reshape(-1, 1, 1), cfg.spike_scale, cfg.slab_scale)
+        out["gate"] = torch.bernoulli(prob)
+    return {**out, "delta": out["slab"]}
 
 
 def _guide_local_draws(guide, post: dict, S: int, args, kwargs) -> dict[str, torch.Tensor]:

@@ -276,7 +276,7 @@ class Trainer:
                 write_metrics(metrics_path, self.history)
             # early stopping on the validation loss; the best modules are restored at the end
             if math.isfinite(val) and epoch + 1 >= cfg.kl_warmup_epochs:
-                if val < self.best_val - 1e-4 * abs(self.best_val):
+                if not math.isfinite(self.best_val) or val < self.best_val - 1e-4 * abs(self.best_val):
                     self.best_val, self.bad_epochs = val, 0
                     self.best_state = {k: {n: t.detach().cpu().clone() for n, t in v.items()}
                                        for k, v in self.state_dict().items()}

@@ -45,6 +45,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     vae, hist = PD.emulate_ddp(adata, None, MODEL, TRAIN, world=2, max_steps=STEPS)
     np.testing.assert_allclose(ddp["loss"], hist["step_loss"], rtol=1e-4)
     for k, v in vae.module_guide.state_dict().items():
+        if k == "running_control_center":  # an EMA of rank-local control batches (DDP broadcasts
+            continue                        # rank 0's); it is not part of the training loss
         torch.testing.assert_close(ddp["guide"][k], v, rtol=1e-3, atol=1e-4)
 
     # (2) one ordinary process with the same global batch (64 cells, one RNG stream, its own

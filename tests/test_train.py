@@ -63,7 +63,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, sim_cache):
 def small_vae(**train):
     adata = simulate("tiny", seed=1)
     return PerturbedVAE(adata, split="iid", model=dict(latent_inv=3, latent_pert=3, hidden=16),
-                        train=dict(epochs=3, batch_size=128, progress=False, **train))
+                        train={"epochs": 3, "batch_size": 128, "progress": False, **train})
 
 
 def test_non_finite_loss_names_the_step_and_term_and_keeps_the_checkpoint(tmp_path):

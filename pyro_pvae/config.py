@@ -89,7 +89,7 @@ def compose(name: str, overrides: list[str] | None = None) -> DictConfig:
             cfg = hydra_compose(config_name=name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         msg = str(e).splitlines()[0]
-        sections = ("data", "split", "model", "train", "output")
+        sections = ("data", "split", "model", "train", "output", "benchmark")
         for ov in overrides:
             section = ov.lstrip("+~").split("=", 1)[0].split(".")[0]
             if section not in sections:
@@ -97,7 +97,7 @@ def compose(name: str, overrides: list[str] | None = None) -> DictConfig:
                                   f"{', '.join(sections)} (see --help)") from None
             key = ov.lstrip("+~").split("=", 1)[0]
             section = key.split(".")[0]
-            if ("=" in ov and not ov.startswith("+")) and section in ("data", "split", "model", "train", "output"):
+            if ("=" in ov and not ov.startswith("+")) and section in sections:
                 try:
                     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
                         base = hydra_compose(config_name=name)
@@ -163,16 +163,27 @@ def resolve_split(cfg: DictConfig, adata):
     from . import data as D
 
     name = cfg.split.name
+    kwargs = OmegaConf.to_container(cfg.split.kwargs)
     if name == "none":
         return None
-    if name == "auto":
+    auto = name == "auto"
+    if auto:
         if cfg.data.source == "norman19_subset" and not cfg.data.path:
             name = "complete_doubles"
         elif cfg.data.path and cfg.config_name == "norman":
             name = "norman_discrepancy"
         else:
             name = "combo_seen"
-    return D.make_split(adata, name, int(cfg.split.seed), **OmegaConf.to_container(cfg.split.kwargs))
+    if auto:  # the config's kwargs were written for one of the candidates: keep those that apply
+        import inspect
+
+        accepted = inspect.signature(D.SPLITS[name]).parameters
+        dropped = sorted(set(kwargs) - set(accepted))
+        if dropped:
+            log.info("split %s (auto) does not take %s; ignored", name, dropped)
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    log.info("split: %s %s", name, kwargs or "")
+    return D.make_split(adata, name, int(cfg.split.seed), **kwargs)
 
 
 def make_run_dir(cfg: DictConfig, kind: str = "fit") -> Path:

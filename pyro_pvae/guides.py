@@ -76,11 +76,11 @@ class PerturbedVAEGuide(nn.Module):
         self.pert_encoder = Encoder(G + P, K, cfg.hidden, max(cfg.n_layers, 1))
         p0 = torch.tensor(init_gate_prob)
         uses_gates = cfg.effect_prior == "spike_slab" and cfg.gate_inference == "straight_through"
-        # parameters a variant does not use are frozen (DDP requires every trained one to be used)
-        self.gate_logits = nn.Parameter(torch.full((P, K), float(p0.logit())), requires_grad=uses_gates)
+        # what a variant does not train is a buffer (DDP requires every parameter to be used)
+        self._param_or_buffer("gate_logits", torch.full((P, K), float(p0.logit())), uses_gates)
         self.slab_loc = nn.Parameter(0.1 * torch.randn(P, K))
         self.slab_raw_scale = nn.Parameter(torch.full((P, K), -2.0))
-        self.pi_raw = nn.Parameter(torch.tensor([0.0, 1.0]), requires_grad=cfg.effect_prior == "spike_slab")
+        self._param_or_buffer("pi_raw", torch.tensor([0.0, 1.0]), cfg.effect_prior == "spike_slab")
         self.w_loc = nn.Parameter(torch.zeros(K, K))
         self.w_raw_scale = nn.Parameter(torch.full((K, K), -3.0))
         self.theta_loc = nn.Parameter(torch.full((G,), 1.5))
@@ -88,6 +88,12 @@ class PerturbedVAEGuide(nn.Module):
         self.register_buffer("tril_mask", torch.ones(K, K).tril(-1))
         self.register_buffer("running_control_center", torch.zeros(K))
         self._model = [None]  # set by attach(); a list keeps it out of this module's parameters
+
+    def _param_or_buffer(self, name: str, value: torch.Tensor, trained: bool) -> None:
+        if trained:
+            setattr(self, name, nn.Parameter(value))
+        else:
+            self.register_buffer(name, value)
 
     def attach(self, model) -> "PerturbedVAEGuide":
         """Share the model's composition scale (the guide's eps location uses the same shift)."""

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +23,7 @@ from pyro import poutine
 from . import data as D
 from .guides import PerturbedVAEGuide
 from .model import ModelConfig, PerturbedVAEModel, lognormalize_counts, propagate
-from .train import Trainer, TrainConfig, atomic_torch_save, plot_training_curves, resolve_device, save_json
+from .train import Trainer, TrainConfig, atomic_torch_save, plot_training_curves, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -256,10 +255,9 @@ class PerturbedVAE:
         """Posterior means of z_inv and z_pert for cells of ``adata`` (default: the training data)."""
         adata = self.adata if adata is None else adata
         idx = np.arange(adata.n_obs) if idx is None else np.asarray(idx)
-        g, m = self.module_guide, self.module_model
+        g = self.module_guide
         cond = adata.obs["condition"].astype(str).to_numpy()[idx]
         U = self.perturbation_matrix(cond, unknown="ignore")
-        W = g.w_mean()
         z_inv, z_pert = [], []
         for start in range(0, len(idx), 4096):
             rows = idx[start:start + 4096]

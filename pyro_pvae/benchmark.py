@@ -714,26 +714,13 @@ def run(name: str, overrides: Sequence[str]):
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
-    from .config import ConfigError, parse_cli, usage
-    from .data import DataError
-    from .train import TrainingError
+    from .config import cli_main
 
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        name, overrides = parse_cli(argv, prog)
-        if name is None:
-            print(usage(prog))
-            print("\nbenchmark keys: benchmark.seeds=N (fits with train.seed 0..N-1), "
-                  "benchmark.methods=[" + ",".join(ALL_METHODS) + "], benchmark.n_pred_cells=N, "
-                  "benchmark.n_change_draws=N, benchmark.train.KEY=VALUE (train overrides for the "
-                  "benchmark's fits; explicit train.KEY=VALUE wins)")
-            return 0
-        run(name, overrides)
-    except (ConfigError, DataError, TrainingError, BenchmarkError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    extra = ("\n\nbenchmark keys: benchmark.seeds=N (fits with train.seed 0..N-1), "
+             "benchmark.methods=[" + ",".join(ALL_METHODS) + "], benchmark.n_pred_cells=N, "
+             "benchmark.n_change_draws=N, benchmark.train.KEY=VALUE (train overrides for the "
+             "benchmark's fits; explicit train.KEY=VALUE wins)")
+    return cli_main(run, argv, prog, extra, errors=(BenchmarkError,))
 
 
 if __name__ == "__main__":

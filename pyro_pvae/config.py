@@ -203,3 +203,26 @@ def make_run_dir(cfg: DictConfig, kind: str = "fit") -> Path:
         run_dir = root / (prefix + time.strftime("%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def cli_main(run, argv: list[str] | None, prog: str, extra_help: str = "",
+             errors: tuple[type[Exception], ...] = ()) -> int:
+    """Shared front door of ``python -m pyro_pvae.fit`` / ``.benchmark``: ``--config NAME``
+    plus overrides, ``--help``, and known errors as one line on stderr (exit 2), no traceback."""
+    import sys
+
+    from .data import DataError
+    from .train import TrainingError
+
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        name, overrides = parse_cli(argv, prog)
+        if name is None:
+            print(usage(prog) + extra_help)
+            return 0
+        run(name, overrides)
+    except (ConfigError, DataError, TrainingError, FileNotFoundError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -24,7 +24,7 @@ import math
 import os
 import re
 import tempfile
-from collections import Counter
+
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence

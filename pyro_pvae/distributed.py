@@ -27,7 +27,7 @@ import os
 import socket
 import sys
 import time
-from dataclasses import asdict
+
 
 import numpy as np
 import torch

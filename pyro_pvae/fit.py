@@ -48,22 +48,9 @@ def run(name: str, overrides: list[str]):
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
-    from .config import ConfigError, parse_cli, usage
-    from .data import DataError
-    from .train import TrainingError
+    from .config import cli_main
 
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        name, overrides = parse_cli(argv, prog)
-        if name is None:
-            print(usage(prog))
-            return 0
-        run(name, overrides)
-    except (ConfigError, DataError, TrainingError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(run, argv, prog)
 
 
 if __name__ == "__main__":

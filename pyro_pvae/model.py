@@ -28,7 +28,7 @@ randomly paired control cells (see :meth:`PerturbedVAEModel.alignment_penalty`).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import pyro
 import pyro.distributions as dist

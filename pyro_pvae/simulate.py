@@ -555,16 +555,7 @@ def true_condition_means(adata_or_truth, conditions: Iterable[str], n_cells: int
             Xn.data = np.log1p(Xn.data)
             out[label] = np.asarray(Xn.mean(0)).ravel()
         elif mode == "expected":
-            D, K = int(truth["n_inv_latents"]), int(truth["n_pert_latents"])
-            shift, Wc = _condition_spec(truth, label)
-            z_inv = rng.normal(size=(n_cells, D))
-            eps = rng.normal(size=(n_cells, K))
-            z_pert = solve_triangular(np.eye(K) - Wc, (eps + shift).T, lower=True).T
-            lg = _decode_logits(truth, np.hstack([z_inv, z_pert]))
-            lg -= lg.max(1, keepdims=True)
-            rho = np.exp(lg)
-            rho /= rho.sum(1, keepdims=True)
-            out[label] = np.log1p(1e4 * rho).mean(0)
+            out[label] = np.log1p(1e4 * _noiseless_proportions(truth, label, n_cells, rng)).mean(0)
         else:
             raise ValueError("mode must be 'counts' or 'expected'")
     return out
@@ -572,7 +563,12 @@ def true_condition_means(adata_or_truth, conditions: Iterable[str], n_cells: int
 
 def _expected_pseudobulk_log1p_cpm(truth, label, n_cells=2000, seed=0) -> np.ndarray:
     """log1p(CPM) of the expected pseudobulk (mean proportions x library) of a condition."""
-    rng = np.random.default_rng([seed, 104729])
+    p = _noiseless_proportions(truth, label, n_cells, np.random.default_rng([seed, 104729])).mean(0)
+    return np.log1p(1e6 * p / p.sum())
+
+
+def _noiseless_proportions(truth, label, n_cells, rng) -> np.ndarray:
+    """Gene proportions rho (n_cells x G) of fresh latent draws of a condition (no count noise)."""
     D, K = int(truth["n_inv_latents"]), int(truth["n_pert_latents"])
     shift, Wc = _condition_spec(truth, label)
     z_inv = rng.normal(size=(n_cells, D))
@@ -581,9 +577,7 @@ def _expected_pseudobulk_log1p_cpm(truth, label, n_cells=2000, seed=0) -> np.nda
     lg = _decode_logits(truth, np.hstack([z_inv, z_pert]))
     lg -= lg.max(1, keepdims=True)
     rho = np.exp(lg)
-    rho /= rho.sum(1, keepdims=True)
-    p = rho.mean(0)
-    return np.log1p(1e6 * p / p.sum())
+    return rho / rho.sum(1, keepdims=True)
 
 
 # ---------------------------------------------------------------------------------------------

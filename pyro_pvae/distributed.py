@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .train import ClampAdam, elbo_module, param_groups
+
 log = logging.getLogger(__name__)
 
 
@@ -43,42 +45,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def elbo_module(model, guide, max_plate_nesting: int = 2) -> nn.Module:
-    """``TraceMeanField_ELBO()(model.model, guide.guide)`` with the modules registered on it."""
-    from pyro.infer import TraceMeanField_ELBO
-
-    loss_module = TraceMeanField_ELBO(max_plate_nesting=max_plate_nesting)(model.model, guide.guide)
-    loss_module.add_module("pv_model", model)
-    loss_module.add_module("pv_guide", guide)
-    return loss_module
-
-
 def shard(idx, rank: int, world: int) -> np.ndarray:
     """Rank ``rank``'s share of the cells ``idx``: every ``world``-th, all shards equally long."""
     idx = np.asarray(idx)
     n = (len(idx) // world) * world
     return idx[:n][rank::world]
-
-
-class ClampAdam:
-    """torch Adam with ClippedAdam's semantics: gradients clamped element-wise to
-    [-clip, clip], learning rate multiplied by ``lrd`` after each step."""
-
-    def __init__(self, params, lr: float, clip: float, lrd: float):
-        self.params = [p for p in params if p.requires_grad]
-        fused = bool(self.params) and self.params[0].is_cuda
-        self.opt = torch.optim.Adam(self.params, lr=lr, fused=fused or None, foreach=None if fused else True)
-        self.clip, self.lrd = clip, lrd
-
-    def step(self):
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:
-            torch._foreach_clamp_min_(grads, -self.clip)
-            torch._foreach_clamp_max_(grads, self.clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        for group in self.opt.param_groups:
-            group["lr"] *= self.lrd
 
 
 def _schedules(cfg, total_steps):
@@ -114,7 +85,7 @@ def train_loop(model, guide, batchers, train_cfg, n_cells: int, device, ddp: boo
     if max_steps is not None:
         total = min(total, max_steps)
     lrd = train_cfg.lr_final_fraction ** (1.0 / max(steps_per_epoch * train_cfg.epochs, 1))
-    opt = ClampAdam(list(model.parameters()) + list(guide.parameters()), train_cfg.lr, train_cfg.clip_norm, lrd)
+    opt = ClampAdam(param_groups(model, guide, train_cfg), train_cfg.clip_norm, lrd)
     kl_weight, temperature = _schedules(train_cfg, steps_per_epoch * train_cfg.epochs)
     pyro.clear_param_store()
     pyro.enable_validation(train_cfg.validate_args)  # as Trainer (a KL weight of 0 is valid here)

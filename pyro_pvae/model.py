@@ -15,6 +15,13 @@ For perturbations p = 1..P, perturbation latents k = 1..K, cells n and genes g:
     \rho_n &= \mathrm{softmax}\big(f([z^{inv}_n, z^{pert}_n])\big),\quad \mu_{ng} = \ell_n \rho_{ng}\\
     x_{ng} &\sim \mathrm{NB}(\text{mean } \mu_{ng}, \text{inverse dispersion } \theta_g)
 
+By default (``gate_inference="marginal"``) the gate is summed out: ``delta_pk ~ (1 - pi)
+N(0, spike^2) + pi N(0, sigma_s^2)`` with a narrow Normal spike standing in for the point
+mass, so every site is continuous and reparameterised; the posterior inclusion probability
+is ``PIP_pk = E_q[p(gamma_pk = 1 | delta_pk, pi)]`` (:func:`inclusion_probability`).
+``gate_inference="straight_through"`` keeps the Bernoulli gate as a site (guide: hard
+straight-through samples, analytic Bernoulli KL).
+
 ``u_n`` is the multi-hot perturbation label, ``m_n = sum_p u_np`` the number of targets and
 ``c_m`` a learned composition scale (``c_1 = 1``; ``c_2`` lets doubles compose sub- or
 super-additively in latent space; it only moves when training contains doubles). ``l_n`` is

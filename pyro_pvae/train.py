@@ -52,6 +52,7 @@ class TrainConfig:
     init_gate_prob: float = 0.5
     seed: int = 0
     device: str = "auto"
+    engine: str = "module"  # "module" (Pyro ELBOModule + torch Adam) or "svi" (pyro.infer.SVI)
     jit: bool = False
     validate_args: bool = False
     early_stopping_patience: int = 20
@@ -116,6 +117,53 @@ def elbo_parts(model, guide, args, n_cells: int) -> dict[str, float]:
     return parts
 
 
+def elbo_module(model, guide, jit: bool = False) -> torch.nn.Module:
+    """``TraceMeanField_ELBO()(model.model, guide.guide)``: an ``nn.Module`` whose forward is the
+    differentiable -ELBO, with the model and guide registered on it (so ``.parameters()`` and
+    DistributedDataParallel see them)."""
+    elbo = JitTraceMeanField_ELBO(ignore_jit_warnings=True) if jit else TraceMeanField_ELBO()
+    loss_module = elbo(model.model, guide.guide)
+    loss_module.add_module("pv_model", model)
+    loss_module.add_module("pv_guide", guide)
+    return loss_module
+
+
+def param_groups(model, guide, cfg: "TrainConfig") -> list[dict]:
+    """The networks at ``lr``; the guide's global variational parameters (effects, DAG,
+    dispersions) at ``lr * global_lr_multiplier`` (same split as ``Trainer.optim_args_for``)."""
+    glob = [p for n, p in guide.named_parameters() if "encoder" not in n and p.requires_grad]
+    ids = {id(p) for p in glob}
+    nets = [p for p in list(model.parameters()) + list(guide.parameters()) if p.requires_grad and id(p) not in ids]
+    return [{"params": nets, "lr": cfg.lr}, {"params": glob, "lr": cfg.lr * cfg.global_lr_multiplier}]
+
+
+class ClampAdam:
+    """torch Adam with ClippedAdam's semantics: gradients clamped element-wise to
+    [-clip, clip] before the step, every learning rate multiplied by ``lrd`` after it."""
+
+    def __init__(self, groups: list[dict], clip: float, lrd: float):
+        self.params = [p for g in groups for p in g["params"]]
+        fused = bool(self.params) and self.params[0].is_cuda
+        self.opt = torch.optim.Adam(groups, fused=fused or None, foreach=None if fused else True)
+        self.clip, self.lrd = clip, lrd
+
+    def step(self):
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            torch._foreach_clamp_min_(grads, -self.clip)
+            torch._foreach_clamp_max_(grads, self.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        for group in self.opt.param_groups:
+            group["lr"] *= self.lrd
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state)
+
+
 class Trainer:
     """Runs SVI for a model/guide pair over batchers, writing into ``run_dir``."""
 
@@ -127,9 +175,15 @@ class Trainer:
         self.steps_per_epoch = max(len(train_batcher), 1)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         lrd = cfg.lr_final_fraction ** (1.0 / max(self.total_steps, 1))
-        self.optim = ClippedAdam(self.optim_args_for(cfg, lrd))
-        elbo = JitTraceMeanField_ELBO(ignore_jit_warnings=True) if cfg.jit else TraceMeanField_ELBO()
-        self.svi = SVI(model.model, guide.guide, self.optim, elbo)
+        if cfg.engine not in ("module", "svi"):
+            raise TrainingError(f"train.engine must be 'module' or 'svi', got {cfg.engine!r}")
+        if cfg.engine == "svi":
+            self.optim = ClippedAdam(self.optim_args_for(cfg, lrd))
+            elbo = JitTraceMeanField_ELBO(ignore_jit_warnings=True) if cfg.jit else TraceMeanField_ELBO()
+            self.svi = SVI(model.model, guide.guide, self.optim, elbo)
+        else:  # the same ELBO and update rule without SVI's per-step param-store bookkeeping
+            self.loss_module = elbo_module(model, guide, jit=cfg.jit)
+            self.optim = ClampAdam(param_groups(model, guide, cfg), cfg.clip_norm, lrd)
         self.history: list[dict] = []
         self.start_epoch = 0
         self.best_val = math.inf
@@ -146,6 +200,21 @@ class Trainer:
             lr = cfg.lr * (cfg.global_lr_multiplier if is_global else 1.0)
             return {"lr": lr, "clip_norm": cfg.clip_norm, "lrd": lrd}
         return args
+
+    def step(self, args) -> float:
+        """One optimisation step; returns the -ELBO estimate of the batch (full-data scale)."""
+        if self.cfg.engine == "svi":
+            return self.svi.step(*args, n_cells=self.n_cells)
+        loss = self.loss_module(*args, n_cells=self.n_cells)
+        loss.backward()
+        self.optim.step()
+        return float(loss.detach())
+
+    def evaluate_loss(self, args) -> float:
+        if self.cfg.engine == "svi":
+            return self.svi.evaluate_loss(*args, n_cells=self.n_cells)
+        with torch.no_grad():
+            return float(self.loss_module(*args, n_cells=self.n_cells))
 
     # ---- schedules -------------------------------------------------------------------
     def kl_weight(self, epoch: float) -> float:
@@ -180,7 +249,7 @@ class Trainer:
         atomic_torch_save({
             "epoch": epoch,
             "modules": self.state_dict(),
-            "optim": self.optim.get_state(),
+            "optim": self.optim.get_state() if self.cfg.engine == "svi" else self.optim.state_dict(),
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "history": self.history,
@@ -198,7 +267,10 @@ class Trainer:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         self.load_modules(ckpt["modules"])
         pyro.clear_param_store()
-        self.optim.set_state(ckpt["optim"])
+        if self.cfg.engine == "svi":
+            self.optim.set_state(ckpt["optim"])
+        else:
+            self.optim.load_state_dict(ckpt["optim"])
         torch.set_rng_state(ckpt["rng"])
         if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
@@ -221,7 +293,7 @@ class Trainer:
             for batch in self.val_batcher:
                 args = self.batch_args(batch, step, float(self.cfg.kl_warmup_epochs))
                 # scaled like the training loss: per-cell local terms + global KL / n_cells
-                total += self.svi.evaluate_loss(*args, n_cells=self.n_cells) * batch.x.shape[0] / self.n_cells
+                total += self.evaluate_loss(args) * batch.x.shape[0] / self.n_cells
                 cells += batch.x.shape[0]
         return total / max(cells, 1)
 
@@ -258,7 +330,7 @@ class Trainer:
             for i, batch in enumerate(self.train_batcher):
                 step = epoch * self.steps_per_epoch + i
                 args = self.batch_args(batch, step, epoch + i / self.steps_per_epoch)
-                loss = self.svi.step(*args, n_cells=self.n_cells)
+                loss = self.step(args)
                 self.fail_on_nonfinite(loss, batch, args, epoch, step)
                 epoch_loss += loss * batch.x.shape[0] / self.n_cells
                 cells += batch.x.shape[0]

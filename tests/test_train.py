@@ -108,3 +108,19 @@ def test_metrics_csv_and_curves_are_written(tmp_path):
     assert np.isfinite(m.train_loss).all() and m.train_loss.iloc[-1] < m.train_loss.iloc[0]
     assert (tmp_path / "training_curves.png").stat().st_size > 1000
     assert D.Split.from_json(tmp_path / "split.json").name == "iid"
+
+
+def test_module_and_svi_engines_follow_the_same_trajectory():
+    """engine=module (ELBOModule + torch Adam) is the same ELBO and update rule as pyro's SVI."""
+    losses = {}
+    for engine in ("svi", "module"):
+        vae = small_vae(engine=engine, epochs=4)
+        vae.fit()
+        losses[engine] = np.array([r["train_loss"] for r in vae.history])
+    np.testing.assert_allclose(losses["module"], losses["svi"], rtol=0.01)
+    assert losses["module"][-1] < losses["module"][0]
+
+
+def test_unknown_engine_is_refused():
+    with pytest.raises(TrainingError, match="train.engine must be 'module' or 'svi', got 'jax'"):
+        small_vae(engine="jax").fit()

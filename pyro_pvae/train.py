@@ -139,7 +139,7 @@ def param_groups(model, guide, cfg: "TrainConfig") -> list[dict]:
 
 class ClampAdam:
     """torch Adam with ClippedAdam's semantics: gradients clamped element-wise to
-    [-clip, clip] before the step, every learning rate multiplied by ``lrd`` after it."""
+    [-clip, clip], every learning rate multiplied by ``lrd`` before each step."""
 
     def __init__(self, groups: list[dict], clip: float, lrd: float):
         self.params = [p for g in groups for p in g["params"]]
@@ -148,14 +148,14 @@ class ClampAdam:
         self.clip, self.lrd = clip, lrd
 
     def step(self):
+        for group in self.opt.param_groups:  # decayed before the step, as ClippedAdam does
+            group["lr"] *= self.lrd
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads:
             torch._foreach_clamp_min_(grads, -self.clip)
             torch._foreach_clamp_max_(grads, self.clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        for group in self.opt.param_groups:
-            group["lr"] *= self.lrd
 
     def state_dict(self) -> dict:
         return self.opt.state_dict()

@@ -145,3 +145,20 @@ def test_module_and_svi_engines_take_the_same_steps():
 def test_unknown_engine_is_refused():
     with pytest.raises(TrainingError, match="train.engine must be 'module' or 'svi', got 'jax'"):
         small_vae(engine="jax").fit()
+
+
+def test_fit_streams_a_backed_h5ad(tmp_path):
+    import anndata as ad
+
+    adata = simulate("tiny", seed=2)
+    adata.uns, adata.obsm = {}, {}
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    vae = PerturbedVAE(backed, split="iid", model=dict(latent_inv=3, latent_pert=3, hidden=16),
+                       train=dict(epochs=2, batch_size=128, progress=False))
+    assert isinstance(D.make_batcher(backed, vae.split.train_idx, vae.vocabulary, vae.control_idx, 64),
+                      D.BackedBatcher)  # what fit() uses for a backed AnnData
+    vae.fit()
+    assert len(vae.history) == 2
+    assert np.isfinite([r["train_loss"] for r in vae.history]).all()
+    assert vae.predict([vae.vocabulary[0]], n_cells=5).n_obs == 5

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.plain_elbo import amp, plain_loss  # noqa: E402
-from benchmarks.throughput import TorchAdamClamp, batches_forever, build, random_adata, sync  # noqa: E402
+from benchmarks.throughput import write_csv, TorchAdamClamp, batches_forever, build, random_adata, sync  # noqa: E402
 
 
 @torch.no_grad()
@@ -101,13 +100,7 @@ def main(argv=None):
                  "diff": a2 - a, "rel_diff": (a2 - a) / abs(a)})
     for r in rows:
         print(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, args.out)
 
 
 if __name__ == "__main__":

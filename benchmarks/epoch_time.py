@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.throughput import peak_rss_mb, random_adata  # noqa: E402
+from benchmarks.throughput import write_csv, peak_rss_mb, random_adata  # noqa: E402
 
 
 def main(argv=None):
@@ -70,14 +69,8 @@ def main(argv=None):
             print(f"B={B:5d} jit={int(jit)} epoch {h['epoch']}: {h['seconds']:.2f} s/epoch, "
                   f"{h['cells_per_s']:.0f} cells/s, val -ELBO/cell {h['val_loss']:.1f}, GPU peak {gpu:.0f} MB",
                   flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    print(f"CSV: {out}")
+    write_csv(rows, args.out)
+    print(f"CSV: {args.out}")
 
 
 if __name__ == "__main__":

@@ -256,6 +256,17 @@ def parse_size(spec: str):
     return int(float(n)), int(float(g)), [int(b) for b in bs.split(",")] if bs else [512]
 
 
+def write_csv(rows: list[dict], path) -> None:
+    """Rows (dicts, keys in first-seen order) to a CSV file, creating its folder."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -330,15 +341,9 @@ def main(argv=None):
             if ref in d and "cells_per_s" in r:
                 r[f"ratio_vs_{ref}"] = d[ref] / r["cells_per_s"]  # time ratio: >1 = slower than plain
     model, _ = build(1000, args.perts, "cpu", args.hidden, args.latent)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, args.out)
     print_table(rows, args, device)
-    print(f"\nCSV: {out}")
+    print(f"\nCSV: {args.out}")
     return rows
 
 

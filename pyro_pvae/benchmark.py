@@ -473,7 +473,7 @@ def summary_text(df: pd.DataFrame, config_name: str, header: Sequence[str], mode
     cond_groups = df.drop_duplicates("condition").set_index("condition")["group"]
     counts = cond_groups.value_counts()
     small = [g for g in GROUPS if 0 < counts.get(g, 0) < 10]
-    lines += [f"Held-out conditions per group: " + ", ".join(f"{g} {counts.get(g, 0)}" for g in GROUPS
+    lines += ["Held-out conditions per group: " + ", ".join(f"{g} {counts.get(g, 0)}" for g in GROUPS
                                                           if counts.get(g, 0)) + ".",
               f"Values: mean ± sd over {n_seeds} seed(s) of the per-seed average over the group's conditions "
               "(sd blank with one seed). n/a: undefined for every condition (reason in the `note` column "
@@ -621,22 +621,17 @@ def make_plots(df: pd.DataFrame, extras: Mapping, run_dir: Path, mode: str, n_co
 
 
 # ----------------------------------------------------------------------------- command
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _atomic_csv(path: Path, df: pd.DataFrame) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
+    from .train import atomic_write
+
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def run(name: str, overrides: Sequence[str]):
     from omegaconf import OmegaConf
 
     from .config import compose, load_dataset, make_run_dir, resolve_split
+    from .train import atomic_write_text
 
     t_start = time.perf_counter()
     overrides = list(overrides)
@@ -664,7 +659,7 @@ def run(name: str, overrides: Sequence[str]):
     split = resolve_split(cfg, adata)
     run_dir = make_run_dir(cfg, "benchmark")  # only once the data and split are known to load
     log.info("run directory: %s", run_dir)
-    _atomic_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     split.to_json(run_dir / "split.json")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     train_cfg = train_settings(cfg, overrides)
@@ -704,7 +699,7 @@ def run(name: str, overrides: Sequence[str]):
         header += ["- scale: log1p(counts / total * 1e4) recomputed from counts for observed cells and "
                    "baselines alike; top-20 DE genes computed once per condition on the observed held-out "
                    "cells vs the training control cells"]
-    _atomic_text(run_dir / "summary.md", summary_text(df, name, header, mode, extras))
+    atomic_write_text(run_dir / "summary.md", summary_text(df, name, header, mode, extras))
     plots = make_plots(df, extras, run_dir, mode, int(b.get("n_plot_conditions", 4)))
     print(f"\nbenchmark of {', '.join(methods)} on {len(set(df.condition))} held-out conditions, "
           f"{seeds} seed(s), in {wall:.0f} s")

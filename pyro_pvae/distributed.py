@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .train import ClampAdam, elbo_module, param_groups
+from .train import ClampAdam, elbo_module, kl_weight_at, param_groups, temperature_at
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +50,6 @@ def shard(idx, rank: int, world: int) -> np.ndarray:
     idx = np.asarray(idx)
     n = (len(idx) // world) * world
     return idx[:n][rank::world]
-
-
-def _schedules(cfg, total_steps):
-    def kl_weight(epoch_float):
-        warm = cfg.kl_warmup_epochs
-        return cfg.kl_weight * (min(1.0, epoch_float / warm) if warm > 0 else 1.0)
-
-    def temperature(step):
-        frac = min(1.0, step / max(total_steps, 1))
-        return cfg.temperature_start * (cfg.temperature_end / cfg.temperature_start) ** frac
-    return kl_weight, temperature
 
 
 def train_loop(model, guide, batchers, train_cfg, n_cells: int, device, ddp: bool = False,
@@ -86,7 +75,7 @@ def train_loop(model, guide, batchers, train_cfg, n_cells: int, device, ddp: boo
         total = min(total, max_steps)
     lrd = train_cfg.lr_final_fraction ** (1.0 / max(steps_per_epoch * train_cfg.epochs, 1))
     opt = ClampAdam(param_groups(model, guide, train_cfg), train_cfg.clip_norm, lrd)
-    kl_weight, temperature = _schedules(train_cfg, steps_per_epoch * train_cfg.epochs)
+    schedule_steps = steps_per_epoch * train_cfg.epochs
     pyro.clear_param_store()
     pyro.enable_validation(train_cfg.validate_args)  # as Trainer (a KL weight of 0 is valid here)
     history = {"step_loss": [], "epoch": []}
@@ -101,8 +90,8 @@ def train_loop(model, guide, batchers, train_cfg, n_cells: int, device, ddp: boo
         for i in range(steps_per_epoch):
             if step >= total:
                 break
-            kl = torch.tensor(kl_weight(epoch + i / steps_per_epoch), device=device)
-            temp = torch.tensor(temperature(step), device=device)
+            kl = torch.tensor(kl_weight_at(train_cfg, epoch + i / steps_per_epoch), device=device)
+            temp = torch.tensor(temperature_at(train_cfg, step, schedule_steps), device=device)
             losses = []
             for r, it in enumerate(iters):
                 batch = next(it)

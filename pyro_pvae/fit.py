@@ -19,7 +19,7 @@ PROG = "pyro_pvae.fit"
 def run(name: str, overrides: list[str]):
     from .api import PerturbedVAE
     from .config import compose, load_dataset, make_run_dir, resolve_split
-    from .train import atomic_write_text
+    from .train import atomic_write, atomic_write_text
 
     cfg = compose(name, overrides)
     run_dir = make_run_dir(cfg, "fit")
@@ -33,8 +33,7 @@ def run(name: str, overrides: list[str]):
     vae.fit(run_dir=run_dir)
     seconds = time.perf_counter() - t0
     effects = vae.effects()
-    effects.to_csv(run_dir / "effects.csv.tmp", index=False)
-    (run_dir / "effects.csv.tmp").replace(run_dir / "effects.csv")
+    atomic_write(run_dir / "effects.csv", lambda tmp: effects.to_csv(tmp, index=False))
     last = vae.history[-1] if vae.history else {}
     print(f"\nfitted PerturbedVAE on {adata.n_obs} cells x {adata.n_vars} genes "
           f"({len(vae.vocabulary)} perturbations) in {seconds:.0f} s, {len(vae.history)} epochs; "

@@ -10,7 +10,6 @@ that a resumed run follows the same trajectory:
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -27,7 +26,6 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-GLOBAL_SITES = ("pi", "slab", "gate", "W", "theta")
 LOCAL_SITES = ("z_inv", "eps")
 
 
@@ -77,19 +75,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a kill never leaves half a file."""
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary file in the same folder, then rename: a kill never
+    leaves half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def elbo_parts(model, guide, args, n_cells: int) -> dict[str, float]:
@@ -117,6 +117,24 @@ def elbo_parts(model, guide, args, n_cells: int) -> dict[str, float]:
     return parts
 
 
+def kl_weight_at(cfg: "TrainConfig", epoch: float) -> float:
+    """KL annealing: linear warm-up from 0 to ``kl_weight`` over ``kl_warmup_epochs``."""
+    warm = cfg.kl_warmup_epochs
+    return cfg.kl_weight * (min(1.0, epoch / warm) if warm > 0 else 1.0)
+
+
+def temperature_at(cfg: "TrainConfig", step: int, total_steps: int) -> float:
+    """Gate temperature: geometric from ``temperature_start`` to ``temperature_end``."""
+    frac = min(1.0, step / max(total_steps, 1))
+    return cfg.temperature_start * (cfg.temperature_end / cfg.temperature_start) ** frac
+
+
+def is_global_param(module_name: str, param_name: str) -> bool:
+    """The guide's global variational parameters (effects, DAG, dispersions), which get
+    ``lr * global_lr_multiplier``; everything else is a network weight."""
+    return module_name == "guide" and "encoder" not in param_name
+
+
 def elbo_module(model, guide, jit: bool = False) -> torch.nn.Module:
     """``TraceMeanField_ELBO()(model.model, guide.guide)``: an ``nn.Module`` whose forward is the
     differentiable -ELBO, with the model and guide registered on it (so ``.parameters()`` and
@@ -131,7 +149,7 @@ def elbo_module(model, guide, jit: bool = False) -> torch.nn.Module:
 def param_groups(model, guide, cfg: "TrainConfig") -> list[dict]:
     """The networks at ``lr``; the guide's global variational parameters (effects, DAG,
     dispersions) at ``lr * global_lr_multiplier`` (same split as ``Trainer.optim_args_for``)."""
-    glob = [p for n, p in guide.named_parameters() if "encoder" not in n and p.requires_grad]
+    glob = [p for n, p in guide.named_parameters() if is_global_param("guide", n) and p.requires_grad]
     ids = {id(p) for p in glob}
     nets = [p for p in list(model.parameters()) + list(guide.parameters()) if p.requires_grad and id(p) not in ids]
     return [{"params": nets, "lr": cfg.lr}, {"params": glob, "lr": cfg.lr * cfg.global_lr_multiplier}]
@@ -196,8 +214,7 @@ class Trainer:
         (effects, DAG, dispersions) get ``lr * global_lr_multiplier``; they receive one noisy
         gradient per step, while the networks are shared by every cell."""
         def args(module_name: str, param_name: str) -> dict:
-            is_global = module_name == "guide" and "encoder" not in param_name
-            lr = cfg.lr * (cfg.global_lr_multiplier if is_global else 1.0)
+            lr = cfg.lr * (cfg.global_lr_multiplier if is_global_param(module_name, param_name) else 1.0)
             return {"lr": lr, "clip_norm": cfg.clip_norm, "lrd": lrd}
         return args
 
@@ -218,12 +235,10 @@ class Trainer:
 
     # ---- schedules -------------------------------------------------------------------
     def kl_weight(self, epoch: float) -> float:
-        warm = self.cfg.kl_warmup_epochs
-        return self.cfg.kl_weight * (min(1.0, epoch / warm) if warm > 0 else 1.0)
+        return kl_weight_at(self.cfg, epoch)
 
     def temperature(self, step: int) -> float:
-        frac = min(1.0, step / max(self.total_steps, 1))
-        return self.cfg.temperature_start * (self.cfg.temperature_end / self.cfg.temperature_start) ** frac
+        return temperature_at(self.cfg, step, self.total_steps)
 
     def batch_args(self, batch, step: int, epoch_float: float):
         device = batch.x.device
@@ -321,7 +336,6 @@ class Trainer:
         metrics_path = self.run_dir / "metrics.csv" if self.run_dir else None
         bar = tqdm(range(self.start_epoch, cfg.epochs), desc="PerturbedVAE", disable=not cfg.progress,
                    initial=self.start_epoch, total=cfg.epochs, unit="epoch")
-        stopped_early = False
         for epoch in bar:
             t0 = time.perf_counter()
             self.train_batcher.set_epoch(epoch)
@@ -359,12 +373,10 @@ class Trainer:
             if self.bad_epochs >= cfg.early_stopping_patience and epoch + 1 >= cfg.min_epochs:
                 log.info("early stopping at epoch %d (no validation improvement for %d epochs)", epoch, self.bad_epochs)
                 self.save_checkpoint(epoch)
-                stopped_early = True
                 break
         bar.close()
         if self.best_state is not None:
             self.load_modules(self.best_state)
-        self.stopped_early = stopped_early
         return self.history
 
 
@@ -396,7 +408,3 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
     tmp = Path(str(path) + ".tmp.png")
     fig.savefig(tmp, dpi=100)
     os.replace(tmp, path)
-
-
-def save_json(obj, path: Path) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str))

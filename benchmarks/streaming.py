@@ -1,6 +1,6 @@
 """Streaming: train through data.BackedBatcher on a large h5ad with bounded RAM.
 
-    python benchmarks/streaming.py --cells 1000000 --genes 5000 [--steps 20] [--path /tmp/big.h5ad]
+    python benchmarks/streaming.py --cells 1000000 --genes 5000 [--steps 20] [--path /tmp/big.h5ad] [--threads 1]
 
 The file is written chunk by chunk by a separate process (obs/var with anndata, X as an
 on-disk CSR group appended with h5py), so the training process's peak RSS (``ru_maxrss``)
@@ -54,10 +54,13 @@ def write(path, n_cells, n_genes, n_perts=100, density=0.1, chunk=20000):
     return nnz
 
 
-def train(path, steps, batch, device, chunk_size, buffer_chunks):
+def train(path, steps, batch, device, chunk_size, buffer_chunks, threads=None):
     import resource
 
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from benchmarks.throughput import build, make_stepper, rss_mb
     from pyro_pvae import data as D
@@ -86,7 +89,7 @@ def train(path, steps, batch, device, chunk_size, buffer_chunks):
             "buffer_chunks": buffer_chunks, "cells_per_s": (steps - 2) * batch / dt,
             "rss_before_batcher_mb": rss0, "rss_end_mb": rss_mb(),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "n_controls": len(ctrl)}
+            "n_controls": len(ctrl), "threads": torch.get_num_threads()}
 
 
 def main(argv=None):
@@ -101,6 +104,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--path", default=None)
     ap.add_argument("--phase", default="all", choices=["all", "write", "train"])
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0: torch's default")
     args = ap.parse_args(argv)
     path = args.path or f"/tmp/stream_{args.cells}x{args.genes}.h5ad"
     if args.phase == "write":
@@ -110,7 +114,8 @@ def main(argv=None):
                           "file_mb": os.path.getsize(path) / 2**20}))
         return
     if args.phase == "train":
-        print(json.dumps(train(path, args.steps, args.batch, args.device, args.chunk_size, args.buffer_chunks)))
+        print(json.dumps(train(path, args.steps, args.batch, args.device, args.chunk_size, args.buffer_chunks,
+                               args.threads)))
         return
     me = [sys.executable, __file__, "--cells", str(args.cells), "--genes", str(args.genes), "--path", path,
           "--density", str(args.density)]
@@ -118,7 +123,7 @@ def main(argv=None):
         subprocess.run(me + ["--phase", "write"], check=True)
     out = subprocess.run(me + ["--phase", "train", "--steps", str(args.steps), "--batch", str(args.batch),
                                "--device", args.device, "--chunk-size", str(args.chunk_size),
-                               "--buffer-chunks", str(args.buffer_chunks)],
+                               "--buffer-chunks", str(args.buffer_chunks), "--threads", str(args.threads)],
                          check=True, capture_output=True, text=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     nnz_mb = os.path.getsize(path) / 2**20

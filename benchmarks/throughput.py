@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py [--device cpu|cuda] [--sizes 10000x2000:64,512 ...]
                                     [--variants pyro_svi,pyro_module,plain ...] [--out CSV]
+                                    [--threads N]
 
 Each size ``CELLSxGENES:B1,B2,...`` gets a random NB-like sparse count matrix (made directly,
 not by the simulator: gene-specific detection rates, geometric counts) held by
@@ -281,7 +282,11 @@ def main(argv=None):
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="skip the remaining configurations after this many seconds")
     ap.add_argument("--out", default="benchmarks/throughput.csv")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (intra-op CPU threads); default: torch's own")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import pyro
     from pyro_pvae import data as D
 
@@ -297,7 +302,8 @@ def main(argv=None):
     rows = []
     t_start = time.perf_counter()
     dev_name = torch.cuda.get_device_name(0) if kind == "cuda" else "cpu"
-    print(f"device {dev_name}; torch {torch.__version__}; pyro {pyro.__version__}", flush=True)
+    print(f"device {dev_name}; torch {torch.__version__}; pyro {pyro.__version__}; "
+          f"{torch.get_num_threads()} CPU threads", flush=True)
     for spec in sizes:
         n, g, bss = parse_size(spec)
         t0 = time.perf_counter()

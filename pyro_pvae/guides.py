@@ -158,6 +158,8 @@ class PerturbedVAEGuide(nn.Module):
             with poutine.scale(scale=kl_weight):
                 xn = lognormalize_counts(x)
                 inv_loc, inv_scale = self.inv_encoder(xn)
+                if self.training and x_ctrl is not None and cfg.alpha > 0 and self._model[0] is not None:
+                    self._model[0].handed_inv_loc = (x, inv_loc)  # reused by the alignment factor
                 pyro.sample("z_inv", dist.Normal(inv_loc.unsqueeze(-2), inv_scale.unsqueeze(-2)).to_event(1))
                 center = self.control_center(x_ctrl, u)
                 eps_loc, eps_scale = self.eps_posterior(xn, u, W, delta, center)

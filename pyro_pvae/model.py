@@ -150,6 +150,7 @@ class PerturbedVAEModel(nn.Module):
         self.log_multi_scale = nn.Parameter(torch.zeros(()), requires_grad=cfg.learn_composition)
         # The invariant encoder's mean enters the alignment factor; it belongs to the guide.
         self._inv_encoder = [inv_encoder]  # a list keeps it out of this module's parameters
+        self.handed_inv_loc = None  # (x, m(x)) left by the guide for the alignment factor
         self.register_buffer("tril_mask", torch.ones(cfg.latent_pert, cfg.latent_pert).tril(-1))
 
     # ---- pieces shared with prediction -------------------------------------------------
@@ -177,7 +178,9 @@ class PerturbedVAEModel(nn.Module):
         i.e. the same pull on the per-perturbation means, without the pairwise form's
         between-cell variance term (which shrinks all z_inv towards a collapse)."""
         encoder = self._inv_encoder[0]  # registered with Pyro by the guide
-        m = encoder(lognormalize_counts(x))[0]
+        handed, self.handed_inv_loc = self.handed_inv_loc, None
+        # the guide, run just before on the same x, hands over m(x): no second encoder pass
+        m = handed[1] if handed is not None and handed[0] is x else encoder(lognormalize_counts(x))[0]
         m_ctrl = encoder(lognormalize_counts(x_ctrl))[0]
         if self.cfg.alignment == "pairwise":
             perturbed = (u.sum(-1) > 0).to(x.dtype)

@@ -257,6 +257,32 @@ def parse_size(spec: str):
     return int(float(n)), int(float(g)), [int(b) for b in bs.split(",")] if bs else [512]
 
 
+def summarise(per_round: list[dict]) -> list[dict]:
+    """One row per (cells, genes, batch, variant): medians over rounds of cells/s, ms/step and
+    the paired time ratios, plus the ratios' min and max; RSS peaks as their max."""
+    groups: dict = {}
+    for r in per_round:
+        groups.setdefault((r["cells"], r["genes"], r["batch"], r["variant"]), []).append(r)
+    out = []
+    for rs in groups.values():
+        ok = [r for r in rs if "cells_per_s" in r]
+        if not ok:
+            out.append({**rs[0], "rounds": 0})
+            continue
+        s = {k: v for k, v in ok[0].items() if k != "round"}
+        s["rounds"] = len(ok)
+        for k in ("cells_per_s", "ms_per_step", "loss_per_cell"):
+            s[k] = float(np.median([r[k] for r in ok]))
+        for k in ("gpu_peak_mb", "rss_mb", "peak_rss_mb"):
+            s[k] = float(np.max([r[k] for r in ok]))
+        for k in ("ratio_vs_plain", "ratio_vs_plain_bf16"):
+            v = [r[k] for r in ok if k in r]
+            if v:
+                s[k], s[k + "_min"], s[k + "_max"] = float(np.median(v)), float(np.min(v)), float(np.max(v))
+        out.append(s)
+    return out
+
+
 def write_csv(rows: list[dict], path) -> None:
     """Rows (dicts, keys in first-seen order) to a CSV file, creating its folder."""
     out = Path(path)
@@ -282,6 +308,9 @@ def main(argv=None):
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="skip the remaining configurations after this many seconds")
     ap.add_argument("--out", default="benchmarks/throughput.csv")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every (batch, variant) this many times, interleaved (odd rounds in reverse "
+                         "variant order); report medians and the median of the paired per-round ratios")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (intra-op CPU threads); default: torch's own")
     args = ap.parse_args(argv)
@@ -316,37 +345,43 @@ def main(argv=None):
               f"{time.perf_counter() - t0:.1f} s", flush=True)
         for B in bss:
             batcher = D.CellBatcher(adata, np.arange(n), vocab, ctrl, B, device=device, seed=0)
-            for v in variants:
-                if args.max_seconds and time.perf_counter() - t_start > args.max_seconds:
-                    print(f"  (time limit: skipping {v} at B={B})", flush=True)
-                    continue
-                try:
-                    r = time_variant(v, batcher, g, len(vocab), n, device, warmup, steps, args.hidden, args.latent)
-                except Exception as e:  # report, keep going
-                    r = {"variant": v, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-                r = {"device": dev_name, "cells": n, "genes": g, "batch": B, "nnz_per_cell": round(nnz, 1), **r}
-                rows.append(r)
-                if "error" in r:
-                    print(f"  B={B:5d} {v:18s} ERROR {r['error']}", flush=True)
-                else:
-                    print(f"  B={B:5d} {v:18s} {r['cells_per_s']:11.0f} cells/s {r['ms_per_step']:8.2f} ms/step "
-                          f"loss/cell {r['loss_per_cell']:10.2f} gpu {r['gpu_peak_mb']:8.0f} MB "
-                          f"rss {r['rss_mb']:6.0f} MB", flush=True)
+            for rnd in range(args.rounds):
+                # odd rounds run the variants in reverse order, so order effects cancel in the median
+                for v in (variants if rnd % 2 == 0 else variants[::-1]):
+                    if args.max_seconds and time.perf_counter() - t_start > args.max_seconds:
+                        print(f"  (time limit: skipping {v} at B={B}, round {rnd})", flush=True)
+                        continue
+                    try:
+                        r = time_variant(v, batcher, g, len(vocab), n, device, warmup, steps, args.hidden, args.latent)
+                    except Exception as e:  # report, keep going
+                        r = {"variant": v, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+                    r = {"device": dev_name, "cells": n, "genes": g, "batch": B, "nnz_per_cell": round(nnz, 1),
+                         "threads": torch.get_num_threads(), "round": rnd, **r}
+                    rows.append(r)
+                    if "error" in r:
+                        print(f"  B={B:5d} {v:18s} ERROR {r['error']}", flush=True)
+                    else:
+                        print(f"  B={B:5d} {v:18s} {r['cells_per_s']:11.0f} cells/s {r['ms_per_step']:8.2f} ms/step "
+                              f"loss/cell {r['loss_per_cell']:10.2f} gpu {r['gpu_peak_mb']:8.0f} MB "
+                              f"rss {r['rss_mb']:6.0f} MB  (round {rnd})", flush=True)
             del batcher
             if kind == "cuda":
                 torch.cuda.empty_cache()
         del adata
-    # ratios, floor
+    # ratios: paired within a round (the two variants ran back to back), then the median over rounds
     by = {}
     for r in rows:
         if "cells_per_s" in r:
-            by.setdefault((r["cells"], r["genes"], r["batch"]), {})[r["variant"]] = r["cells_per_s"]
+            by.setdefault((r["cells"], r["genes"], r["batch"], r["round"]), {})[r["variant"]] = r["cells_per_s"]
     for r in rows:
-        d = by.get((r["cells"], r["genes"], r["batch"]), {})
+        d = by.get((r["cells"], r["genes"], r["batch"], r["round"]), {})
         for ref in ("plain", "plain_bf16"):
             if ref in d and "cells_per_s" in r:
                 r[f"ratio_vs_{ref}"] = d[ref] / r["cells_per_s"]  # time ratio: >1 = slower than plain
-    model, _ = build(1000, args.perts, "cpu", args.hidden, args.latent)
+    per_round = rows
+    rows = summarise(per_round) if args.rounds > 1 else per_round
+    if args.rounds > 1:
+        write_csv(per_round, str(Path(args.out).with_suffix("")) + "_rounds.csv")
     write_csv(rows, args.out)
     print_table(rows, args, device)
     print(f"\nCSV: {args.out}")
@@ -354,15 +389,18 @@ def main(argv=None):
 
 
 def print_table(rows, args, device):
-    print("\n| cells | genes | batch | variant | cells/s | ms/step | Pyro/plain time | GPU peak MB | RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| cells | genes | batch | variant | cells/s | ms/step | Pyro/plain time | (min-max over rounds) "
+          "| GPU peak MB | RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['cells']} | {r['genes']} | {r['batch']} | {r['variant']} | error: {r['error'][:60]} | | | | |")
+            print(f"| {r['cells']} | {r['genes']} | {r['batch']} | {r['variant']} | error: {r['error'][:60]} | | | | | |")
             continue
-        ratio = r.get("ratio_vs_plain_bf16" if r["variant"].endswith("_bf16") else "ratio_vs_plain", float("nan"))
+        key = "ratio_vs_plain_bf16" if r["variant"].endswith("_bf16") else "ratio_vs_plain"
+        ratio = r.get(key, float("nan"))
+        rng = f"{r[key + '_min']:.2f}-{r[key + '_max']:.2f}" if key + "_min" in r else ""
         print(f"| {r['cells']} | {r['genes']} | {r['batch']} | {r['variant']} | {r['cells_per_s']:.0f} | "
-              f"{r['ms_per_step']:.2f} | {ratio:.2f} | {r['gpu_peak_mb']:.0f} | {r['rss_mb']:.0f} |")
+              f"{r['ms_per_step']:.2f} | {ratio:.2f} | {rng} | {r['gpu_peak_mb']:.0f} | {r['rss_mb']:.0f} |")
     # floor per gene count
     print("\nfloor (matrix FLOPs and minimal bytes per cell; H100: ~800 TFLOP/s bf16 dense, ~3.0 TB/s measured copy)")
     for g in sorted({r["genes"] for r in rows}):

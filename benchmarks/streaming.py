@@ -22,14 +22,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def write(path, n_cells, n_genes, n_perts=100, density=0.1, chunk=20000):
+def write(path, n_cells, n_genes, n_perts=100, density=0.1, chunk=20000, sort_conditions=False):
     import anndata as ad
     import h5py
     import pandas as pd
 
     from benchmarks.throughput import random_conditions, random_count_chunks
 
-    obs = pd.DataFrame({"condition": random_conditions(n_cells, n_perts)}, index=np.arange(n_cells).astype(str))
+    cond = random_conditions(n_cells, n_perts)
+    if sort_conditions:
+        # rows are i.i.d., so this only changes the layout: cells grouped by condition, the control
+        # cells one contiguous block (BackedBatcher reads the controls span by span at start-up)
+        cond = np.sort(cond.astype(str)).astype(object)
+    obs = pd.DataFrame({"condition": cond}, index=np.arange(n_cells).astype(str))
     var = pd.DataFrame(index=np.array([f"g{i}" for i in range(n_genes)], dtype=object))
     ad.AnnData(obs=obs, var=var).write_h5ad(path)
     with h5py.File(path, "a") as f:
@@ -73,8 +78,11 @@ def train(path, steps, batch, device, chunk_size, buffer_chunks, threads=None):
     vocab = sorted({t for c in np.unique(cond) for t in D.parse_condition(c)})
     ctrl = np.flatnonzero(cond == "control")
     rss0 = rss_mb()
+    t_init = time.perf_counter()
     b = D.BackedBatcher(path, np.arange(n), vocab, ctrl, batch, device=device, seed=0,
                         chunk_size=chunk_size, buffer_chunks=buffer_chunks)
+    t_init = time.perf_counter() - t_init
+    rss_batcher = rss_mb()
     model, guide = build(g, len(vocab), device)
     step = make_stepper("pyro_module", model, guide, n)
     it = iter(b)
@@ -87,7 +95,8 @@ def train(path, steps, batch, device, chunk_size, buffer_chunks, threads=None):
     dt = time.perf_counter() - t0
     return {"cells": n, "genes": g, "steps": steps, "batch": batch, "chunk_size": chunk_size,
             "buffer_chunks": buffer_chunks, "cells_per_s": (steps - 2) * batch / dt,
-            "rss_before_batcher_mb": rss0, "rss_end_mb": rss_mb(),
+            "rss_before_batcher_mb": rss0, "rss_after_batcher_init_mb": rss_batcher,
+            "batcher_init_s": t_init, "rss_end_mb": rss_mb(),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "n_controls": len(ctrl), "threads": torch.get_num_threads()}
 
@@ -105,11 +114,13 @@ def main(argv=None):
     ap.add_argument("--path", default=None)
     ap.add_argument("--phase", default="all", choices=["all", "write", "train"])
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0: torch's default")
+    ap.add_argument("--sort-conditions", action="store_true",
+                    help="write the rows grouped by condition (controls contiguous) instead of interleaved")
     args = ap.parse_args(argv)
     path = args.path or f"/tmp/stream_{args.cells}x{args.genes}.h5ad"
     if args.phase == "write":
         t0 = time.perf_counter()
-        nnz = write(path, args.cells, args.genes, density=args.density)
+        nnz = write(path, args.cells, args.genes, density=args.density, sort_conditions=args.sort_conditions)
         print(json.dumps({"written": path, "nnz": int(nnz), "seconds": time.perf_counter() - t0,
                           "file_mb": os.path.getsize(path) / 2**20}))
         return
@@ -120,7 +131,7 @@ def main(argv=None):
     me = [sys.executable, __file__, "--cells", str(args.cells), "--genes", str(args.genes), "--path", path,
           "--density", str(args.density)]
     if not os.path.exists(path):
-        subprocess.run(me + ["--phase", "write"], check=True)
+        subprocess.run(me + ["--phase", "write"] + (["--sort-conditions"] if args.sort_conditions else []), check=True)
     out = subprocess.run(me + ["--phase", "train", "--steps", str(args.steps), "--batch", str(args.batch),
                                "--device", args.device, "--chunk-size", str(args.chunk_size),
                                "--buffer-chunks", str(args.buffer_chunks), "--threads", str(args.threads)],

@@ -275,7 +275,7 @@ def summarise(per_round: list[dict]) -> list[dict]:
             s[k] = float(np.median([r[k] for r in ok]))
         for k in ("gpu_peak_mb", "rss_mb", "peak_rss_mb"):
             s[k] = float(np.max([r[k] for r in ok]))
-        for k in ("ratio_vs_plain", "ratio_vs_plain_bf16"):
+        for k in ("ratio_vs_plain", "ratio_vs_plain_dedupe", "ratio_vs_plain_bf16"):
             v = [r[k] for r in ok if k in r]
             if v:
                 s[k], s[k + "_min"], s[k + "_max"] = float(np.median(v)), float(np.min(v)), float(np.max(v))
@@ -375,7 +375,7 @@ def main(argv=None):
             by.setdefault((r["cells"], r["genes"], r["batch"], r["round"]), {})[r["variant"]] = r["cells_per_s"]
     for r in rows:
         d = by.get((r["cells"], r["genes"], r["batch"], r["round"]), {})
-        for ref in ("plain", "plain_bf16"):
+        for ref in ("plain", "plain_dedupe", "plain_bf16"):
             if ref in d and "cells_per_s" in r:
                 r[f"ratio_vs_{ref}"] = d[ref] / r["cells_per_s"]  # time ratio: >1 = slower than plain
     per_round = rows
@@ -390,17 +390,18 @@ def main(argv=None):
 
 def print_table(rows, args, device):
     print("\n| cells | genes | batch | variant | cells/s | ms/step | Pyro/plain time | (min-max over rounds) "
-          "| GPU peak MB | RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| time / plain_dedupe | GPU peak MB | RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['cells']} | {r['genes']} | {r['batch']} | {r['variant']} | error: {r['error'][:60]} | | | | | |")
+            print(f"| {r['cells']} | {r['genes']} | {r['batch']} | {r['variant']} | error: {r['error'][:60]} | | | | | | |")
             continue
         key = "ratio_vs_plain_bf16" if r["variant"].endswith("_bf16") else "ratio_vs_plain"
         ratio = r.get(key, float("nan"))
         rng = f"{r[key + '_min']:.2f}-{r[key + '_max']:.2f}" if key + "_min" in r else ""
+        dd = r.get("ratio_vs_plain_dedupe", float("nan"))
         print(f"| {r['cells']} | {r['genes']} | {r['batch']} | {r['variant']} | {r['cells_per_s']:.0f} | "
-              f"{r['ms_per_step']:.2f} | {ratio:.2f} | {rng} | {r['gpu_peak_mb']:.0f} | {r['rss_mb']:.0f} |")
+              f"{r['ms_per_step']:.2f} | {ratio:.2f} | {rng} | {dd:.2f} | {r['gpu_peak_mb']:.0f} | {r['rss_mb']:.0f} |")
     # floor per gene count
     print("\nfloor (matrix FLOPs and minimal bytes per cell; H100: ~800 TFLOP/s bf16 dense, ~3.0 TB/s measured copy)")
     for g in sorted({r["genes"] for r in rows}):

@@ -117,7 +117,7 @@ def main(argv=None):
     ap.add_argument("--sort-conditions", action="store_true",
                     help="write the rows grouped by condition (controls contiguous) instead of interleaved")
     args = ap.parse_args(argv)
-    path = args.path or f"/tmp/stream_{args.cells}x{args.genes}.h5ad"
+    path = args.path or f"/tmp/stream_{args.cells}x{args.genes}{'_sorted' if args.sort_conditions else ''}.h5ad"
     if args.phase == "write":
         t0 = time.perf_counter()
         nnz = write(path, args.cells, args.genes, density=args.density, sort_conditions=args.sort_conditions)

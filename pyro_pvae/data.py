@@ -1081,14 +1081,16 @@ class BackedBatcher:
         self._controls = torch.as_tensor(self.control_idx, device=dev)
 
     def _read_rows(self, rows: np.ndarray):
-        """CSR of the (sorted) rows, reading contiguous spans."""
-        parts = []
+        """CSR of the (sorted) rows: one read per ``chunk_size`` block of the file that holds
+        any of them (scattered rows, e.g. controls interleaved with perturbed cells, would
+        otherwise cost one disk read per contiguous run)."""
         if len(rows) == 0:
             return sp.csr_matrix((0, self.n_genes), dtype=np.float32)
-        cuts = np.flatnonzero(np.diff(rows) != 1) + 1
-        for run in np.split(rows, cuts):
-            m = self._ad.X[int(run[0]):int(run[-1]) + 1]
-            parts.append(sp.csr_matrix(m, dtype=np.float32))
+        block = rows // self.chunk_size
+        parts = []
+        for run in np.split(rows, np.flatnonzero(np.diff(block)) + 1):
+            lo, hi = int(run[0]), int(run[-1]) + 1
+            parts.append(sp.csr_matrix(self._ad.X[lo:hi], dtype=np.float32)[run - lo])
         return sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
 
     def _read_chunk(self, rows: np.ndarray):

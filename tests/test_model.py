@@ -10,7 +10,7 @@ from pyro_pvae import data as D
 from pyro_pvae.api import PerturbedVAE
 from pyro_pvae.baselines import Additive
 from pyro_pvae.guides import PerturbedVAEGuide, StraightThroughBernoulli
-from pyro_pvae.model import ModelConfig, PerturbedVAEModel, propagate
+from pyro_pvae.model import ModelConfig, PerturbedVAEModel, lognormalize_counts, propagate
 from pyro_pvae.simulate import simulate, true_condition_means
 
 
@@ -220,3 +220,59 @@ def test_alignment_reuses_the_guides_invariant_encoder_pass():
     for a, b in zip(g1, g2):  # equal up to float32 summation order
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     assert model.handed_inv_loc is None  # consumed, never kept across steps
+
+
+def test_sparse_rotation_undoes_a_rotation_of_sparse_effects():
+    """A sparse effect matrix seen through a random rotation is rotated back to itself (up to
+    signed permutation of the latents), and the L1 norm drops to the original's."""
+    from pyro_pvae.identifiability import match_effects
+    from pyro_pvae.model import sparse_rotation
+
+    rng = np.random.default_rng(0)
+    E = np.where(rng.random((20, 4)) < 0.3, rng.choice([-2.0, 2.0], (20, 4)), 0.0)
+    E[np.arange(4), np.arange(4)] = 2.0
+    Q, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    rotated = torch.tensor(E @ Q.T, dtype=torch.float32)
+    O = sparse_rotation(rotated, n_restarts=8)
+    back = (rotated @ O.T).numpy()
+    torch.testing.assert_close(O @ O.T, torch.eye(4), atol=1e-5, rtol=0)
+    assert match_effects(E, back).value > 0.99
+    assert np.abs(back).sum() == pytest.approx(np.abs(E).sum(), rel=0.02)
+    assert np.abs(E @ Q.T).sum() > 1.2 * np.abs(E).sum()  # the rotated copy really was dense
+
+
+def test_rotate_to_sparse_effects_keeps_every_posterior_mean_prediction():
+    """Re-expressing a model in the sparse basis (DAG folded into the decoder, W <- 0) leaves
+    the decoded mean of every cell and condition unchanged and rotates the latents by M."""
+    vae = PerturbedVAE(simulate("tiny", seed=0), split="iid", model=dict(latent_inv=3, latent_pert=4, hidden=16))
+    g, m = vae.module_guide, vae.module_model
+    g.eval(), m.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # arbitrary parameters, including DAG edges and a control centre
+        g.w_loc.copy_(torch.randn(4, 4) * 0.5)
+        g.slab_loc.copy_(torch.randn_like(g.slab_loc))
+        g.running_control_center.copy_(torch.randn(4))
+    x = torch.as_tensor(vae.reference_controls[:20].toarray())
+    u = torch.zeros(20, len(vae.vocabulary))
+    u[:10, 0] = 1
+    u[10:, [1, 2]] = 1
+
+    @torch.no_grad()
+    def decoded_means():
+        xn = lognormalize_counts(x)
+        W, delta = g.w_mean(), g.effect_mean()
+        eps, _ = g.eps_posterior(xn, torch.zeros_like(u), W, torch.zeros_like(delta))
+        z_pert = propagate(eps + m.shift(u, delta), W)
+        return m.gene_log_mean(g.inv_encoder(xn)[0], z_pert, x.sum(-1)), vae.latents(vae.adata, np.arange(30))["z_pert"]
+
+    before, z_before = decoded_means()
+    l1_before = g.slab_loc.abs().sum().item()
+    M = vae.rotate_to_sparse_effects(n_restarts=4)
+    after, z_after = decoded_means()
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(z_after, z_before @ M.T, atol=1e-4)
+    assert g.w_mean().abs().max() == 0
+    assert g.slab_loc.abs().sum().item() < l1_before
+    vae.model_config.gate_inference = "straight_through"
+    with pytest.raises(ValueError, match="gate_inference='marginal'"):
+        vae.rotate_to_sparse_effects()

@@ -32,7 +32,8 @@ Per fit (scores from :mod:`pyro_pvae.identifiability`):
 
 Outputs in ``--out`` (default ``analyses/results/identifiability_<grid>/``): ``results.csv``
 (one row per condition x seed x score), ``summary.md`` (mean +- sd over seeds),
-``recovery_vs_envs.png``, ``alignment.png``, ``prior.png``, ``rows/`` (per-fit CSVs: a rerun
+``recovery_vs_envs.png``, ``alignment.png``, ``prior.png``, ``rotation.png``,
+``signal.png``, ``rows/`` (per-fit CSVs: a rerun
 skips fits already done; ``--fresh`` ignores them).
 """
 from __future__ import annotations
@@ -345,6 +346,12 @@ def make_figures(df: pd.DataFrame, conds: list[dict], grid: dict, out: Path) -> 
     prior = ["base"] + [c["name"] for c in conds if c["factor"] == "prior"]
     bars(prior, ["mcc_pert", "effect_mcc", "pip_auprc", "pip_f1", "rmse_double_model"], "prior.png",
          "spike-and-slab (base) vs dense prior")
+    rotation = ["base"] + [c["name"] for c in conds if c["factor"] in ("rotation", "dag")]
+    bars(rotation, ["mcc_pert", "r2_pert", "effect_mcc", "pip_auprc", "pip_f1"], "rotation.png",
+         "sparse rotation (base) vs as fitted; true DAG without edges")
+    signal = ["base"] + [c["name"] for c in conds if c["factor"] in ("signal", "model_capacity", "training")]
+    bars(signal, ["mcc_pert", "r2_inv", "r2_inv_all", "leak_inv_from_pert", "leak_pert_from_inv"], "signal.png",
+         "signal strength, z_inv capacity and training length")
     return paths
 
 

@@ -325,7 +325,7 @@ def make_figures(df: pd.DataFrame, conds: list[dict], grid: dict, out: Path) -> 
         names = [n for n in names if n in set(df.condition)]
         if len(names) < 1:
             return
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = plt.subplots(figsize=(8.5, 3.5))
         w = 0.8 / len(names)
         for i, n in enumerate(names):
             ms = [df[(df.condition == n) & (df.score == sc)]["value"].mean() for sc in scores]
@@ -334,7 +334,7 @@ def make_figures(df: pd.DataFrame, conds: list[dict], grid: dict, out: Path) -> 
                    label=f"{n} ({meta[n]['level']})" if n in meta else n)
         ax.set_xticks(np.arange(len(scores)) + 0.4 - w / 2, scores, rotation=30, ha="right", fontsize=8)
         ax.set_title(title)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         paths.append(out / fname)
         fig.savefig(paths[-1], dpi=120)

@@ -286,7 +286,8 @@ class PerturbedVAE:
         return self.module_guide.pip().detach().cpu().numpy()
 
     def dag(self) -> np.ndarray:
-        """Posterior mean of the latent DAG weights W (strictly lower triangular)."""
+        """Posterior mean of the latent DAG weights W (strictly lower triangular; zero after
+        :meth:`rotate_to_sparse_effects`, which folds the DAG into the decoder)."""
         return self.module_guide.w_mean().detach().cpu().numpy()
 
     @torch.no_grad()

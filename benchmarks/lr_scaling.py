@@ -1,6 +1,7 @@
 """Large batches with a learning-rate rule: final ELBO and held-out -ELBO vs batch size.
 
     python benchmarks/lr_scaling.py [--batches 32,128,512] [--rules const,sqrt,linear] [--epochs 15]
+                                    [--min-steps 440]   # same number of steps at every batch size
 
 Simulated 'tiny' data, 20% of cells held out. Same number of epochs for every batch size (so
 a larger batch takes fewer steps); lr = base_lr * rule(B / base_batch) with rule const (1),
@@ -33,6 +34,8 @@ def main(argv=None):
     ap.add_argument("--batches", default="32,128,512")
     ap.add_argument("--rules", default="const,sqrt,linear")
     ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--min-steps", type=int, default=0,
+                    help="train each batch size for at least this many steps (epochs raised to fit)")
     ap.add_argument("--base-lr", type=float, default=3e-3)
     ap.add_argument("--base-batch", type=int, default=128)
     ap.add_argument("--out", default="benchmarks/lr_scaling.csv")
@@ -60,10 +63,11 @@ def main(argv=None):
             model, guide = build(adata.n_vars, len(vocab), "cpu", hidden=64, latent=4)
             opt = TorchAdamClamp(list(model.parameters()) + list(guide.parameters()), lr)
             tb = D.CellBatcher(adata, train_idx, vocab, ctrl, B, seed=0)
-            steps = len(tb) * args.epochs
+            epochs = max(args.epochs, math.ceil(args.min_steps / max(len(tb), 1)))
+            steps = len(tb) * epochs
             pyro.set_rng_seed(0)
             t0, s, last = time.perf_counter(), 0, []
-            for e in range(args.epochs):
+            for e in range(epochs):
                 tb.set_epoch(e)
                 for b in tb:
                     kl = min(1.0, s / max(1, steps // 3))
@@ -71,10 +75,10 @@ def main(argv=None):
                     loss = plain_loss(model, guide, b.x, b.u, b.x_ctrl, kl, temp, n_cells=N)
                     loss.backward()
                     opt.step()
-                    if e == args.epochs - 1:
+                    if e == epochs - 1:
                         last.append(float(loss) / N)
                     s += 1
-            r = {"batch": B, "rule": rule, "lr": lr, "steps": steps, "train_loss_last_epoch": float(np.mean(last)),
+            r = {"batch": B, "rule": rule, "lr": lr, "epochs": epochs, "steps": steps, "train_loss_last_epoch": float(np.mean(last)),
                  "heldout_loss": heldout(model, guide, val, N), "seconds": time.perf_counter() - t0}
             rows.append(r)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
@@ -83,9 +87,9 @@ def main(argv=None):
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    print("\n| batch | rule | lr | steps | train -ELBO/cell (last epoch) | held-out -ELBO/cell |\n|---|---|---|---|---|---|")
+    print("\n| batch | rule | lr | epochs | steps | train -ELBO/cell (last epoch) | held-out -ELBO/cell |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['rule']} | {r['lr']:.2g} | {r['steps']} | {r['train_loss_last_epoch']:.2f} | "
+        print(f"| {r['batch']} | {r['rule']} | {r['lr']:.2g} | {r['epochs']} | {r['steps']} | {r['train_loss_last_epoch']:.2f} | "
               f"{r['heldout_loss']:.2f} |")
 
 

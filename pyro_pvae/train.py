@@ -40,6 +40,8 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 256
     lr: float = 3e-3
+    lr_batch_rule: str = "none"  # "none" | "sqrt" | "linear": lr * rule(batch_size / lr_base_batch)
+    lr_base_batch: int = 256
     lr_final_fraction: float = 0.1
     global_lr_multiplier: float = 10.0
     clip_norm: float = 10.0
@@ -64,7 +66,18 @@ class TrainConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown train config keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
+        cfg = cls(**d)
+        if cfg.lr_batch_rule not in ("none", "sqrt", "linear"):
+            raise ValueError(f"train.lr_batch_rule must be 'none', 'sqrt' or 'linear', got {cfg.lr_batch_rule!r}")
+        return cfg
+
+    @property
+    def batch_lr(self) -> float:
+        """The networks' learning rate for this batch size: ``lr * rule(batch_size / lr_base_batch)``
+        (benchmarks/lr_scaling.py: with as many steps as at the base batch, the sqrt rule keeps the
+        held-out ELBO up to a batch of 2048; a larger batch also needs more epochs)."""
+        ratio = self.batch_size / max(self.lr_base_batch, 1)
+        return self.lr * {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[self.lr_batch_rule]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -152,7 +165,7 @@ def param_groups(model, guide, cfg: "TrainConfig") -> list[dict]:
     glob = [p for n, p in guide.named_parameters() if is_global_param("guide", n) and p.requires_grad]
     ids = {id(p) for p in glob}
     nets = [p for p in list(model.parameters()) + list(guide.parameters()) if p.requires_grad and id(p) not in ids]
-    return [{"params": nets, "lr": cfg.lr}, {"params": glob, "lr": cfg.lr * cfg.global_lr_multiplier}]
+    return [{"params": nets, "lr": cfg.batch_lr}, {"params": glob, "lr": cfg.batch_lr * cfg.global_lr_multiplier}]
 
 
 class ClampAdam:
@@ -214,7 +227,7 @@ class Trainer:
         (effects, DAG, dispersions) get ``lr * global_lr_multiplier``; they receive one noisy
         gradient per step, while the networks are shared by every cell."""
         def args(module_name: str, param_name: str) -> dict:
-            lr = cfg.lr * (cfg.global_lr_multiplier if is_global_param(module_name, param_name) else 1.0)
+            lr = cfg.batch_lr * (cfg.global_lr_multiplier if is_global_param(module_name, param_name) else 1.0)
             return {"lr": lr, "clip_norm": cfg.clip_norm, "lrd": lrd}
         return args
 

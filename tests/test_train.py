@@ -162,3 +162,18 @@ def test_fit_streams_a_backed_h5ad(tmp_path):
     assert len(vae.history) == 2
     assert np.isfinite([r["train_loss"] for r in vae.history]).all()
     assert vae.predict([vae.vocabulary[0]], n_cells=5).n_obs == 5
+
+
+def test_learning_rate_rule_for_large_batches():
+    from pyro_pvae.train import TrainConfig, param_groups
+
+    base = dict(lr=1e-3, lr_base_batch=256, batch_size=1024)
+    assert TrainConfig.from_dict(base).batch_lr == pytest.approx(1e-3)  # rule "none" by default
+    assert TrainConfig.from_dict({**base, "lr_batch_rule": "sqrt"}).batch_lr == pytest.approx(2e-3)
+    cfg = TrainConfig.from_dict({**base, "lr_batch_rule": "linear", "global_lr_multiplier": 10.0})
+    assert cfg.batch_lr == pytest.approx(4e-3)
+    vae = small_vae()
+    groups = param_groups(vae.module_model, vae.module_guide, cfg)
+    assert [g["lr"] for g in groups] == pytest.approx([4e-3, 4e-2])
+    with pytest.raises(ValueError, match="lr_batch_rule must be"):
+        TrainConfig.from_dict({**base, "lr_batch_rule": "cubic"})

@@ -118,13 +118,23 @@ class PerturbedVAE:
                  train_b.n_cells, self.adata.n_vars, len(self.vocabulary), device)
         self.history = trainer.fit()
         self.module_model.eval(), self.module_guide.eval()
-        if self.model_config.sparse_rotation:
-            self.rotate_to_sparse_effects()
+        self._rotate_if_configured()
         if run_dir is not None:
             self.save(run_dir / "model.pt")
             if self.history:
                 plot_training_curves(self.history, run_dir / "training_curves.png")
         return self
+
+    def _rotate_if_configured(self) -> None:
+        """``model.sparse_rotation``: rotate after a fit (skipped, with a warning, for
+        straight-through gates, whose basis is fixed by the fitted gates)."""
+        cfg = self.model_config
+        if not cfg.sparse_rotation:
+            return
+        if cfg.effect_prior == "spike_slab" and cfg.gate_inference == "straight_through":
+            log.warning("model.sparse_rotation is ignored with gate_inference='straight_through'")
+            return
+        self.rotate_to_sparse_effects()
 
     @torch.no_grad()
     def rotate_to_sparse_effects(self, n_restarts: int = 16) -> np.ndarray:

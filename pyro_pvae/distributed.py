@@ -224,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         run_dir = make_run_dir(cfg, "ddp")
         write_metrics(run_dir / "metrics.csv", history["epoch"])
-        if vae.model_config.sparse_rotation:  # as PerturbedVAE.fit does
-            vae.rotate_to_sparse_effects()
+        vae._rotate_if_configured()  # as PerturbedVAE.fit does
         vae.save(run_dir / "model.pt")
         print(f"DDP on {world} process(es): {len(history['epoch'])} epochs in {time.perf_counter() - t0:.0f} s; "
               f"final train -ELBO/cell {history['epoch'][-1]['train_loss']:.2f}; outputs in {run_dir}/")

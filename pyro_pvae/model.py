@@ -67,7 +67,7 @@ class ModelConfig:
     alpha: float = 20.0  # alignment weight; 0 turns it off
     alignment: str = "group_mean"  # "group_mean" or "pairwise" (see alignment_penalty)
     learn_composition: bool = True
-    sparse_rotation: bool = False  # after fit: rotate z_pert to the sparsest effects (sparse_rotation())
+    sparse_rotation: bool = True  # after fit: rotate z_pert to the sparsest effects (sparse_rotation())
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

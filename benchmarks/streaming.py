@@ -32,7 +32,7 @@ def write(path, n_cells, n_genes, n_perts=100, density=0.1, chunk=20000, sort_co
     cond = random_conditions(n_cells, n_perts)
     if sort_conditions:
         # rows are i.i.d., so this only changes the layout: cells grouped by condition, the control
-        # cells one contiguous block (BackedBatcher reads the controls span by span at start-up)
+        # cells one contiguous block (before 62c2a22 BackedBatcher read the controls run by run)
         cond = np.sort(cond.astype(str)).astype(object)
     obs = pd.DataFrame({"condition": cond}, index=np.arange(n_cells).astype(str))
     var = pd.DataFrame(index=np.array([f"g{i}" for i in range(n_genes)], dtype=object))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.throughput import summarise  # noqa: E402
+from benchmarks.throughput import add_paired_ratios, summarise  # noqa: E402
 
 NUM = ("cells", "genes", "batch", "round", "threads", "cells_per_s", "ms_per_step", "loss_per_cell",
        "gpu_peak_mb", "rss_mb", "peak_rss_mb", "nnz_per_cell")
@@ -23,25 +23,16 @@ NUM = ("cells", "genes", "batch", "round", "threads", "cells_per_s", "ms_per_ste
 
 def load(path):
     with open(path) as fh:
-        rows = list(csv.DictReader(fh))
+        rows = [{k: v for k, v in r.items() if v not in (None, "")} for r in csv.DictReader(fh)]
     for r in rows:
         for k in NUM:
-            if r.get(k) not in (None, ""):
+            if k in r:
                 r[k] = float(r[k]) if k not in ("cells", "genes", "batch", "round", "threads") else int(float(r[k]))
         for k in [k for k in r if k.startswith("ratio_vs_")]:
             del r[k]
-        if r.get("error") in ("", None):
-            r.pop("error", None)
-    # paired ratios, recomputed (older CSVs have no ratio against plain_dedupe)
-    by = {}
-    for r in rows:
-        if "error" not in r:
-            by.setdefault((r["cells"], r["genes"], r["batch"], r["round"]), {})[r["variant"]] = r["cells_per_s"]
-    for r in rows:
-        d = by.get((r["cells"], r["genes"], r["batch"], r["round"]), {})
-        for ref in ("plain", "plain_dedupe"):
-            if ref in d and "error" not in r:
-                r[f"ratio_vs_{ref}"] = d[ref] / r["cells_per_s"]
+        if "error" in r:
+            r.pop("cells_per_s", None)
+    add_paired_ratios(rows, ("plain", "plain_dedupe"))  # recomputed: older CSVs lack plain_dedupe
     return rows
 
 

@@ -257,6 +257,20 @@ def parse_size(spec: str):
     return int(float(n)), int(float(g)), [int(b) for b in bs.split(",")] if bs else [512]
 
 
+def add_paired_ratios(rows: list[dict], refs=("plain", "plain_dedupe", "plain_bf16")) -> None:
+    """``ratio_vs_<ref>`` = time of the row's variant / time of ``ref`` in the same round and
+    configuration (>1: slower than the reference); rows without ``cells_per_s`` (errors) get none."""
+    by = {}
+    for r in rows:
+        if "cells_per_s" in r:
+            by.setdefault((r["cells"], r["genes"], r["batch"], r["round"]), {})[r["variant"]] = r["cells_per_s"]
+    for r in rows:
+        d = by.get((r["cells"], r["genes"], r["batch"], r["round"]), {})
+        for ref in refs:
+            if ref in d and "cells_per_s" in r:
+                r[f"ratio_vs_{ref}"] = d[ref] / r["cells_per_s"]
+
+
 def summarise(per_round: list[dict]) -> list[dict]:
     """One row per (cells, genes, batch, variant): medians over rounds of cells/s, ms/step and
     the paired time ratios, plus the ratios' min and max; RSS peaks as their max."""
@@ -369,15 +383,7 @@ def main(argv=None):
                 torch.cuda.empty_cache()
         del adata
     # ratios: paired within a round (the two variants ran back to back), then the median over rounds
-    by = {}
-    for r in rows:
-        if "cells_per_s" in r:
-            by.setdefault((r["cells"], r["genes"], r["batch"], r["round"]), {})[r["variant"]] = r["cells_per_s"]
-    for r in rows:
-        d = by.get((r["cells"], r["genes"], r["batch"], r["round"]), {})
-        for ref in ("plain", "plain_dedupe", "plain_bf16"):
-            if ref in d and "cells_per_s" in r:
-                r[f"ratio_vs_{ref}"] = d[ref] / r["cells_per_s"]  # time ratio: >1 = slower than plain
+    add_paired_ratios(rows)
     per_round = rows
     rows = summarise(per_round) if args.rounds > 1 else per_round
     if args.rounds > 1:

@@ -131,7 +131,7 @@ class PerturbedVAE:
         cfg = self.model_config
         if not cfg.sparse_rotation:
             return
-        if cfg.effect_prior == "spike_slab" and cfg.gate_inference == "straight_through":
+        if cfg.gate_sites:
             log.warning("model.sparse_rotation is ignored with gate_inference='straight_through'")
             return
         self.rotate_to_sparse_effects()
@@ -151,7 +151,7 @@ class PerturbedVAE:
         the diagonal of the rotated covariance (``eps``: left as fitted). Returns ``M``.
         Only for the marginal spike-and-slab and the dense prior (not straight-through gates)."""
         cfg, g, m = self.model_config, self.module_guide, self.module_model
-        if cfg.effect_prior == "spike_slab" and cfg.gate_inference == "straight_through":
+        if cfg.gate_sites:
             raise ValueError("rotate_to_sparse_effects needs model.gate_inference='marginal' (or the dense prior): "
                              "straight-through gates are tied to the fitted basis")
         K, Dinv = cfg.latent_pert, cfg.latent_inv
@@ -165,12 +165,13 @@ class PerturbedVAE:
         last.bias[:K] = M @ last.bias[:K]
         g.running_control_center.copy_(M @ g.running_control_center)
         sd = torch.nn.functional.softplus(g.slab_raw_scale) + 1e-4
+        l1_before = float(g.slab_loc.abs().sum())
         g.slab_loc.copy_(g.slab_loc @ O.T)
         new_sd = ((sd ** 2) @ (O ** 2).T).sqrt()
         g.slab_raw_scale.copy_(torch.log(torch.expm1((new_sd - 1e-4).clamp(min=1e-6))))
         g.w_loc.zero_()
         log.info("rotated z_pert to the sparsest effects: sum |delta| %.2f -> %.2f",
-                 float((g.slab_loc @ O).abs().sum()), float(g.slab_loc.abs().sum()))
+                 l1_before, float(g.slab_loc.abs().sum()))
         return M.cpu().numpy()
 
     # ---- posterior draws of the global sites ---------------------------------------------
@@ -190,7 +191,7 @@ class PerturbedVAE:
         g = self.module_guide
         sd = torch.nn.functional.softplus
         slab = pyro.sample("slab_", pyro.distributions.Normal(g.slab_loc, sd(g.slab_raw_scale) + 1e-4))
-        if g.cfg.effect_prior == "spike_slab" and g.cfg.gate_inference == "straight_through":
+        if g.cfg.gate_sites:
             slab = pyro.sample("gate_", pyro.distributions.Bernoulli(g.pip())) * slab
         pyro.deterministic("delta", slab)
         W = pyro.sample("W_", pyro.distributions.Normal(g.w_loc, sd(g.w_raw_scale) + 1e-4))

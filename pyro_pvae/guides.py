@@ -75,9 +75,8 @@ class PerturbedVAEGuide(nn.Module):
         self.inv_encoder = Encoder(G, cfg.latent_inv, cfg.hidden, max(cfg.n_layers, 1))
         self.pert_encoder = Encoder(G + P, K, cfg.hidden, max(cfg.n_layers, 1))
         p0 = torch.tensor(init_gate_prob)
-        uses_gates = cfg.effect_prior == "spike_slab" and cfg.gate_inference == "straight_through"
         # what a variant does not train is a buffer (DDP requires every parameter to be used)
-        self._param_or_buffer("gate_logits", torch.full((P, K), float(p0.logit())), uses_gates)
+        self._param_or_buffer("gate_logits", torch.full((P, K), float(p0.logit())), cfg.gate_sites)
         self.slab_loc = nn.Parameter(0.1 * torch.randn(P, K))
         self.slab_raw_scale = nn.Parameter(torch.full((P, K), -2.0))
         self._param_or_buffer("pi_raw", torch.tensor([0.0, 1.0]), cfg.effect_prior == "spike_slab")
@@ -121,7 +120,7 @@ class PerturbedVAEGuide(nn.Module):
 
     def effect_mean(self) -> torch.Tensor:
         """Posterior mean of delta (straight-through: PIP * E[slab])."""
-        if self.cfg.effect_prior == "spike_slab" and self.cfg.gate_inference == "straight_through":
+        if self.cfg.gate_sites:
             return self.pip() * self.slab_loc
         return self.slab_loc
 
@@ -138,7 +137,7 @@ class PerturbedVAEGuide(nn.Module):
             pyro.sample("pi", dist.Beta(softplus(self.pi_raw[0]) + 1e-3, softplus(self.pi_raw[1]) + 1e-3))
         with pyro.plate("perts", P, dim=-2), pyro.plate("pert_latents", K, dim=-1):
             slab_scale = softplus(self.slab_raw_scale) + 1e-4
-            if cfg.effect_prior == "spike_slab" and cfg.gate_inference == "straight_through":
+            if cfg.gate_sites:
                 gate = pyro.sample("gate", StraightThroughBernoulli(self.gate_logits, temperature))
                 # q(s | gate): the fitted Normal when the gate is on, the prior when it is off, so
                 # an effect pays the slab's KL only when it is included (Occam's razor).

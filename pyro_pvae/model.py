@@ -81,6 +81,12 @@ class ModelConfig:
                 d[key] = tuple(d[key])
         return cls(**d)
 
+    @property
+    def gate_sites(self) -> bool:
+        """True when the Bernoulli gate is a sample site (spike-and-slab with straight-through
+        gates); False when it is summed out or the prior is dense."""
+        return self.effect_prior == "spike_slab" and self.gate_inference == "straight_through"
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["pi_prior"], d["theta_prior"] = list(self.pi_prior), list(self.theta_prior)

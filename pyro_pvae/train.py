@@ -160,8 +160,8 @@ def elbo_module(model, guide, jit: bool = False) -> torch.nn.Module:
 
 
 def param_groups(model, guide, cfg: "TrainConfig") -> list[dict]:
-    """The networks at ``lr``; the guide's global variational parameters (effects, DAG,
-    dispersions) at ``lr * global_lr_multiplier`` (same split as ``Trainer.optim_args_for``)."""
+    """The networks at ``cfg.batch_lr``; the guide's global variational parameters (effects,
+    DAG, dispersions) at ``batch_lr * global_lr_multiplier`` (same split as ``Trainer.optim_args_for``)."""
     glob = [p for n, p in guide.named_parameters() if is_global_param("guide", n) and p.requires_grad]
     ids = {id(p) for p in glob}
     nets = [p for p in list(model.parameters()) + list(guide.parameters()) if p.requires_grad and id(p) not in ids]
@@ -418,6 +418,4 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
             axes[1].plot(epochs, [r[key] for r in history], label=key.replace("batch_", ""))
     axes[1].set_xlabel("epoch"), axes[1].set_ylabel("per cell"), axes[1].legend()
     fig.tight_layout()
-    tmp = Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

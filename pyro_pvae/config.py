@@ -112,9 +112,24 @@ def compose(name: str, overrides: list[str] | None = None) -> DictConfig:
                 except Exception:
                     pass
         raise ConfigError(f"could not compose config {name!r} with overrides {overrides}: {msg}") from None
+    _check_values(cfg)
     with open_dict(cfg):
         cfg.config_name = name
     return cfg
+
+
+def _check_values(cfg: DictConfig) -> None:
+    """Model and train values are checked here, before any data are loaded or a run
+    directory is made: ``ModelConfig`` / ``TrainConfig`` reject bad values with one line."""
+    from .model import ModelConfig
+    from .train import TrainConfig
+
+    for section, kind in (("model", ModelConfig), ("train", TrainConfig)):
+        if section in cfg:
+            try:
+                kind.from_dict(OmegaConf.to_container(cfg[section], resolve=True))
+            except (ValueError, TypeError) as e:
+                raise ConfigError(str(e)) from None
 
 
 # ---- what a config describes -------------------------------------------------------------

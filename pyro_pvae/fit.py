@@ -22,11 +22,11 @@ def run(name: str, overrides: list[str]):
     from .train import atomic_write, atomic_write_text
 
     cfg = compose(name, overrides)
-    run_dir = make_run_dir(cfg, "fit")
-    logging.getLogger("pyro_pvae").info("run directory: %s", run_dir)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     adata = load_dataset(cfg)
     split = resolve_split(cfg, adata)
+    run_dir = make_run_dir(cfg, "fit")  # only once the data and split are known to load (as benchmark)
+    logging.getLogger("pyro_pvae").info("run directory: %s", run_dir)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     t0 = time.perf_counter()
     vae = PerturbedVAE(adata, split=split, model=OmegaConf.to_container(cfg.model, resolve=True),
                        train=OmegaConf.to_container(cfg.train, resolve=True))

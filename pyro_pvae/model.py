@@ -69,6 +69,16 @@ class ModelConfig:
     learn_composition: bool = True
     sparse_rotation: bool = True  # after fit: rotate z_pert to the sparsest effects (sparse_rotation())
 
+    #: allowed values of the string options (a typo would otherwise select a fallback branch)
+    CHOICES = {"decoder": ("nonlinear", "linear"), "effect_prior": ("spike_slab", "dense"),
+               "likelihood": ("nb", "poisson"), "gate_inference": ("marginal", "straight_through"),
+               "alignment": ("group_mean", "pairwise")}
+
+    def __post_init__(self):
+        for key, allowed in self.CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.{key} must be {' or '.join(map(repr, allowed))}, got {getattr(self, key)!r}")
+
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         known = {f for f in cls.__dataclass_fields__}

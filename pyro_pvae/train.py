@@ -69,6 +69,8 @@ class TrainConfig:
         cfg = cls(**d)
         if cfg.lr_batch_rule not in ("none", "sqrt", "linear"):
             raise ValueError(f"train.lr_batch_rule must be 'none', 'sqrt' or 'linear', got {cfg.lr_batch_rule!r}")
+        if cfg.lr_base_batch < 1:
+            raise ValueError(f"train.lr_base_batch must be a positive batch size, got {cfg.lr_base_batch}")
         return cfg
 
     @property
@@ -76,7 +78,7 @@ class TrainConfig:
         """The networks' learning rate for this batch size: ``lr * rule(batch_size / lr_base_batch)``
         (benchmarks/lr_scaling.py: with as many steps as at the base batch, the sqrt rule keeps the
         held-out ELBO up to a batch of 2048; a larger batch also needs more epochs)."""
-        ratio = self.batch_size / max(self.lr_base_batch, 1)
+        ratio = self.batch_size / self.lr_base_batch
         return self.lr * {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[self.lr_batch_rule]
 
 

@@ -23,11 +23,17 @@ def test_help_lists_configs_and_main_keys(capsys):
     (["--config", "norman", "modl.hidden=3"], "unknown config section 'modl'"),
     ([], "missing --config NAME"),
     (["--config", "norman", "data.path=/nonexistent/file.h5ad"], "does not exist"),
+    (["--config", "norman", "model.likelihood=poison"], "model.likelihood must be 'nb' or 'poisson', got 'poison'"),
+    (["--config", "norman", "model.gate_inference=straight"], "model.gate_inference must be 'marginal' or "),
+    (["--config", "norman", "train.lr_batch_rule=cubic"], "train.lr_batch_rule must be 'none', 'sqrt' or 'linear'"),
+    (["--config", "norman", "train.lr_base_batch=0"], "train.lr_base_batch must be a positive batch size, got 0"),
 ])
-def test_bad_invocations_fail_with_a_clear_message(capsys, argv, message):
+def test_bad_invocations_fail_with_a_clear_message(capsys, argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written for a bad invocation (no run directory)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_paper_preset_has_the_paper_sizes():

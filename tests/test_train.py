@@ -177,3 +177,5 @@ def test_learning_rate_rule_for_large_batches():
     assert [g["lr"] for g in groups] == pytest.approx([4e-3, 4e-2])
     with pytest.raises(ValueError, match="lr_batch_rule must be"):
         TrainConfig.from_dict({**base, "lr_batch_rule": "cubic"})
+    with pytest.raises(ValueError, match="lr_base_batch must be a positive batch size, got 0"):
+        TrainConfig.from_dict({**base, "lr_base_batch": 0})

@@ -120,7 +120,8 @@ def random_adata(n_cells, n_genes, n_perts=100, density=0.15, seed=0):
 
 def build(n_genes, n_perts, device, hidden=128, latent=10, seed=0, **model_kw):
     from pyro_pvae.guides import PerturbedVAEGuide
-    from pyro_pvae.model import ModelConfig, PerturbedVAEModel
+    from pyro_pvae.config import ModelConfig
+    from pyro_pvae.model import PerturbedVAEModel
 
     torch.manual_seed(seed)
     cfg = ModelConfig(n_genes=n_genes, n_perts=n_perts, latent_inv=latent, latent_pert=latent,

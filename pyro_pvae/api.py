@@ -22,8 +22,9 @@ from pyro import poutine
 
 from . import data as D
 from .guides import PerturbedVAEGuide
-from .model import ModelConfig, PerturbedVAEModel, lognormalize_counts, propagate, sparse_rotation
-from .train import Trainer, TrainConfig, atomic_torch_save, plot_training_curves, resolve_device
+from .config import ModelConfig, TrainConfig
+from .model import PerturbedVAEModel, lognormalize_counts, propagate, sparse_rotation
+from .train import Trainer, atomic_torch_save, plot_training_curves, resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,9 @@ exists.
 from __future__ import annotations
 
 import logging
+import math
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -33,6 +35,117 @@ MAIN_KEYS = {
 
 class ConfigError(ValueError):
     """A config name or key that does not exist, or an inconsistent setting."""
+
+
+# ---- settings (one source of defaults) -----------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    """Sizes and priors of the model (Hydra group ``model``)."""
+
+    n_genes: int = 0
+    n_perts: int = 0
+    latent_inv: int = 10
+    latent_pert: int = 10
+    hidden: int = 256
+    n_layers: int = 1
+    decoder: str = "nonlinear"  # "nonlinear" (MLP) or "linear"
+    effect_prior: str = "spike_slab"  # "spike_slab" or "dense" (Gaussian, ablation)
+    likelihood: str = "nb"  # "nb" or "poisson" (a deliberately wrong model, for checks)
+    pi_prior: tuple = (1.0, 4.0)  # Beta(a, b) on the inclusion probability
+    slab_scale: float = 2.0
+    gate_inference: str = "marginal"  # "marginal" (gate summed out) or "straight_through"
+    spike_scale: float = 0.05  # marginal: sd of the narrow spike standing in for the point mass
+    dense_scale: float = 1.0
+    w_prior_scale: float = 0.1  # Laplace scale of DAG edge weights
+    theta_prior: tuple = (2.0, 1.5)  # LogNormal(loc, scale) of the NB inverse dispersion
+    alpha: float = 20.0  # alignment weight; 0 turns it off
+    alignment: str = "group_mean"  # "group_mean" or "pairwise" (see alignment_penalty)
+    learn_composition: bool = True
+    sparse_rotation: bool = True  # after fit: rotate z_pert to the sparsest effects (sparse_rotation())
+
+    #: allowed values of the string options (a typo would otherwise select a fallback branch)
+    CHOICES = {"decoder": ("nonlinear", "linear"), "effect_prior": ("spike_slab", "dense"),
+               "likelihood": ("nb", "poisson"), "gate_inference": ("marginal", "straight_through"),
+               "alignment": ("group_mean", "pairwise")}
+
+    def __post_init__(self):
+        for key, allowed in self.CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.{key} must be {' or '.join(map(repr, allowed))}, got {getattr(self, key)!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        for key in ("pi_prior", "theta_prior"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    @property
+    def gate_sites(self) -> bool:
+        """True when the Bernoulli gate is a sample site (spike-and-slab with straight-through
+        gates); False when it is summed out or the prior is dense."""
+        return self.effect_prior == "spike_slab" and self.gate_inference == "straight_through"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["pi_prior"], d["theta_prior"] = list(self.pi_prior), list(self.theta_prior)
+        return d
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (Hydra group ``train``)."""
+
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 3e-3
+    lr_batch_rule: str = "none"  # "none" | "sqrt" | "linear": lr * rule(batch_size / lr_base_batch)
+    lr_base_batch: int = 256
+    lr_final_fraction: float = 0.1
+    global_lr_multiplier: float = 10.0
+    clip_norm: float = 10.0
+    kl_weight: float = 1.0
+    kl_warmup_epochs: float = 10.0
+    temperature_start: float = 1.0
+    temperature_end: float = 0.2
+    init_gate_prob: float = 0.5
+    seed: int = 0
+    device: str = "auto"
+    engine: str = "module"  # "module" (Pyro ELBOModule + torch Adam) or "svi" (pyro.infer.SVI)
+    jit: bool = False
+    validate_args: bool = False
+    early_stopping_patience: int = 20
+    min_epochs: int = 10
+    checkpoint_every: int = 5
+    resume: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown train config keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        cfg = cls(**d)
+        if cfg.lr_batch_rule not in ("none", "sqrt", "linear"):
+            raise ValueError(f"train.lr_batch_rule must be 'none', 'sqrt' or 'linear', got {cfg.lr_batch_rule!r}")
+        if cfg.lr_base_batch < 1:
+            raise ValueError(f"train.lr_base_batch must be a positive batch size, got {cfg.lr_base_batch}")
+        return cfg
+
+    @property
+    def batch_lr(self) -> float:
+        """The networks' learning rate for this batch size: ``lr * rule(batch_size / lr_base_batch)``
+        (benchmarks/lr_scaling.py: with as many steps as at the base batch, the sqrt rule keeps the
+        held-out ELBO up to a batch of 2048; a larger batch also needs more epochs)."""
+        ratio = self.batch_size / self.lr_base_batch
+        return self.lr * {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[self.lr_batch_rule]
+
 
 
 def available_configs() -> list[str]:
@@ -121,9 +234,6 @@ def compose(name: str, overrides: list[str] | None = None) -> DictConfig:
 def _check_values(cfg: DictConfig) -> None:
     """Model and train values are checked here, before any data are loaded or a run
     directory is made: ``ModelConfig`` / ``TrainConfig`` reject bad values with one line."""
-    from .model import ModelConfig
-    from .train import TrainConfig
-
     for section, kind in (("model", ModelConfig), ("train", TrainConfig)):
         if section in cfg:
             try:

@@ -26,7 +26,8 @@ from pyro import poutine
 from torch import nn
 from torch.nn.functional import softplus
 
-from .model import ModelConfig, inclusion_probability, lognormalize_counts, mlp
+from .config import ModelConfig
+from .model import inclusion_probability, lognormalize_counts, mlp
 
 
 class StraightThroughBernoulli(dist.Bernoulli):

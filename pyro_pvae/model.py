@@ -35,72 +35,13 @@ randomly paired control cells (see :meth:`PerturbedVAEModel.alignment_penalty`).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
 from torch import nn
 
-
-@dataclass
-class ModelConfig:
-    """Sizes and priors of the model (Hydra group ``model``)."""
-
-    n_genes: int = 0
-    n_perts: int = 0
-    latent_inv: int = 10
-    latent_pert: int = 10
-    hidden: int = 256
-    n_layers: int = 1
-    decoder: str = "nonlinear"  # "nonlinear" (MLP) or "linear"
-    effect_prior: str = "spike_slab"  # "spike_slab" or "dense" (Gaussian, ablation)
-    likelihood: str = "nb"  # "nb" or "poisson" (a deliberately wrong model, for checks)
-    pi_prior: tuple = (1.0, 4.0)  # Beta(a, b) on the inclusion probability
-    slab_scale: float = 2.0
-    gate_inference: str = "marginal"  # "marginal" (gate summed out) or "straight_through"
-    spike_scale: float = 0.05  # marginal: sd of the narrow spike standing in for the point mass
-    dense_scale: float = 1.0
-    w_prior_scale: float = 0.1  # Laplace scale of DAG edge weights
-    theta_prior: tuple = (2.0, 1.5)  # LogNormal(loc, scale) of the NB inverse dispersion
-    alpha: float = 20.0  # alignment weight; 0 turns it off
-    alignment: str = "group_mean"  # "group_mean" or "pairwise" (see alignment_penalty)
-    learn_composition: bool = True
-    sparse_rotation: bool = True  # after fit: rotate z_pert to the sparsest effects (sparse_rotation())
-
-    #: allowed values of the string options (a typo would otherwise select a fallback branch)
-    CHOICES = {"decoder": ("nonlinear", "linear"), "effect_prior": ("spike_slab", "dense"),
-               "likelihood": ("nb", "poisson"), "gate_inference": ("marginal", "straight_through"),
-               "alignment": ("group_mean", "pairwise")}
-
-    def __post_init__(self):
-        for key, allowed in self.CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"model.{key} must be {' or '.join(map(repr, allowed))}, got {getattr(self, key)!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
-        d = dict(d)
-        for key in ("pi_prior", "theta_prior"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
-
-    @property
-    def gate_sites(self) -> bool:
-        """True when the Bernoulli gate is a sample site (spike-and-slab with straight-through
-        gates); False when it is summed out or the prior is dense."""
-        return self.effect_prior == "spike_slab" and self.gate_inference == "straight_through"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["pi_prior"], d["theta_prior"] = list(self.pi_prior), list(self.theta_prior)
-        return d
+from .config import ModelConfig
 
 
 def mlp(n_in: int, n_out: int, hidden: int, n_layers: int) -> nn.Sequential:

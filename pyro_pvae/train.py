@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import pyro
@@ -24,6 +24,8 @@ from pyro.infer import SVI, JitTraceMeanField_ELBO, TraceMeanField_ELBO
 from pyro.optim import ClippedAdam
 from tqdm.auto import tqdm
 
+from .config import TrainConfig
+
 log = logging.getLogger(__name__)
 
 LOCAL_SITES = ("z_inv", "eps")
@@ -31,55 +33,6 @@ LOCAL_SITES = ("z_inv", "eps")
 
 class TrainingError(RuntimeError):
     """Training could not continue (e.g. a non-finite loss); the message says where and why."""
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings (Hydra group ``train``)."""
-
-    epochs: int = 100
-    batch_size: int = 256
-    lr: float = 3e-3
-    lr_batch_rule: str = "none"  # "none" | "sqrt" | "linear": lr * rule(batch_size / lr_base_batch)
-    lr_base_batch: int = 256
-    lr_final_fraction: float = 0.1
-    global_lr_multiplier: float = 10.0
-    clip_norm: float = 10.0
-    kl_weight: float = 1.0
-    kl_warmup_epochs: float = 10.0
-    temperature_start: float = 1.0
-    temperature_end: float = 0.2
-    init_gate_prob: float = 0.5
-    seed: int = 0
-    device: str = "auto"
-    engine: str = "module"  # "module" (Pyro ELBOModule + torch Adam) or "svi" (pyro.infer.SVI)
-    jit: bool = False
-    validate_args: bool = False
-    early_stopping_patience: int = 20
-    min_epochs: int = 10
-    checkpoint_every: int = 5
-    resume: bool = False
-    progress: bool = True
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown train config keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        cfg = cls(**d)
-        if cfg.lr_batch_rule not in ("none", "sqrt", "linear"):
-            raise ValueError(f"train.lr_batch_rule must be 'none', 'sqrt' or 'linear', got {cfg.lr_batch_rule!r}")
-        if cfg.lr_base_batch < 1:
-            raise ValueError(f"train.lr_base_batch must be a positive batch size, got {cfg.lr_base_batch}")
-        return cfg
-
-    @property
-    def batch_lr(self) -> float:
-        """The networks' learning rate for this batch size: ``lr * rule(batch_size / lr_base_batch)``
-        (benchmarks/lr_scaling.py: with as many steps as at the base batch, the sqrt rule keeps the
-        held-out ELBO up to a batch of 2048; a larger batch also needs more epochs)."""
-        ratio = self.batch_size / self.lr_base_batch
-        return self.lr * {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[self.lr_batch_rule]
 
 
 def resolve_device(device: str) -> torch.device:

@@ -162,6 +162,5 @@ def test_grids_resolve():
             from pyro_pvae.simulate import _config
             sim = dict(c["sim"])
             _config(sim.pop("preset"), sim)  # valid simulator keys
-            from pyro_pvae.model import ModelConfig
-            from pyro_pvae.train import TrainConfig
+            from pyro_pvae.config import ModelConfig, TrainConfig
             ModelConfig.from_dict(c["model"]), TrainConfig.from_dict(c["train"])

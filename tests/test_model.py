@@ -10,7 +10,8 @@ from pyro_pvae import data as D
 from pyro_pvae.api import PerturbedVAE
 from pyro_pvae.baselines import Additive
 from pyro_pvae.guides import PerturbedVAEGuide, StraightThroughBernoulli
-from pyro_pvae.model import ModelConfig, PerturbedVAEModel, lognormalize_counts, propagate
+from pyro_pvae.config import ModelConfig
+from pyro_pvae.model import PerturbedVAEModel, lognormalize_counts, propagate
 from pyro_pvae.simulate import simulate, true_condition_means
 
 

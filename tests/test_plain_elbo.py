@@ -10,7 +10,8 @@ from pyro.infer import TraceMeanField_ELBO
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.plain_elbo import amp, flops_per_cell, plain_loss  # noqa: E402
 from pyro_pvae.guides import PerturbedVAEGuide  # noqa: E402
-from pyro_pvae.model import ModelConfig, PerturbedVAEModel  # noqa: E402
+from pyro_pvae.config import ModelConfig
+from pyro_pvae.model import PerturbedVAEModel  # noqa: E402
 
 
 def _setup(**cfg_kw):

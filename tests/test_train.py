@@ -116,7 +116,8 @@ def test_module_and_svi_engines_take_the_same_steps():
     import copy
 
     import pyro
-    from pyro_pvae.train import Trainer, TrainConfig
+    from pyro_pvae.config import TrainConfig
+    from pyro_pvae.train import Trainer
 
     vae = small_vae()
     b = D.make_batcher(vae.adata, vae.split.train_idx, vae.vocabulary, vae.control_idx, 64)
@@ -165,7 +166,8 @@ def test_fit_streams_a_backed_h5ad(tmp_path):
 
 
 def test_learning_rate_rule_for_large_batches():
-    from pyro_pvae.train import TrainConfig, param_groups
+    from pyro_pvae.config import TrainConfig
+    from pyro_pvae.train import param_groups
 
     base = dict(lr=1e-3, lr_base_batch=256, batch_size=1024)
     assert TrainConfig.from_dict(base).batch_lr == pytest.approx(1e-3)  # rule "none" by default

@@ -142,7 +142,7 @@ def fit_and_score(cond: dict, seed: int, n_threads: int = 1) -> list[dict]:
     rows = [vae.vocabulary.index(p) for p in perts]
     gates = np.asarray(truth["gates"], dtype=bool)
     delta_true = np.asarray(truth["delta"], dtype=np.float64)
-    eff_mean = vae.module_guide.effect_mean().detach().cpu().numpy()[rows]
+    eff_mean = vae.module.effect_mean().detach().cpu().numpy()[rows]
     dense = cond["model"].get("effect_prior", "spike_slab") == "dense"
     score = np.abs(eff_mean) if dense else vae.pip()[rows]
     m_e = idf.match_effects(delta_true, eff_mean)

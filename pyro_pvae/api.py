@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,13 +19,12 @@ import pandas as pd
 import pyro
 import scipy.sparse as sp
 import torch
-from pyro import poutine
 
 from . import data as D
-from .guides import PerturbedVAEGuide
 from .config import ModelConfig, TrainConfig
-from .model import PerturbedVAEModel, lognormalize_counts, propagate, sparse_rotation
+from .model import PerturbedVAEModule, sample_globals, sparse_rotation
 from .train import Trainer, atomic_torch_save, plot_training_curves, resolve_device
+from .utils import lognormalize
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class PerturbedVAE:
         self.adata = adata
         self.split = None
         self.history: list[dict] = []
-        self.module_model = self.module_guide = None
+        self.module: PerturbedVAEModule | None = None
         if adata is not None:
             self._prepare(adata, split, split_kwargs or {})
 
@@ -76,19 +76,18 @@ class PerturbedVAE:
         rng = np.random.default_rng(seed)
         ref = rng.choice(self.control_idx, size=min(N_REFERENCE_CONTROLS, len(self.control_idx)), replace=False)
         self.reference_controls = sp.csr_matrix(adata.X[np.sort(ref)], dtype=np.float32)
-        self.model_config.n_genes = adata.n_vars
-        self.model_config.n_perts = len(self.vocabulary)
-        self._build_modules()
+        self.build_module()
 
-    def _build_modules(self):
+    def build_module(self) -> PerturbedVAEModule:
+        """A freshly initialised module (seeded with ``train.seed``) for these genes and perturbations."""
         torch.manual_seed(self.train_config.seed)
-        self.module_guide = PerturbedVAEGuide(self.model_config, self.train_config.init_gate_prob)
-        self.module_model = PerturbedVAEModel(self.model_config, self.module_guide.inv_encoder)
-        self.module_guide.attach(self.module_model)
+        self.module = PerturbedVAEModule(self.model_config, n_genes=len(self.gene_names),
+                                         n_perts=len(self.vocabulary), init_gate_prob=self.train_config.init_gate_prob)
+        return self.module
 
     @property
     def device(self) -> torch.device:
-        return next(self.module_guide.parameters()).device
+        return self.module.slab_loc.device
 
     # ---- training ----------------------------------------------------------------------
     def fit(self, run_dir: str | Path | None = None, **train_overrides) -> "PerturbedVAE":
@@ -99,9 +98,9 @@ class PerturbedVAE:
         self.train_config = TrainConfig.from_dict({**asdict(self.train_config), **train_overrides})
         cfg = self.train_config
         pyro.set_rng_seed(cfg.seed)
-        self._build_modules()
+        self.build_module()
         device = resolve_device(cfg.device)
-        self.module_model.to(device), self.module_guide.to(device)
+        self.module.to(device)
         train_b = D.make_batcher(self.adata, cell_idx=self.split.train_idx, vocabulary=self.vocabulary,
                                  control_idx=self.control_idx, batch_size=min(cfg.batch_size, len(self.split.train_idx)),
                                  device=device, seed=cfg.seed, shuffle=True, drop_last=True)
@@ -114,11 +113,11 @@ class PerturbedVAE:
             run_dir = Path(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             self.split.to_json(run_dir / "split.json")
-        trainer = Trainer(self.module_model, self.module_guide, train_b, val_b, cfg, run_dir)
+        trainer = Trainer(self.module, train_b, val_b, cfg, run_dir)
         log.info("training on %d cells x %d genes, %d perturbations, device %s",
                  train_b.n_cells, self.adata.n_vars, len(self.vocabulary), device)
         self.history = trainer.fit()
-        self.module_model.eval(), self.module_guide.eval()
+        self.module.eval()
         self._rotate_if_configured()
         if run_dir is not None:
             self.save(run_dir / "model.pt")
@@ -151,7 +150,7 @@ class PerturbedVAE:
         the mean-field scales of ``delta`` and ``eps`` are diagonal and are approximated by
         the diagonal of the rotated covariance (``eps``: left as fitted). Returns ``M``.
         Only for the marginal spike-and-slab and the dense prior (not straight-through gates)."""
-        cfg, g, m = self.model_config, self.module_guide, self.module_model
+        cfg, g = self.model_config, self.module
         if cfg.gate_sites:
             raise ValueError("rotate_to_sparse_effects needs model.gate_inference='marginal' (or the dense prior): "
                              "straight-through gates are tied to the fitted basis")
@@ -159,7 +158,7 @@ class PerturbedVAE:
         W = g.w_mean()
         O = sparse_rotation(g.slab_loc, n_restarts=n_restarts, seed=self.train_config.seed)
         M = O @ (torch.eye(K, dtype=W.dtype, device=W.device) - W)
-        first = m.decoder.net if isinstance(m.decoder.net, torch.nn.Linear) else m.decoder.net[0]
+        first = g.decoder.first_layer
         first.weight[:, Dinv:] = first.weight[:, Dinv:] @ torch.linalg.inv(M)
         last = g.pert_encoder.net[-1]
         last.weight[:K] = M @ last.weight[:K]
@@ -175,86 +174,53 @@ class PerturbedVAE:
                  l1_before, float(g.slab_loc.abs().sum()))
         return M.cpu().numpy()
 
-    # ---- posterior draws of the global sites ---------------------------------------------
-    def _global_draws(self, n_draws: int, mean: bool = False):
-        """Draws (delta, W, theta) from the variational posterior, each with a leading draw axis."""
-        g = self.module_guide
-        if mean:
-            theta = g.theta_loc.exp()
-            return g.effect_mean()[None], g.w_mean()[None], theta[None]
-        out = []
-        for _ in range(n_draws):
-            tr = poutine.trace(self._guide_globals).get_trace()
-            out.append([tr.nodes[s]["value"] for s in ("delta", "W", "theta")])
-        return [torch.stack(v) for v in zip(*out)]
-
-    def _guide_globals(self):
-        g = self.module_guide
-        sd = torch.nn.functional.softplus
-        slab = pyro.sample("slab_", pyro.distributions.Normal(g.slab_loc, sd(g.slab_raw_scale) + 1e-4))
-        if g.cfg.gate_sites:
-            slab = pyro.sample("gate_", pyro.distributions.Bernoulli(g.pip())) * slab
-        pyro.deterministic("delta", slab)
-        W = pyro.sample("W_", pyro.distributions.Normal(g.w_loc, sd(g.w_raw_scale) + 1e-4))
-        pyro.deterministic("W", W * g.tril_mask)
-        pyro.deterministic("theta", pyro.sample("log_theta_", pyro.distributions.Normal(
-            g.theta_loc, sd(g.theta_raw_scale) + 1e-4)).exp())
-
-    # ---- prediction ----------------------------------------------------------------------
+    # ---- prediction -----------------------------------------------------------------------
     def perturbation_matrix(self, conditions, unknown: str = "error") -> np.ndarray:
         return D.perturbation_matrix(conditions, self.vocabulary, unknown=unknown)
 
-    @torch.no_grad()
-    def _predict_block(self, u: torch.Tensor, x_ctrl: torch.Tensor, delta, W, theta, sample_counts=True,
-                       generator=None):
-        """Counterfactual cells: encode control cells (u = 0), add the condition's shift in
-        eps-space, propagate through the DAG, decode, draw NB counts with the control library."""
-        g, m = self.module_guide, self.module_model
-        xn = lognormalize_counts(x_ctrl)
-        z_inv = g.inv_encoder(xn)[0]
-        zero_u = torch.zeros_like(u)
-        eps_loc, eps_scale = g.eps_posterior(xn, zero_u, W, torch.zeros_like(delta))  # running control center
-        eps = eps_loc + eps_scale * torch.randn(eps_loc.shape, generator=generator, device=eps_loc.device)
-        z_pert = propagate(eps + m.shift(u, delta), W)
-        log_mu = m.gene_log_mean(z_inv, z_pert, x_ctrl.sum(-1))
-        if not sample_counts:
-            return log_mu.exp()
-        mu = log_mu.exp()
-        if m.cfg.likelihood == "poisson":
-            return torch.poisson(mu, generator=generator)
-        rate = torch._standard_gamma(theta.expand_as(mu)) * mu / theta  # Gamma-Poisson = NB
-        return torch.poisson(rate, generator=generator)
+    def _global_draws(self, n_draws: int, posterior_mean: bool = False) -> list[dict[str, torch.Tensor]]:
+        """``n_draws`` draws of the global sites (or their posterior mean, once), one dict each."""
+        if posterior_mean:
+            return [self.module.global_means()]
+        draws = sample_globals(self.module, n_draws)
+        return [{k: v[s] for k, v in draws.items()} for s in range(n_draws)]
 
-    def _control_block(self, n_cells: int, rng: np.random.Generator) -> torch.Tensor:
+    def _control_block(self, n_cells: int, rng: np.random.Generator):
         rows = rng.integers(0, self.reference_controls.shape[0], size=n_cells)
         return torch.as_tensor(self.reference_controls[rows].toarray(), device=self.device), rows
 
+    def _condition_rows(self, condition: str, n_cells: int, unknown: str) -> torch.Tensor:
+        u_row = self.perturbation_matrix([condition], unknown=unknown)[0]
+        return torch.as_tensor(np.repeat(u_row[None], n_cells, 0), device=self.device)
+
+    @torch.no_grad()
     def predict(self, conditions, n_cells: int = 100, seed: int = 0, unknown: str = "error",
                 posterior_mean: bool = False) -> ad.AnnData:
         """Predicted cells for each condition (``"KLF1"``, ``"BAK1+KLF1"``, ``"control"``).
 
-        Each predicted cell starts from a randomly drawn training control cell and uses one
-        posterior draw of the global effects (``posterior_mean=True``: their mean). Returns an
-        AnnData with predicted counts in ``X``, ``layers['lognorm']`` and ``obs['condition']``.
-        ``unknown='ignore'`` lets genes absent from training contribute no effect.
-        """
+        Each predicted cell starts from a randomly drawn training control cell (its z_inv,
+        eps and library size) and is drawn from the model under the condition, with one
+        posterior draw of the global sites per condition (``posterior_mean=True``: their
+        mean). Returns an AnnData with predicted counts in ``X``, ``layers['lognorm']`` and
+        ``obs['condition']``. ``unknown='ignore'`` lets genes absent from training contribute
+        no effect."""
         conditions = [D.format_condition(D.parse_condition(c)) for c in _as_list(conditions)]
-        U = self.perturbation_matrix(conditions, unknown=unknown)
+        self.perturbation_matrix(conditions, unknown=unknown)  # unknown genes fail before any work
         rng = np.random.default_rng(seed)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        torch.manual_seed(seed)
+        self.module.eval()
         blocks, obs = [], []
-        for cond, u_row in zip(conditions, U):
-            delta, W, theta = self._global_draws(1, mean=posterior_mean)
-            x_ctrl, rows = self._control_block(n_cells, rng)
-            u = torch.as_tensor(np.repeat(u_row[None], n_cells, 0), device=self.device)
-            blocks.append(self._predict_block(u, x_ctrl, delta[0], W[0], theta[0], generator=gen).cpu().numpy())
-            obs.append(pd.DataFrame({"condition": cond, "control_cell": rows}))
+        with _seeded(seed, self.device):
+            for cond in conditions:
+                glob = self._global_draws(1, posterior_mean)[0]
+                x_ctrl, rows = self._control_block(n_cells, rng)
+                u = self._condition_rows(cond, n_cells, unknown)
+                blocks.append(self.module.sample_cells(x_ctrl, u, glob).cpu().numpy())
+                obs.append(pd.DataFrame({"condition": cond, "control_cell": rows}))
         X = np.concatenate(blocks).astype(np.float32)
         out = ad.AnnData(X=sp.csr_matrix(X), obs=pd.concat(obs, ignore_index=True),
                          var=pd.DataFrame(index=self.gene_names))
         out.obs_names = [f"pred_{i}" for i in range(out.n_obs)]
-        out.layers["lognorm"] = sp.csr_matrix(lognormalize_counts(torch.as_tensor(X)).numpy())
+        out.layers["lognorm"] = sp.csr_matrix(lognormalize(torch.as_tensor(X)).numpy())
         out.obs["condition"] = out.obs["condition"].astype("category")
         return out
 
@@ -264,26 +230,24 @@ class PerturbedVAE:
         """Posterior predictive draws (n_draws x genes) of the condition's pseudobulk change of
         log-normalised expression from control, each from a global posterior draw and
         ``n_cells`` predicted cells (use the observed number of cells for calibrated intervals)."""
-        u_row = self.perturbation_matrix([condition], unknown=unknown)[0]
+        u = self._condition_rows(condition, n_cells, unknown)
         rng = np.random.default_rng(seed)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        torch.manual_seed(seed)
-        delta, W, theta = self._global_draws(n_draws)
-        u = torch.as_tensor(np.repeat(u_row[None], n_cells, 0), device=self.device)
+        self.module.eval()
         out = np.empty((n_draws, len(self.gene_names)), dtype=np.float32)
-        for s in range(n_draws):
-            x_ctrl, _ = self._control_block(n_cells, rng)
-            pert = self._predict_block(u, x_ctrl, delta[s], W[s], theta[s], generator=gen)
-            ctrl = self._predict_block(torch.zeros_like(u), x_ctrl, delta[s], W[s], theta[s], generator=gen)
-            out[s] = (lognormalize_counts(pert).mean(0) - lognormalize_counts(ctrl).mean(0)).cpu().numpy()
+        with _seeded(seed, self.device):
+            for s, glob in enumerate(self._global_draws(n_draws)):
+                x_ctrl, _ = self._control_block(n_cells, rng)
+                pert = self.module.sample_cells(x_ctrl, u, glob)
+                ctrl = self.module.sample_cells(x_ctrl, torch.zeros_like(u), glob)
+                out[s] = (lognormalize(pert).mean(0) - lognormalize(ctrl).mean(0)).cpu().numpy()
         return out
 
     # ---- posterior summaries -------------------------------------------------------------
     def effects(self, n_draws: int = 500) -> pd.DataFrame:
         """Tidy posterior of delta[p, k]: mean, sd, 5%/95% quantiles and the PIP."""
         with torch.no_grad():
-            delta = self._global_draws(n_draws)[0].cpu().numpy()
-            pip = self.module_guide.pip().cpu().numpy()
+            delta = sample_globals(self.module, n_draws)["delta"].cpu().numpy()
+            pip = self.module.pip().cpu().numpy()
         P, K = pip.shape
         q05, q95 = np.quantile(delta, [0.05, 0.95], axis=0)
         return pd.DataFrame({
@@ -295,19 +259,18 @@ class PerturbedVAE:
 
     def pip(self) -> np.ndarray:
         """Posterior inclusion probabilities, perturbations x latents."""
-        return self.module_guide.pip().detach().cpu().numpy()
+        return self.module.pip().detach().cpu().numpy()
 
     def dag(self) -> np.ndarray:
         """Posterior mean of the latent DAG weights W (strictly lower triangular; zero after
         :meth:`rotate_to_sparse_effects`, which folds the DAG into the decoder)."""
-        return self.module_guide.w_mean().detach().cpu().numpy()
+        return self.module.w_mean().detach().cpu().numpy()
 
     @torch.no_grad()
     def latents(self, adata: ad.AnnData | None = None, idx=None) -> dict[str, np.ndarray]:
         """Posterior means of z_inv and z_pert for cells of ``adata`` (default: the training data)."""
         adata = self.adata if adata is None else adata
         idx = np.arange(adata.n_obs) if idx is None else np.asarray(idx)
-        g = self.module_guide
         cond = adata.obs["condition"].astype(str).to_numpy()[idx]
         U = self.perturbation_matrix(cond, unknown="ignore")
         z_inv, z_pert = [], []
@@ -315,9 +278,9 @@ class PerturbedVAE:
             rows = idx[start:start + 4096]
             x = torch.as_tensor(_dense(adata.X[rows]), device=self.device)
             u = torch.as_tensor(U[start:start + 4096], device=self.device)
-            xn = lognormalize_counts(x)
-            z_inv.append(g.inv_encoder(xn)[0].cpu().numpy())
-            z_pert.append((g.pert_encoder(torch.cat([xn, u], -1))[0] - g.running_control_center).cpu().numpy())
+            zi, zp = self.module.latent_means(x, u)
+            z_inv.append(zi.cpu().numpy())
+            z_pert.append(zp.cpu().numpy())
         return {"z_inv": np.concatenate(z_inv), "z_pert": np.concatenate(z_pert)}
 
     # ---- persistence ---------------------------------------------------------------------
@@ -325,10 +288,10 @@ class PerturbedVAE:
         """Save modules, configs, vocabulary, genes, split and reference controls (atomic)."""
         path = Path(path)
         atomic_torch_save({
-            "format": "pyro_pvae/1",
+            "format": "pyro_pvae/2",
             "model_config": self.model_config.to_dict(),
             "train_config": asdict(self.train_config),
-            "modules": {"model": self.module_model.state_dict(), "guide": self.module_guide.state_dict()},
+            "module": self.module.state_dict(),
             "vocabulary": self.vocabulary,
             "gene_names": self.gene_names,
             "reference_controls": self.reference_controls,
@@ -343,7 +306,7 @@ class PerturbedVAE:
         if not path.exists():
             raise FileNotFoundError(f"no saved model at {path}")
         state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("format") != "pyro_pvae/1":
+        if state.get("format") != "pyro_pvae/2":
             raise ValueError(f"{path} is not a pyro_pvae model file")
         self = cls(model=ModelConfig.from_dict(state["model_config"]), train=TrainConfig.from_dict(state["train_config"]))
         self.vocabulary, self.gene_names = state["vocabulary"], state["gene_names"]
@@ -351,11 +314,9 @@ class PerturbedVAE:
         self.adata = adata
         if state.get("split") is not None:
             self.split = D.Split(**state["split"])
-        self._build_modules()
-        self.module_model.load_state_dict(state["modules"]["model"])
-        self.module_guide.load_state_dict(state["modules"]["guide"])
-        dev = resolve_device(device)
-        self.module_model.to(dev).eval(), self.module_guide.to(dev).eval()
+        self.build_module()
+        self.module.load_state_dict(state["module"])
+        self.module.to(resolve_device(device)).eval()
         return self
 
 
@@ -371,6 +332,14 @@ def load_run(path: str | Path, device: str = "cpu", with_data: bool = False) -> 
         from omegaconf import OmegaConf
         adata = load_dataset(OmegaConf.load(path / "config.yaml"))
     return PerturbedVAE.load(path / "model.pt", adata=adata, device=device)
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device):
+    """Run with torch's global RNG (and the device's) seeded, restoring the caller's state."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def _as_list(x):

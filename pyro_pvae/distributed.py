@@ -4,10 +4,11 @@
 
 or, from Python, :func:`fit_ddp` in each process (see :func:`spawn` for a local launcher).
 
-How it works: Pyro's ``TraceMeanField_ELBO()(model, guide)`` is an ``nn.Module`` (an
-``ELBOModule``) whose forward returns the differentiable -ELBO; the model and guide modules
-are registered on it so that ``DistributedDataParallel`` sees (and all-reduces) their
-parameters, and a plain torch Adam with ClippedAdam's element-wise gradient clamp and per-step
+How it works: the ordinary :class:`~pyro_pvae.train.Trainer` runs on every rank. Its loss is
+Pyro's ``TraceMeanField_ELBO()(module.model, module.guide)``, an ``nn.Module`` (an
+``ELBOModule``) whose forward returns the differentiable -ELBO with the PerturbedVAE module
+registered on it, wrapped in ``DistributedDataParallel`` (which all-reduces the gradients);
+a plain torch Adam with ClippedAdam's element-wise gradient clamp and per-step
 learning-rate decay steps them. Each rank reads its own shard of the training cells
 (``train_idx[rank::world]``, cut to equal length) with batch ``batch_size // world``; every
 rank uses the global ``n_cells`` as the subsample scale, so each rank's loss is an unbiased
@@ -15,9 +16,8 @@ estimate of the full -ELBO and DDP's gradient average equals the gradient of the
 estimate (the global sites get one draw per rank: ``world`` particles instead of one).
 Control cells for the alignment pairing are all the training controls on every rank.
 
-Schedules (KL warm-up, gate temperature, learning-rate decay) are those of ``train.Trainer``,
-as functions of the global step. Rank 0 keeps the history and, from the CLI, writes the run
-directory (``model.pt`` loadable with ``PerturbedVAE.load``, ``metrics.csv``).
+Schedules (KL warm-up, gate temperature, learning-rate decay) are the Trainer's, as functions
+of the global step; the logged loss is averaged over ranks. Rank 0 writes the run directory (``model.pt`` loadable with ``PerturbedVAE.load``, ``metrics.csv``).
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .train import ClampAdam, elbo_module, kl_weight_at, param_groups, temperature_at
+from . import data as D
+from .train import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -52,81 +53,68 @@ def shard(idx, rank: int, world: int) -> np.ndarray:
     return idx[:n][rank::world]
 
 
-def train_loop(model, guide, batchers, train_cfg, n_cells: int, device, ddp: bool = False,
-               rng_states=None, rank: int = 0, world: int = 1, max_steps: int | None = None):
-    """The training loop shared by the DDP ranks and the one-process emulation.
+class _RankBatches:
+    """Per-rank batchers stepped together (one-process emulation): yields one batch per rank."""
 
-    ``batchers``: one batcher (a DDP rank) or a list of per-rank batchers (emulation in one
-    process: their losses are averaged, each with its own RNG state from ``rng_states``,
-    which reproduces DDP's averaged gradient). Returns the history: per step the loss
-    averaged over ranks (per cell), per epoch the mean.
-    """
-    import pyro
+    def __init__(self, batchers):
+        self.parts = list(batchers)
+        self.n_cells = sum(b.n_cells for b in self.parts)
 
-    emulate = isinstance(batchers, (list, tuple))
-    parts = list(batchers) if emulate else [batchers]
-    loss_module = elbo_module(model, guide)
-    if ddp:
-        dev_ids = [device.index] if device.type == "cuda" else None
-        loss_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=dev_ids)
-    steps_per_epoch = max(min(len(b) for b in parts), 1)
-    total = steps_per_epoch * train_cfg.epochs
-    if max_steps is not None:
-        total = min(total, max_steps)
-    lrd = train_cfg.lr_final_fraction ** (1.0 / max(steps_per_epoch * train_cfg.epochs, 1))
-    opt = ClampAdam(param_groups(model, guide, train_cfg), train_cfg.clip_norm, lrd)
-    schedule_steps = steps_per_epoch * train_cfg.epochs
-    pyro.clear_param_store()
-    pyro.enable_validation(train_cfg.validate_args)  # as Trainer (a KL weight of 0 is valid here)
-    history = {"step_loss": [], "epoch": []}
-    step = 0
-    epoch = 0
-    while step < total:
-        t0 = time.perf_counter()
-        for b in parts:
+    def set_epoch(self, epoch: int) -> None:
+        for b in self.parts:
             b.set_epoch(epoch)
-        iters = [iter(b) for b in parts]
-        ep_losses = []
-        for i in range(steps_per_epoch):
-            if step >= total:
-                break
-            kl = torch.tensor(kl_weight_at(train_cfg, epoch + i / steps_per_epoch), device=device)
-            temp = torch.tensor(temperature_at(train_cfg, step, schedule_steps), device=device)
-            losses = []
-            for r, it in enumerate(iters):
-                batch = next(it)
-                if emulate and rng_states is not None:
-                    torch.set_rng_state(rng_states[r])
-                loss = loss_module(batch.x, batch.u, batch.x_ctrl, kl, temp, n_cells=n_cells)
-                (loss / len(parts)).backward()
-                if emulate and rng_states is not None:
-                    rng_states[r] = torch.get_rng_state()
-                losses.append(loss.detach())
-            opt.step()
-            local = torch.stack(losses).mean()
-            if ddp:
-                dist.all_reduce(local)
-                local = local / world
-            value = float(local) / n_cells
-            if not math.isfinite(value):
-                raise RuntimeError(f"non-finite loss at epoch {epoch}, step {step} (rank {rank})")
-            history["step_loss"].append(value)
-            ep_losses.append(value)
-            step += 1
-        history["epoch"].append({"epoch": epoch, "train_loss": float(np.mean(ep_losses)) if ep_losses else math.nan,
-                                 "seconds": time.perf_counter() - t0,
-                                 "cells_per_s": sum(len(b.cell_idx) for b in parts) * (world if ddp else 1)
-                                 / max(time.perf_counter() - t0, 1e-9) * len(ep_losses) / steps_per_epoch})
-        epoch += 1
-    return history
+
+    def __len__(self) -> int:
+        return min(len(b) for b in self.parts)
+
+    def __iter__(self):
+        return zip(*self.parts)
+
+
+class EmulatedDDPTrainer(Trainer):
+    """The :class:`~pyro_pvae.train.Trainer` loop doing in one process exactly what ``world``
+    DDP ranks do: per-rank shards, batches and RNG streams, gradients averaged over ranks."""
+
+    def __init__(self, module, rank_batchers, cfg, rng_states, n_cells: int, max_steps: int | None = None):
+        super().__init__(module, _RankBatches(rank_batchers), None, cfg, None, n_cells=n_cells, max_steps=max_steps)
+        self.rng_states = rng_states
+
+    def batch_args(self, batches, step: int, epoch_float: float):
+        return [super(EmulatedDDPTrainer, self).batch_args(b, step, epoch_float) for b in batches]
+
+    @staticmethod
+    def cells_in(args) -> int:
+        return args[0][0].shape[0]
+
+    def diagnostics(self, args) -> dict:
+        return {}
+
+    def step(self, rank_args) -> float:
+        losses = []
+        for r, args in enumerate(rank_args):
+            torch.set_rng_state(self.rng_states[r])
+            loss = self.loss_module(*args, n_cells=self.n_cells)
+            (loss / len(rank_args)).backward()
+            self.rng_states[r] = torch.get_rng_state()
+            losses.append(loss.detach())
+        self.optim.step()
+        return float(torch.stack(losses).mean())
+
+
+def _average_over_ranks(world: int):
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / world
+    return reduce
 
 
 def fit_ddp(rank: int, world: int, adata, split, model_cfg: dict, train_cfg: dict, *, backend: str | None = None,
-            init_method: str | None = None, max_steps: int | None = None, seed_per_rank: bool = True):
-    """Train on this rank's shard; call in every process (after or instead of torchrun's env).
+            init_method: str | None = None, max_steps: int | None = None, run_dir=None):
+    """Train on this rank's shard with :class:`~pyro_pvae.train.Trainer`; call in every
+    process (after or instead of torchrun's env). ``run_dir`` is written by rank 0 only.
 
-    Returns (vae, history); ``vae`` holds the trained modules on every rank (identical)."""
-    from . import data as D
+    Returns (vae, trainer); ``vae`` holds the trained module on every rank (identical)."""
     from .api import PerturbedVAE
     from .train import resolve_device
 
@@ -144,36 +132,33 @@ def fit_ddp(rank: int, world: int, adata, split, model_cfg: dict, train_cfg: dic
     import pyro
 
     pyro.set_rng_seed(cfg.seed)
-    vae._build_modules()  # same initialisation on every rank (DDP also broadcasts rank 0's)
-    model, guide = vae.module_model.to(device), vae.module_guide.to(device)
+    module = vae.build_module().to(device)  # same initialisation on every rank (DDP also broadcasts rank 0's)
     train_idx = np.asarray(vae.split.train_idx)
-    n_cells = (len(train_idx) // world) * world
-    local_batch = max(cfg.batch_size // world, 1)
     batcher = D.make_batcher(adata, cell_idx=shard(train_idx, rank, world), vocabulary=vae.vocabulary,
-                             control_idx=vae.control_idx, batch_size=local_batch, device=device,
+                             control_idx=vae.control_idx, batch_size=max(cfg.batch_size // world, 1), device=device,
                              seed=cfg.seed, shuffle=True, drop_last=True)
-    if seed_per_rank:
-        torch.manual_seed(cfg.seed * 1_000_003 + rank)
-    history = train_loop(model, guide, batcher, cfg, n_cells, device, ddp=True, rank=rank, world=world,
-                         max_steps=max_steps)
-    model.eval(), guide.eval()
-    vae.history = history["epoch"]
-    return vae, history
+    torch.manual_seed(cfg.seed * 1_000_003 + rank)
+    dev_ids = [device.index] if device.type == "cuda" else None
+    trainer = Trainer(module, batcher, None, cfg, run_dir if rank == 0 else None,
+                      n_cells=(len(train_idx) // world) * world, max_steps=max_steps,
+                      wrap=lambda m: nn.parallel.DistributedDataParallel(m, device_ids=dev_ids),
+                      all_reduce=_average_over_ranks(world))
+    vae.history = trainer.fit()
+    module.eval()
+    return vae, trainer
 
 
 def emulate_ddp(adata, split, model_cfg: dict, train_cfg: dict, world: int, max_steps: int | None = None):
-    """One process doing exactly what ``world`` DDP ranks do (per-rank shards, batches and RNG
-    streams, averaged gradients): the reference for the tests."""
-    from . import data as D
+    """One process doing exactly what ``world`` DDP ranks do (the reference for the tests).
+    Returns (vae, trainer)."""
     from .api import PerturbedVAE
     import pyro
 
     vae = PerturbedVAE(adata, split=split, model=model_cfg, train=train_cfg)
     cfg = vae.train_config
     pyro.set_rng_seed(cfg.seed)
-    vae._build_modules()
+    module = vae.build_module()
     train_idx = np.asarray(vae.split.train_idx)
-    n_cells = (len(train_idx) // world) * world
     batchers = [D.make_batcher(adata, cell_idx=shard(train_idx, r, world), vocabulary=vae.vocabulary,
                                control_idx=vae.control_idx, batch_size=max(cfg.batch_size // world, 1),
                                device="cpu", seed=cfg.seed, shuffle=True, drop_last=True) for r in range(world)]
@@ -181,9 +166,10 @@ def emulate_ddp(adata, split, model_cfg: dict, train_cfg: dict, world: int, max_
     for r in range(world):
         torch.manual_seed(cfg.seed * 1_000_003 + r)
         states.append(torch.get_rng_state())
-    history = train_loop(vae.module_model, vae.module_guide, batchers, cfg, n_cells, torch.device("cpu"),
-                         rng_states=states, max_steps=max_steps)
-    return vae, history
+    trainer = EmulatedDDPTrainer(module, batchers, cfg, states, n_cells=(len(train_idx) // world) * world,
+                                 max_steps=max_steps)
+    vae.history = trainer.fit()
+    return vae, trainer
 
 
 def spawn(fn, world: int, args=(), port: int | None = None):
@@ -201,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf import OmegaConf
 
     from .config import ConfigError, compose, load_dataset, make_run_dir, parse_cli, resolve_split, usage
-    from .train import write_metrics
 
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -219,15 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     adata = load_dataset(cfg)
     split = resolve_split(cfg, adata)
     t0 = time.perf_counter()
-    vae, history = fit_ddp(rank, world, adata, split, OmegaConf.to_container(cfg.model, resolve=True),
-                           OmegaConf.to_container(cfg.train, resolve=True))
+    run_dir = make_run_dir(cfg, "ddp") if rank == 0 else None
+    vae, trainer = fit_ddp(rank, world, adata, split, OmegaConf.to_container(cfg.model, resolve=True),
+                           OmegaConf.to_container(cfg.train, resolve=True), run_dir=run_dir)
     if rank == 0:
-        run_dir = make_run_dir(cfg, "ddp")
-        write_metrics(run_dir / "metrics.csv", history["epoch"])
         vae._rotate_if_configured()  # as PerturbedVAE.fit does
         vae.save(run_dir / "model.pt")
-        print(f"DDP on {world} process(es): {len(history['epoch'])} epochs in {time.perf_counter() - t0:.0f} s; "
-              f"final train -ELBO/cell {history['epoch'][-1]['train_loss']:.2f}; outputs in {run_dir}/")
+        print(f"DDP on {world} process(es): {len(vae.history)} epochs in {time.perf_counter() - t0:.0f} s; "
+              f"final train -ELBO/cell {vae.history[-1]['train_loss']:.2f}; outputs in {run_dir}/")
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -1,8 +1,8 @@
 """Posterior-predictive checks (PPC) and ArviZ export.
 
-Replicated data sets come from :class:`pyro.infer.Predictive` run on the Pyro program
-(:meth:`PerturbedVAEModel.model`, its observed site ``"x"`` released with
-``poutine.uncondition``) and the guide. One replicate = one draw of the global sites
+Replicated data sets come from the Pyro program itself
+(:meth:`PerturbedVAEModule.sample_cells`: :meth:`~PerturbedVAEModule.model` with its observed
+site ``"x"`` released) and the guide (global draws from :func:`pyro_pvae.model.sample_globals`). One replicate = one draw of the global sites
 (``pi, gate, slab, W, theta``) shared by all checked cells, the local latents of each cell
 drawn from the amortised guide ``q(z_inv, eps | x, u)`` (``local_latents="posterior"``, the
 usual in-sample check) or from their prior (``"prior"``, a stricter check of the
@@ -45,15 +45,12 @@ import numpy as np
 import pyro
 import pyro.util
 import torch
-from pyro import poutine
-from pyro.infer import Predictive
 
 from . import data as D
-from .model import lognormalize_counts, inclusion_probability
+from .model import GLOBAL_SITES, sample_globals
+from .utils import lognormalize
 
 log = logging.getLogger(__name__)
-
-GLOBAL_SITES = ("pi", "gate", "slab", "W", "theta")
 
 # statistic -> (kind, unit dimension name)
 UNIT_STATISTICS = {
@@ -117,7 +114,7 @@ def _resolve(run_or_model, adata=None, device: str = "cpu"):
         vae = run_or_model
     else:
         raise TypeError(f"expected a run directory or a PerturbedVAE, got {type(run_or_model).__name__}")
-    if vae.module_guide is None:
+    if vae.module is None:
         raise ValueError("the PerturbedVAE has no fitted modules; call fit() first")
     adata = adata if adata is not None else vae.adata
     if adata is None:
@@ -160,49 +157,6 @@ def select_cells(vae, adata, cells="train", max_cells: int | None = 4000, seed: 
 # ---------------------------------------------------------------------------------------------
 # Draws
 # ---------------------------------------------------------------------------------------------
-
-def _temperature(vae) -> float:
-    return float(getattr(vae.train_config, "temperature_end", 0.2))
-
-
-@torch.no_grad()
-def sample_globals(vae, n_draws: int) -> dict[str, torch.Tensor]:
-    """``n_draws`` joint draws of the global sites from the guide (the sites the model has:
-    ``pi, gate, slab, W, theta``), each with a leading draw axis; plus ``delta``. With the
-    gate summed out (``gate_inference='marginal'``) ``slab`` is the effect and gates are drawn
-    from ``p(gate | delta, pi)``."""
-    g = vae.module_guide
-    cfg = g.cfg
-    dev = vae.device
-    x = torch.zeros(1, cfg.n_genes, device=dev)
-    u = torch.zeros(1, cfg.n_perts, device=dev)
-    hidden = poutine.block(g.guide, hide=["z_inv", "eps"])
-    draws: dict[str, list] = {}
-    for _ in range(n_draws):
-        tr = poutine.trace(hidden).get_trace(x, u, None, 1.0, _temperature(vae), n_cells=1)
-        for name in GLOBAL_SITES:
-            if name in tr.nodes:
-                draws.setdefault(name, []).append(tr.nodes[name]["value"].detach())
-    out = {k: torch.stack(v) for k, v in draws.items()}
-    if "gate" in out:  # straight-through gates: delta = gate * slab
-        return {**out, "delta": out["gate"] * out["slab"]}
-    if cfg.effect_prior == "spike_slab":  # gate summed out: draw it from p(gate | delta, pi)
-        prob = inclusion_probability(out["slab"], out["pi"].reshape(-1, 1, 1), cfg.spike_scale, cfg.slab_scale)
-        out["gate"] = torch.bernoulli(prob)
-    return {**out, "delta": out["slab"]}
-
-
-def _guide_local_draws(guide, post: dict, S: int, args, kwargs) -> dict[str, torch.Tensor]:
-    """Local latents (z_inv, eps) from the amortised guide, draw s conditioned on global draw s
-    (``Predictive`` does not take both a guide and fixed global samples)."""
-    out: dict[str, list] = {}
-    for s in range(S):
-        tr = poutine.trace(poutine.condition(guide, data={k: v[s] for k, v in post.items()})).get_trace(
-            *args, **kwargs)
-        for name in ("z_inv", "eps"):
-            out.setdefault(name, []).append(tr.nodes[name]["value"])
-    return {k: torch.stack(v) for k, v in out.items()}
-
 
 def _block_size(n_draws: int, n_genes: int, max_elements: float) -> int:
     return int(max(1, min(4096, max_elements // max(1, n_draws * n_genes))))
@@ -272,12 +226,11 @@ def posterior_predictive(run_or_model, adata=None, *, cells="train", max_cells: 
     state = pyro.util.get_rng_state()
     pyro.set_rng_seed(seed)
     try:
-        vae.module_model.eval(), vae.module_guide.eval()
-        glob = globals_draws if globals_draws is not None else sample_globals(vae, n_draws)
+        vae.module.eval()
+        glob = globals_draws if globals_draws is not None else sample_globals(vae.module, n_draws)
         glob = {k: v.to(vae.device) for k, v in glob.items()}
         S = int(glob["slab"].shape[0])
-        post = {k: v for k, v in glob.items() if k in GLOBAL_SITES}
-        model = poutine.uncondition(vae.module_model.model)
+        draws = [{k: v[s] for k, v in glob.items() if k in GLOBAL_SITES} for s in range(S)]
 
         control_idx = np.asarray(getattr(vae, "control_idx", None) if getattr(vae, "control_idx", None) is not None
                                  else idx[cond == D.CONTROL] if (cond == D.CONTROL).any() else idx[:1])
@@ -293,17 +246,11 @@ def posterior_predictive(run_or_model, adata=None, *, cells="train", max_cells: 
         keep_set = {int(k): j for j, k in enumerate(keep)}
         c_obs = np.zeros((len(keep), G), dtype=np.float32)
         c_rep = np.zeros((S, len(keep), G), dtype=np.float32)
-        temp = _temperature(vae)
         with torch.no_grad():
             for batch in batcher:
                 rows = np.array([pos_of[int(p)] for p in batch.idx.cpu().numpy()])
-                args, kw = (batch.x, batch.u, None, 1.0, temp), {"n_cells": N}
-                samples = post
-                if local_latents == "posterior":
-                    samples = {**post, **_guide_local_draws(vae.module_guide.guide, post, S, args, kw)}
-                predictive = Predictive(model, posterior_samples=samples, return_sites=["x"])
-                x_rep = predictive(*args, **kw)["x"]  # (S, B, G)
-                x_rep = x_rep.reshape(S, len(rows), G)
+                x_rep = torch.stack([vae.module.sample_cells(batch.x, batch.u, draw, local_latents)
+                                     for draw in draws])  # (S, B, G)
                 xo = batch.x.double().cpu().numpy()
                 xr = x_rep.double().cpu().numpy()
                 o_sum += xo.sum(0); o_sq += (xo ** 2).sum(0); o_zero += (xo == 0).sum(0)
@@ -313,8 +260,8 @@ def posterior_predictive(run_or_model, adata=None, *, cells="train", max_cells: 
                 g = code[rows]
                 m = g >= 0
                 if m.any():
-                    lo = lognormalize_counts(batch.x[torch.as_tensor(m)]).double().cpu().numpy()
-                    lr = lognormalize_counts(x_rep[:, torch.as_tensor(m)]).double().cpu().numpy()
+                    lo = lognormalize(batch.x[torch.as_tensor(m)]).double().cpu().numpy()
+                    lr = lognormalize(x_rep[:, torch.as_tensor(m)]).double().cpu().numpy()
                     onehot = np.zeros((n_groups, int(m.sum())))
                     onehot[g[m], np.arange(int(m.sum()))] = 1.0
                     o_grp += onehot @ lo
@@ -688,7 +635,7 @@ def to_inference_data(run_or_model, adata=None, n_draws: int = 200, *, result: P
                                 coords={"de_pair": unit_coords["de_pair"]}),
         "test_conditions": xr.DataArray(np.array(test_c, dtype=str), dims=["test_condition"]),
         "train_conditions": xr.DataArray(np.array(train_c, dtype=str), dims=["train_condition"]),
-        "composition_scale": xr.DataArray(np.float32(vae.module_model.log_multi_scale.detach().exp().item())),
+        "composition_scale": xr.DataArray(np.float32(vae.module.log_multi_scale.detach().exp().item())),
     }
     attrs = {
         "inference_method": "variational (SVI, amortised / mean-field guide)",

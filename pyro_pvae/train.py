@@ -20,15 +20,14 @@ from pathlib import Path
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import SVI, JitTraceMeanField_ELBO, TraceMeanField_ELBO
-from pyro.optim import ClippedAdam
+from pyro.infer import TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
+from .model import LOCAL_SITES
 
 log = logging.getLogger(__name__)
 
-LOCAL_SITES = ("z_inv", "eps")
 
 
 class TrainingError(RuntimeError):
@@ -60,12 +59,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def elbo_parts(model, guide, args, n_cells: int) -> dict[str, float]:
+def elbo_parts(module, args, n_cells: int) -> dict[str, float]:
     """Monte-Carlo split of the (annealed) ELBO of one batch into its parts, per cell:
     reconstruction log-likelihood, local KL (z_inv, eps), global KL, alignment factor."""
     with torch.no_grad():
-        guide_trace = poutine.trace(guide).get_trace(*args, n_cells=n_cells)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, n_cells=n_cells)
+        guide_trace = poutine.trace(module.guide).get_trace(*args, n_cells=n_cells)
+        model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*args, n_cells=n_cells)
         model_trace.compute_log_prob()
         guide_trace.compute_log_prob()
         parts = {"recon": 0.0, "kl_local": 0.0, "kl_global": 0.0, "alignment": 0.0}
@@ -97,29 +96,22 @@ def temperature_at(cfg: "TrainConfig", step: int, total_steps: int) -> float:
     return cfg.temperature_start * (cfg.temperature_end / cfg.temperature_start) ** frac
 
 
-def is_global_param(module_name: str, param_name: str) -> bool:
-    """The guide's global variational parameters (effects, DAG, dispersions), which get
-    ``lr * global_lr_multiplier``; everything else is a network weight."""
-    return module_name == "guide" and "encoder" not in param_name
-
-
-def elbo_module(model, guide, jit: bool = False) -> torch.nn.Module:
-    """``TraceMeanField_ELBO()(model.model, guide.guide)``: an ``nn.Module`` whose forward is the
-    differentiable -ELBO, with the model and guide registered on it (so ``.parameters()`` and
-    DistributedDataParallel see them)."""
-    elbo = JitTraceMeanField_ELBO(ignore_jit_warnings=True) if jit else TraceMeanField_ELBO()
-    loss_module = elbo(model.model, guide.guide)
-    loss_module.add_module("pv_model", model)
-    loss_module.add_module("pv_guide", guide)
+def elbo_module(module) -> torch.nn.Module:
+    """``TraceMeanField_ELBO()(module.model, module.guide)``: an ``nn.Module`` whose forward is
+    the differentiable -ELBO, with the PerturbedVAE module registered on it (so ``.parameters()``
+    and DistributedDataParallel see it)."""
+    loss_module = TraceMeanField_ELBO()(module.model, module.guide)
+    loss_module.add_module("pvae", module)
     return loss_module
 
 
-def param_groups(model, guide, cfg: "TrainConfig") -> list[dict]:
+def param_groups(module, cfg: TrainConfig) -> list[dict]:
     """The networks at ``cfg.batch_lr``; the guide's global variational parameters (effects,
-    DAG, dispersions) at ``batch_lr * global_lr_multiplier`` (same split as ``Trainer.optim_args_for``)."""
-    glob = [p for n, p in guide.named_parameters() if is_global_param("guide", n) and p.requires_grad]
+    DAG, dispersions; they receive one noisy gradient per step, while the networks are shared
+    by every cell) at ``batch_lr * global_lr_multiplier``."""
+    glob = [p for p in module.global_parameters() if p.requires_grad]
     ids = {id(p) for p in glob}
-    nets = [p for p in list(model.parameters()) + list(guide.parameters()) if p.requires_grad and id(p) not in ids]
+    nets = [p for p in module.parameters() if p.requires_grad and id(p) not in ids]
     return [{"params": nets, "lr": cfg.batch_lr}, {"params": glob, "lr": cfg.batch_lr * cfg.global_lr_multiplier}]
 
 
@@ -151,53 +143,54 @@ class ClampAdam:
 
 
 class Trainer:
-    """Runs SVI for a model/guide pair over batchers, writing into ``run_dir``."""
+    """Runs SVI for a :class:`~pyro_pvae.model.PerturbedVAEModule` over batchers, writing into
+    ``run_dir`` (None: nothing is written).
 
-    def __init__(self, model, guide, train_batcher, val_batcher, cfg: TrainConfig, run_dir: Path | None):
-        self.model, self.guide, self.cfg = model, guide, cfg
+    Data-parallel training (``pyro_pvae.distributed``) uses the same loop: it passes
+    ``wrap=DistributedDataParallel`` and ``all_reduce`` to average the logged loss over ranks;
+    only ``run_dir`` of rank 0 is set."""
+
+    def __init__(self, module, train_batcher, val_batcher, cfg: TrainConfig, run_dir: Path | None,
+                 n_cells: int | None = None, wrap=None, all_reduce=None, max_steps: int | None = None):
+        self.module, self.cfg = module, cfg
         self.train_batcher, self.val_batcher = train_batcher, val_batcher
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.n_cells = train_batcher.n_cells
+        self.n_cells = n_cells if n_cells is not None else train_batcher.n_cells
         self.steps_per_epoch = max(len(train_batcher), 1)
         self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.max_steps = self.total_steps if max_steps is None else min(max_steps, self.total_steps)
         lrd = cfg.lr_final_fraction ** (1.0 / max(self.total_steps, 1))
-        if cfg.engine not in ("module", "svi"):
-            raise TrainingError(f"train.engine must be 'module' or 'svi', got {cfg.engine!r}")
-        if cfg.engine == "svi":
-            self.optim = ClippedAdam(self.optim_args_for(cfg, lrd))
-            elbo = JitTraceMeanField_ELBO(ignore_jit_warnings=True) if cfg.jit else TraceMeanField_ELBO()
-            self.svi = SVI(model.model, guide.guide, self.optim, elbo)
-        else:  # the same ELBO and update rule without SVI's per-step param-store bookkeeping
-            self.loss_module = elbo_module(model, guide, jit=cfg.jit)
-            self.optim = ClampAdam(param_groups(model, guide, cfg), cfg.clip_norm, lrd)
+        self.loss_module = elbo_module(module)
+        self.forward = wrap(self.loss_module) if wrap is not None else self.loss_module
+        self.all_reduce = all_reduce
+        self.optim = ClampAdam(param_groups(module, cfg), cfg.clip_norm, lrd)
         self.history: list[dict] = []
+        self.step_losses: list[float] = []
         self.start_epoch = 0
         self.best_val = math.inf
         self.best_state = None
         self.bad_epochs = 0
 
-    @staticmethod
-    def optim_args_for(cfg: TrainConfig, lrd: float):
-        """Per-parameter ClippedAdam settings: the guide's global variational parameters
-        (effects, DAG, dispersions) get ``lr * global_lr_multiplier``; they receive one noisy
-        gradient per step, while the networks are shared by every cell."""
-        def args(module_name: str, param_name: str) -> dict:
-            lr = cfg.batch_lr * (cfg.global_lr_multiplier if is_global_param(module_name, param_name) else 1.0)
-            return {"lr": lr, "clip_norm": cfg.clip_norm, "lrd": lrd}
-        return args
-
     def step(self, args) -> float:
-        """One optimisation step; returns the -ELBO estimate of the batch (full-data scale)."""
-        if self.cfg.engine == "svi":
-            return self.svi.step(*args, n_cells=self.n_cells)
-        loss = self.loss_module(*args, n_cells=self.n_cells)
+        """One optimisation step; returns the -ELBO estimate of the batch (full-data scale),
+        averaged over ranks in data-parallel training."""
+        loss = self.forward(*args, n_cells=self.n_cells)
         loss.backward()
         self.optim.step()
-        return float(loss.detach())
+        loss = loss.detach()
+        if self.all_reduce is not None:
+            loss = self.all_reduce(loss)
+        return float(loss)
+
+    @staticmethod
+    def cells_in(args) -> int:
+        return args[0].shape[0]
+
+    def diagnostics(self, args) -> dict[str, float]:
+        """The ELBO's parts on the epoch's last batch (for the metrics and the progress bar)."""
+        return elbo_parts(self.module, args, self.n_cells)
 
     def evaluate_loss(self, args) -> float:
-        if self.cfg.engine == "svi":
-            return self.svi.evaluate_loss(*args, n_cells=self.n_cells)
         with torch.no_grad():
             return float(self.loss_module(*args, n_cells=self.n_cells))
 
@@ -219,20 +212,13 @@ class Trainer:
     def checkpoint_path(self) -> Path | None:
         return self.run_dir / "checkpoint.pt" if self.run_dir else None
 
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "guide": self.guide.state_dict()}
-
-    def load_modules(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.guide.load_state_dict(state["guide"])
-
     def save_checkpoint(self, epoch: int) -> None:
         if self.checkpoint_path is None:
             return
         atomic_torch_save({
             "epoch": epoch,
-            "modules": self.state_dict(),
-            "optim": self.optim.get_state() if self.cfg.engine == "svi" else self.optim.state_dict(),
+            "module": self.module.state_dict(),
+            "optim": self.optim.state_dict(),
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "history": self.history,
@@ -248,12 +234,9 @@ class Trainer:
             log.warning("resume=true but no checkpoint at %s: starting from scratch", path)
             return False
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        self.load_modules(ckpt["modules"])
+        self.module.load_state_dict(ckpt["module"])
         pyro.clear_param_store()
-        if self.cfg.engine == "svi":
-            self.optim.set_state(ckpt["optim"])
-        else:
-            self.optim.load_state_dict(ckpt["optim"])
+        self.optim.load_state_dict(ckpt["optim"])
         torch.set_rng_state(ckpt["rng"])
         if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
@@ -270,7 +253,7 @@ class Trainer:
         self.val_batcher.set_epoch(0)  # the same validation pairing every epoch
         step = self.total_steps
         # fixed Monte-Carlo noise: comparable across epochs, and the training RNG is untouched
-        devices = [self.train_batcher_device] if self.train_batcher_device.type == "cuda" else []
+        devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.cfg.seed + 12345)
             for batch in self.val_batcher:
@@ -281,13 +264,13 @@ class Trainer:
         return total / max(cells, 1)
 
     @property
-    def train_batcher_device(self) -> torch.device:
-        return next(self.guide.parameters()).device
+    def device(self) -> torch.device:
+        return self.module.slab_loc.device
 
     def fail_on_nonfinite(self, loss: float, batch, args, epoch: int, step: int) -> None:
         if math.isfinite(loss):
             return
-        parts = elbo_parts(self.model.model, self.guide.guide, args, self.n_cells)
+        parts = elbo_parts(self.module, args, self.n_cells)
         bad = [k for k, v in parts.items() if not math.isfinite(v)] or ["(gradient or parameter update)"]
         kept = f"; the last good checkpoint is kept at {self.checkpoint_path}" if self.checkpoint_path else ""
         raise TrainingError(
@@ -304,36 +287,42 @@ class Trainer:
         metrics_path = self.run_dir / "metrics.csv" if self.run_dir else None
         bar = tqdm(range(self.start_epoch, cfg.epochs), desc="PerturbedVAE", disable=not cfg.progress,
                    initial=self.start_epoch, total=cfg.epochs, unit="epoch")
+        step = self.start_epoch * self.steps_per_epoch
         for epoch in bar:
+            if step >= self.max_steps:
+                break
             t0 = time.perf_counter()
             self.train_batcher.set_epoch(epoch)
             epoch_loss, cells = 0.0, 0
             last_args = None
             for i, batch in enumerate(self.train_batcher):
-                step = epoch * self.steps_per_epoch + i
+                if step >= self.max_steps:
+                    break
                 args = self.batch_args(batch, step, epoch + i / self.steps_per_epoch)
                 loss = self.step(args)
                 self.fail_on_nonfinite(loss, batch, args, epoch, step)
-                epoch_loss += loss * batch.x.shape[0] / self.n_cells
-                cells += batch.x.shape[0]
+                self.step_losses.append(loss / self.n_cells)
+                epoch_loss += loss * self.cells_in(args) / self.n_cells
+                cells += self.cells_in(args)
                 last_args = args
+                step += 1
             val = self.validation_loss(epoch) if self.val_batcher is not None and len(self.val_batcher) else math.nan
-            parts = elbo_parts(self.model.model, self.guide.guide, last_args, self.n_cells) if last_args else {}
+            parts = self.diagnostics(last_args) if last_args else {}
+            seconds = time.perf_counter() - t0
             row = {"epoch": epoch, "train_loss": epoch_loss / max(cells, 1), "val_loss": val,
                    "kl_weight": self.kl_weight(epoch + 1), "temperature": self.temperature((epoch + 1) * self.steps_per_epoch),
-                   "seconds": time.perf_counter() - t0, "cells_per_s": cells / (time.perf_counter() - t0),
+                   "seconds": seconds, "cells_per_s": cells / seconds,
                    **{f"batch_{k}": v for k, v in parts.items()}}
             self.history.append(row)
             bar.set_postfix(loss=f"{row['train_loss']:.1f}", val=f"{val:.1f}", recon=f"{parts.get('recon', 0):.1f}",
                             kl=f"{parts.get('kl_local', 0):.2f}", align=f"{parts.get('alignment', 0):.3f}")
             if metrics_path is not None:
                 write_metrics(metrics_path, self.history)
-            # early stopping on the validation loss; the best modules are restored at the end
+            # early stopping on the validation loss; the best module is restored at the end
             if math.isfinite(val) and epoch + 1 >= cfg.kl_warmup_epochs:
                 if not math.isfinite(self.best_val) or val < self.best_val - 1e-4 * abs(self.best_val):
                     self.best_val, self.bad_epochs = val, 0
-                    self.best_state = {k: {n: t.detach().cpu().clone() for n, t in v.items()}
-                                       for k, v in self.state_dict().items()}
+                    self.best_state = {n: t.detach().cpu().clone() for n, t in self.module.state_dict().items()}
                 else:
                     self.bad_epochs += 1
             if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
@@ -344,7 +333,7 @@ class Trainer:
                 break
         bar.close()
         if self.best_state is not None:
-            self.load_modules(self.best_state)
+            self.module.load_state_dict(self.best_state)
         return self.history
 
 

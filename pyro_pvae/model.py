@@ -209,12 +209,19 @@ class PerturbedVAEModule(nn.Module):
         return dist.NegativeBinomial(total_count=theta, logits=log_mu - theta.log())
 
     def alignment_penalty(self, x, u, x_ctrl) -> torch.Tensor:
-        """Distance between invariant posterior means of perturbed cells and paired controls.
+        """Distance between invariant posterior means m(x) of perturbed cells and paired controls.
 
-        ``pairwise``: sum_n [u_n != 0] ||m(x_n) - m(x_c(n))||^2 (the paper's form);
-        ``group_mean`` (default): sum_p N_p ||mean_{n: u_np=1} m(x_n) - mean_n m(x_c(n))||^2,
-        i.e. the same pull on the per-perturbation means, without the pairwise form's
-        between-cell variance term (which shrinks all z_inv towards a collapse)."""
+        ``group_mean`` (default): for each perturbation p with N_p cells in the batch and the
+        batch's N_c paired controls, an unbiased estimate of ||E m(x_p) - E m(x_c)||^2,
+
+            sum_p N_p (||mean_p m - mean_c m||^2 - tr S_c (1/N_p + 1/N_c)),
+
+        with S_c the controls' sample covariance. Its expectation is 0 when the perturbed
+        cells' z_inv are distributed like the controls', whatever their spread: unlike the
+        plain squared distance of the means (biased upwards by tr Cov (1/N_p + 1/N_c)), it
+        gives no reward for shrinking z_inv to a point.
+        ``pairwise`` (the paper's form): sum_n [u_n != 0] ||m(x_n) - m(x_c(n))||^2; its
+        optimum shrinks z_inv (it includes twice the between-cell variance)."""
         kept, self.guide_inv_loc = self.guide_inv_loc, None
         m = kept[1] if kept is not None and kept[0] is x else self.inv_encoder(lognormalize(x))[0]
         m_ctrl = self.inv_encoder(lognormalize(x_ctrl))[0]
@@ -222,8 +229,12 @@ class PerturbedVAEModule(nn.Module):
             perturbed = (u.sum(-1) > 0).to(x.dtype)
             return (perturbed * (m - m_ctrl).pow(2).sum(-1)).sum()
         counts = u.sum(0)  # cells of each perturbation in the batch
+        n_ctrl = m_ctrl.shape[0]
         group_means = (u.T @ m) / counts.clamp(min=1).unsqueeze(-1)
-        return (counts * (group_means - m_ctrl.mean(0)).pow(2).sum(-1)).sum()
+        distance = (group_means - m_ctrl.mean(0)).pow(2).sum(-1)
+        spread = m_ctrl.var(0).sum() if n_ctrl > 1 else m_ctrl.new_zeros(())
+        bias = spread * (1 / counts.clamp(min=1) + 1 / n_ctrl)
+        return (counts * (distance - bias)).sum()
 
     # ---- the generative model -----------------------------------------------------------
     def model(self, x, u, x_ctrl=None, kl_weight=1.0, temperature=None, *, n_cells: int):
@@ -236,22 +247,26 @@ class PerturbedVAEModule(nn.Module):
         pyro.module("pvae", self)
         zeros = x.new_zeros(())
 
-        # Global perturbation effects delta[p, k].
-        if cfg.effect_prior == "spike_slab":
-            pi = pyro.sample("pi", dist.Beta(zeros + cfg.pi_prior[0], zeros + cfg.pi_prior[1]))
-        with pyro.plate("perts", P, dim=-2), pyro.plate("pert_latents", K, dim=-1):
-            if cfg.effect_prior == "dense":
-                delta = pyro.sample("slab", dist.Normal(zeros, cfg.dense_scale))
-            elif cfg.gate_inference == "marginal":  # gate summed out
-                delta = pyro.sample("slab", spike_slab_mixture(pi, cfg.spike_scale, cfg.slab_scale, (P, K)))
-            else:
-                gate = pyro.sample("gate", dist.Bernoulli(pi))
-                delta = gate * pyro.sample("slab", dist.Normal(zeros, cfg.slab_scale))
+        # The effects and the DAG reach the data only through the eps KL (the guide's eps
+        # location carries -shift(u, delta)), which kl_weight scales; their priors are scaled
+        # alike so that annealing never lets the prior overrule the data.
+        with poutine.scale(scale=kl_weight):
+            # Global perturbation effects delta[p, k].
+            if cfg.effect_prior == "spike_slab":
+                pi = pyro.sample("pi", dist.Beta(zeros + cfg.pi_prior[0], zeros + cfg.pi_prior[1]))
+            with pyro.plate("perts", P, dim=-2), pyro.plate("pert_latents", K, dim=-1):
+                if cfg.effect_prior == "dense":
+                    delta = pyro.sample("slab", dist.Normal(zeros, cfg.dense_scale))
+                elif cfg.gate_inference == "marginal":  # gate summed out
+                    delta = pyro.sample("slab", spike_slab_mixture(pi, cfg.spike_scale, cfg.slab_scale, (P, K)))
+                else:
+                    gate = pyro.sample("gate", dist.Bernoulli(pi))
+                    delta = gate * pyro.sample("slab", dist.Normal(zeros, cfg.slab_scale))
 
-        # Latent causal model: strictly lower-triangular W with a Laplace (shrinkage) prior.
-        with pyro.plate("children", K, dim=-2), pyro.plate("parents", K, dim=-1):
-            with poutine.mask(mask=self.tril_mask.bool()):
-                W = pyro.sample("W", dist.Laplace(zeros, cfg.w_prior_scale)) * self.tril_mask
+            # Latent causal model: strictly lower-triangular W with a Laplace (shrinkage) prior.
+            with pyro.plate("children", K, dim=-2), pyro.plate("parents", K, dim=-1):
+                with poutine.mask(mask=self.tril_mask.bool()):
+                    W = pyro.sample("W", dist.Laplace(zeros, cfg.w_prior_scale)) * self.tril_mask
 
         genes = pyro.plate("genes", G, dim=-1)
         with genes:
@@ -278,22 +293,23 @@ class PerturbedVAEModule(nn.Module):
         P, K, G = self.n_perts, cfg.latent_pert, self.n_genes
         pyro.module("pvae", self)
 
-        if cfg.effect_prior == "spike_slab":
-            pyro.sample("pi", dist.Beta(*self.pi_concentrations()))
-        with pyro.plate("perts", P, dim=-2), pyro.plate("pert_latents", K, dim=-1):
-            slab_scale = _positive(self.slab_raw_scale)
-            if cfg.gate_sites:
-                gate = pyro.sample("gate", StraightThroughBernoulli(self.gate_logits, temperature))
-                # q(s | gate): the fitted Normal when the gate is on, the prior when it is off, so
-                # an effect pays the slab's KL only when it is included (Occam's razor).
-                slab = pyro.sample("slab", dist.Normal(gate * self.slab_loc,
-                                                       gate * slab_scale + (1 - gate) * cfg.slab_scale))
-                delta = gate * slab
-            else:
-                delta = pyro.sample("slab", dist.Normal(self.slab_loc, slab_scale))
-        with pyro.plate("children", K, dim=-2), pyro.plate("parents", K, dim=-1):
-            with poutine.mask(mask=self.tril_mask.bool()):
-                W = pyro.sample("W", dist.Normal(self.w_loc, _positive(self.w_raw_scale))) * self.tril_mask
+        with poutine.scale(scale=kl_weight):  # as in the model
+            if cfg.effect_prior == "spike_slab":
+                pyro.sample("pi", dist.Beta(*self.pi_concentrations()))
+            with pyro.plate("perts", P, dim=-2), pyro.plate("pert_latents", K, dim=-1):
+                slab_scale = _positive(self.slab_raw_scale)
+                if cfg.gate_sites:
+                    gate = pyro.sample("gate", StraightThroughBernoulli(self.gate_logits, temperature))
+                    # q(s | gate): the fitted Normal when the gate is on, the prior when it is off,
+                    # so an effect pays the slab's KL only when it is included (Occam's razor).
+                    slab = pyro.sample("slab", dist.Normal(gate * self.slab_loc,
+                                                           gate * slab_scale + (1 - gate) * cfg.slab_scale))
+                    delta = gate * slab
+                else:
+                    delta = pyro.sample("slab", dist.Normal(self.slab_loc, slab_scale))
+            with pyro.plate("children", K, dim=-2), pyro.plate("parents", K, dim=-1):
+                with poutine.mask(mask=self.tril_mask.bool()):
+                    W = pyro.sample("W", dist.Normal(self.w_loc, _positive(self.w_raw_scale))) * self.tril_mask
         with pyro.plate("genes", G, dim=-1):
             pyro.sample("theta", dist.LogNormal(self.theta_loc, _positive(self.theta_raw_scale)))
 

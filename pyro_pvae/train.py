@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -59,10 +60,27 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+@contextmanager
+def evaluating(module, seed: int | None = None):
+    """Evaluation that leaves training untouched: the module in eval mode (no update of the
+    running control centre) and torch's RNG forked (seeded with ``seed`` when given)."""
+    device = module.slab_loc.device
+    was_training = module.training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        if seed is not None:
+            torch.manual_seed(seed)
+        module.eval()
+        try:
+            yield
+        finally:
+            module.train(was_training)
+
+
 def elbo_parts(module, args, n_cells: int) -> dict[str, float]:
     """Monte-Carlo split of the (annealed) ELBO of one batch into its parts, per cell:
-    reconstruction log-likelihood, local KL (z_inv, eps), global KL, alignment factor."""
-    with torch.no_grad():
+    reconstruction log-likelihood, local KL (z_inv, eps), global KL, alignment factor.
+    Evaluated in eval mode on a forked RNG (:func:`evaluating`)."""
+    with evaluating(module):
         guide_trace = poutine.trace(module.guide).get_trace(*args, n_cells=n_cells)
         model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*args, n_cells=n_cells)
         model_trace.compute_log_prob()
@@ -191,8 +209,7 @@ class Trainer:
         return elbo_parts(self.module, args, self.n_cells)
 
     def evaluate_loss(self, args) -> float:
-        with torch.no_grad():
-            return float(self.loss_module(*args, n_cells=self.n_cells))
+        return float(self.loss_module(*args, n_cells=self.n_cells))
 
     # ---- schedules -------------------------------------------------------------------
     def kl_weight(self, epoch: float) -> float:
@@ -252,10 +269,8 @@ class Trainer:
         total, cells = 0.0, 0
         self.val_batcher.set_epoch(0)  # the same validation pairing every epoch
         step = self.total_steps
-        # fixed Monte-Carlo noise: comparable across epochs, and the training RNG is untouched
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.cfg.seed + 12345)
+        # eval mode, fixed Monte-Carlo noise: comparable across epochs, training untouched
+        with evaluating(self.module, seed=self.cfg.seed + 12345):
             for batch in self.val_batcher:
                 args = self.batch_args(batch, step, float(self.cfg.kl_warmup_epochs))
                 # scaled like the training loss: per-cell local terms + global KL / n_cells

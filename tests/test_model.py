@@ -9,18 +9,16 @@ import pyro.distributions as dist
 from pyro_pvae import data as D
 from pyro_pvae.api import PerturbedVAE
 from pyro_pvae.baselines import Additive
-from pyro_pvae.guides import PerturbedVAEGuide, StraightThroughBernoulli
 from pyro_pvae.config import ModelConfig
-from pyro_pvae.model import PerturbedVAEModel, lognormalize_counts, propagate
+from pyro_pvae.guides import StraightThroughBernoulli
+from pyro_pvae.model import PerturbedVAEModule, propagate
+from pyro_pvae.utils import lognormalize
 from pyro_pvae.simulate import simulate, true_condition_means
 
 
-def small_modules(**kw):
-    cfg = ModelConfig(n_genes=30, n_perts=5, latent_inv=3, latent_pert=4, hidden=16, **kw)
-    guide = PerturbedVAEGuide(cfg)
-    model = PerturbedVAEModel(cfg, guide.inv_encoder)
-    guide.attach(model)
-    return cfg, model, guide
+def small_module(**kw):
+    cfg = ModelConfig(latent_inv=3, latent_pert=4, hidden=16, **kw)
+    return cfg, PerturbedVAEModule(cfg, n_genes=30, n_perts=5)
 
 
 def test_straight_through_gate_is_exactly_binary_with_gradient_and_analytic_kl():
@@ -49,13 +47,13 @@ def test_marginal_spike_slab_prior_and_inclusion_probability():
     pip = inclusion_probability(d, pi, 0.05, 2.0)
     assert pip[0] < 0.05 and pip[2] > 0.99  # zero effect -> spike; a large effect -> slab
     # the guide's PIP averages p(gate | delta) over q(delta); deterministic
-    cfg, model, guide = small_modules()
+    cfg, module = small_module()
     with torch.no_grad():
-        guide.slab_loc.zero_()
-        guide.slab_loc[0, 0] = 2.0
-    pips = guide.pip()
+        module.slab_loc.zero_()
+        module.slab_loc[0, 0] = 2.0
+    pips = module.pip()
     assert pips[0, 0] > 0.9 and pips[1:].max() < 0.5
-    torch.testing.assert_close(pips, guide.pip())
+    torch.testing.assert_close(pips, module.pip())
 
 
 def test_propagate_is_the_triangular_solve_of_i_minus_w():
@@ -67,7 +65,7 @@ def test_propagate_is_the_triangular_solve_of_i_minus_w():
 
 
 def test_double_shift_is_the_scaled_sum_of_its_singles():
-    _, model, _ = small_modules()
+    _, model = small_module()
     delta = torch.randn(5, 4)
     u = torch.tensor([[1.0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [1, 1, 0, 0, 0]])
     with torch.no_grad():
@@ -79,7 +77,8 @@ def test_double_shift_is_the_scaled_sum_of_its_singles():
 
 @pytest.mark.parametrize("gate_inference", ["marginal", "straight_through"])
 def test_model_and_guide_traces_have_the_documented_sites_and_shapes(gate_inference):
-    cfg, model, guide = small_modules(gate_inference=gate_inference)
+    cfg, module = small_module(gate_inference=gate_inference)
+    model, guide = module, module
     x = torch.poisson(torch.full((8, 30), 2.0))
     u = torch.zeros(8, 5)
     u[:4, 1] = 1
@@ -104,9 +103,8 @@ def test_model_and_guide_traces_have_the_documented_sites_and_shapes(gate_infere
 def test_unknown_model_option_is_refused_with_the_known_ones():
     with pytest.raises(ValueError, match="unknown model config keys.*latnt"):
         ModelConfig.from_dict({"latnt": 3})
-    cfg, model, guide = small_modules(decoder="linear")
     with pytest.raises(ValueError, match="decoder must be"):
-        PerturbedVAEModel(ModelConfig(n_genes=3, n_perts=1, decoder="cubic"))
+        ModelConfig(decoder="cubic")
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +187,8 @@ def test_alignment_reuses_the_guides_invariant_encoder_pass():
     import pyro
     from pyro.infer import TraceMeanField_ELBO
 
-    cfg, model, guide = small_modules()
+    cfg, module = small_module()
+    model, guide = module, module
     calls = []
     guide.inv_encoder.register_forward_hook(lambda *a: calls.append(1))
     torch.manual_seed(0)
@@ -200,7 +199,7 @@ def test_alignment_reuses_the_guides_invariant_encoder_pass():
     u[4:, 1] = 1
 
     def loss_and_grads(hand_over: bool):
-        guide.zero_grad(), model.zero_grad()
+        module.zero_grad()
         pyro.clear_param_store()
         if not hand_over:  # break the hand-over: the model sees a copy of x, not the same tensor
             model_fn = lambda *a, **k: model.model(a[0].clone(), *a[1:], **k)  # noqa: E731
@@ -220,7 +219,7 @@ def test_alignment_reuses_the_guides_invariant_encoder_pass():
     torch.testing.assert_close(l1, l2)
     for a, b in zip(g1, g2):  # equal up to float32 summation order
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
-    assert model.handed_inv_loc is None  # consumed, never kept across steps
+    assert module.guide_inv_loc is None  # consumed, never kept across steps
 
 
 def test_sparse_rotation_undoes_a_rotation_of_sparse_effects():
@@ -246,8 +245,8 @@ def test_rotate_to_sparse_effects_keeps_every_posterior_mean_prediction():
     """Re-expressing a model in the sparse basis (DAG folded into the decoder, W <- 0) leaves
     the decoded mean of every cell and condition unchanged and rotates the latents by M."""
     vae = PerturbedVAE(simulate("tiny", seed=0), split="iid", model=dict(latent_inv=3, latent_pert=4, hidden=16))
-    g, m = vae.module_guide, vae.module_model
-    g.eval(), m.eval()
+    g = m = vae.module
+    g.eval()
     torch.manual_seed(0)
     with torch.no_grad():  # arbitrary parameters, including DAG edges and a control centre
         g.w_loc.copy_(torch.randn(4, 4) * 0.5)
@@ -260,9 +259,9 @@ def test_rotate_to_sparse_effects_keeps_every_posterior_mean_prediction():
 
     @torch.no_grad()
     def decoded_means():
-        xn = lognormalize_counts(x)
+        xn = lognormalize(x)
         W, delta = g.w_mean(), g.effect_mean()
-        eps, _ = g.eps_posterior(xn, torch.zeros_like(u), W, torch.zeros_like(delta))
+        eps, _ = g.eps_posterior(xn, torch.zeros_like(u), W, torch.zeros_like(delta), g.running_control_center)
         z_pert = propagate(eps + m.shift(u, delta), W)
         return m.gene_log_mean(g.inv_encoder(xn)[0], z_pert, x.sum(-1)), vae.latents(vae.adata, np.arange(30))["z_pert"]
 

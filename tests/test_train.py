@@ -74,20 +74,21 @@ def test_non_finite_loss_names_the_step_and_term_and_keeps_the_checkpoint(tmp_pa
 
     class Poison(torch.nn.Module):  # a decoder that returns NaN logits
         def forward(self, z_inv, z_pert):
-            return torch.full((z_inv.shape[0], vae.model_config.n_genes), float("nan"))
+            return torch.full((z_inv.shape[0], len(vae.gene_names)), float("nan"))
 
-    original = PerturbedVAE._build_modules
+    original = PerturbedVAE.build_module
 
     def build_with_nan_decoder(self):
-        original(self)
-        self.module_model.decoder = Poison()
+        module = original(self)
+        module.decoder = Poison()
+        return module
 
-    PerturbedVAE._build_modules = build_with_nan_decoder
+    PerturbedVAE.build_module = build_with_nan_decoder
     try:
         with pytest.raises(TrainingError, match=r"non-finite loss .* epoch 0, step 0: bad term\(s\) \['recon'"):
             vae.fit(run_dir=tmp_path / "bad")
     finally:
-        PerturbedVAE._build_modules = original
+        PerturbedVAE.build_module = original
     # the earlier run's checkpoint is intact
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == good["epoch"]
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()
@@ -110,42 +111,52 @@ def test_metrics_csv_and_curves_are_written(tmp_path):
     assert D.Split.from_json(tmp_path / "split.json").name == "iid"
 
 
-def test_module_and_svi_engines_take_the_same_steps():
-    """engine=module (ELBOModule + torch Adam) is the same ELBO and update rule as pyro's SVI
-    with ClippedAdam: from the same parameters and random draws, the same losses and updates."""
+def test_trainer_steps_equal_pyro_svi_with_clipped_adam():
+    """Trainer (ELBOModule + torch Adam with ClippedAdam's clamp and decay) takes the same steps
+    as pyro.infer.SVI with pyro.optim.ClippedAdam: same parameters and random draws give the
+    same losses and updates."""
     import copy
 
     import pyro
+    from pyro.infer import SVI, TraceMeanField_ELBO
+    from pyro.optim import ClippedAdam
     from pyro_pvae.config import TrainConfig
+    from pyro_pvae.model import GLOBAL_PARAMS
     from pyro_pvae.train import Trainer
 
     vae = small_vae()
     b = D.make_batcher(vae.adata, vae.split.train_idx, vae.vocabulary, vae.control_idx, 64)
-    batches = [next(iter(b)) for _ in range(1)] * 3
+    batches = [next(iter(b))] * 3
+    cfg = TrainConfig(epochs=1, lr=1e-2)
     results = {}
-    for engine in ("svi", "module"):
-        model, guide = copy.deepcopy(vae.module_model), copy.deepcopy(vae.module_guide)
-        guide.attach(model)
-        model._inv_encoder = [guide.inv_encoder]
+    for engine in ("svi", "trainer"):
+        module = copy.deepcopy(vae.module)
         pyro.clear_param_store()
-        trainer = Trainer(model, guide, b, None, TrainConfig(engine=engine, epochs=1, lr=1e-2), None)
+        trainer = Trainer(module, b, None, cfg, None)
+        if engine == "svi":
+            def optim_args(_, name):
+                glob = name.split(".", 1)[-1] in GLOBAL_PARAMS
+                return {"lr": cfg.lr * (cfg.global_lr_multiplier if glob else 1.0), "clip_norm": cfg.clip_norm,
+                        "lrd": cfg.lr_final_fraction ** (1.0 / trainer.total_steps)}
+            svi = SVI(module.model, module.guide, ClippedAdam(optim_args), TraceMeanField_ELBO())
+            step = lambda args: svi.step(*args, n_cells=trainer.n_cells)  # noqa: E731
+        else:
+            step = trainer.step
         torch.manual_seed(0)
-        losses = [trainer.step(trainer.batch_args(batch, i, 1.0)) for i, batch in enumerate(batches)]
-        results[engine] = (losses, {k: v.detach().clone() for k, v in guide.state_dict().items()})
-    np.testing.assert_allclose(results["module"][0], results["svi"][0], rtol=1e-4)
+        losses = [step(trainer.batch_args(batch, i, 1.0)) for i, batch in enumerate(batches)]
+        results[engine] = (losses, {k: v.detach().clone() for k, v in module.state_dict().items()})
+    np.testing.assert_allclose(results["trainer"][0], results["svi"][0], rtol=1e-4)
+    moved = 0
     for k, v in results["svi"][1].items():
+        mine = results["trainer"][1][k]
         if k == "running_control_center":  # an EMA over guide evaluations, not a trained parameter
-            torch.testing.assert_close(results["module"][1][k], v, rtol=0, atol=1e-3)
+            torch.testing.assert_close(mine, v, rtol=0, atol=1e-3)
             continue
         if k == "pert_encoder.net.2.bias":  # its location half cancels against the control centre
-            v, results["module"][1][k] = v[3:], results["module"][1][k][3:]  # (zero gradient): noise
-        
-        torch.testing.assert_close(results["module"][1][k], v, rtol=1e-3, atol=1e-5, msg=lambda m: f"{k}: {m}")
-
-
-def test_unknown_engine_is_refused():
-    with pytest.raises(TrainingError, match="train.engine must be 'module' or 'svi', got 'jax'"):
-        small_vae(engine="jax").fit()
+            v, mine = v[3:], mine[3:]  # (zero gradient): noise
+        torch.testing.assert_close(mine, v, rtol=1e-3, atol=1e-5, msg=lambda m: f"{k}: {m}")
+        moved += int(not torch.equal(v, vae.module.state_dict()[k]))
+    assert moved > 10  # the steps really moved the parameters
 
 
 def test_fit_streams_a_backed_h5ad(tmp_path):
@@ -175,7 +186,7 @@ def test_learning_rate_rule_for_large_batches():
     cfg = TrainConfig.from_dict({**base, "lr_batch_rule": "linear", "global_lr_multiplier": 10.0})
     assert cfg.batch_lr == pytest.approx(4e-3)
     vae = small_vae()
-    groups = param_groups(vae.module_model, vae.module_guide, cfg)
+    groups = param_groups(vae.module, cfg)
     assert [g["lr"] for g in groups] == pytest.approx([4e-3, 4e-2])
     with pytest.raises(ValueError, match="lr_batch_rule must be"):
         TrainConfig.from_dict({**base, "lr_batch_rule": "cubic"})

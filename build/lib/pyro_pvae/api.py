@@ -1,0 +1,360 @@
+"""User-facing API: ``PerturbedVAE`` (fit / predict / effects / save / load) and ``load_run``.
+
+>>> from pyro_pvae import PerturbedVAE, datasets
+>>> adata = datasets.norman19_subset()
+>>> vae = PerturbedVAE(adata, split="complete_doubles").fit(epochs=50)
+>>> pred = vae.predict(["KLF1+MAP2K6"], n_cells=200)      # AnnData of predicted cells
+>>> vae.effects().query("pip > 0.5")                        # sparse effects with PIPs
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pyro
+import scipy.sparse as sp
+import torch
+
+from . import data as D
+from .config import ModelConfig, TrainConfig
+from .model import PerturbedVAEModule, sample_globals, sparse_rotation
+from .train import Trainer, atomic_torch_save, plot_training_curves, resolve_device
+from .utils import lognormalize
+
+log = logging.getLogger(__name__)
+
+N_REFERENCE_CONTROLS = 2000
+
+
+class PerturbedVAE:
+    """PerturbedVAE fitted by amortised SVI.
+
+    Parameters
+    ----------
+    adata : canonical AnnData (see :func:`pyro_pvae.data.read_perturbseq`), counts in ``X``.
+    split : a :class:`~pyro_pvae.data.Split`, a split name (``"norman_discrepancy"``,
+        ``"combo_seen"``, ``"complete_doubles"``, ``"iid"``) or ``None`` (train on all cells,
+        keeping a small validation share).
+    model : dict or :class:`ModelConfig` of sizes and priors; ``train``: dict or
+        :class:`TrainConfig`.
+    """
+
+    def __init__(self, adata: ad.AnnData | None = None, split=None, model: dict | ModelConfig | None = None,
+                 train: dict | TrainConfig | None = None, split_kwargs: dict | None = None):
+        self.model_config = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(dict(model or {}))
+        self.train_config = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(dict(train or {}))
+        self.adata = adata
+        self.split = None
+        self.history: list[dict] = []
+        self.module: PerturbedVAEModule | None = None
+        if adata is not None:
+            self._prepare(adata, split, split_kwargs or {})
+
+    # ---- setup -------------------------------------------------------------------------
+    def _prepare(self, adata, split, split_kwargs):
+        if "condition" not in adata.obs:
+            raise D.DataError("the AnnData has no obs['condition']; read it with pyro_pvae.data.read_perturbseq "
+                              "or convert it with pyro_pvae.data.to_canonical first")
+        seed = self.train_config.seed
+        if isinstance(split, str):
+            split = D.make_split(adata, split, seed, **split_kwargs)
+        elif split is None:
+            split = _all_cells_split(adata, seed)
+        self.split = split
+        self.vocabulary = D.perturbation_vocabulary(adata, split.train_idx)
+        self.gene_names = list(map(str, adata.var_names))
+        cond = adata.obs["condition"].astype(str).to_numpy()
+        train_idx = np.asarray(split.train_idx)
+        self.control_idx = train_idx[cond[train_idx] == D.CONTROL]
+        if len(self.control_idx) == 0:
+            raise D.DataError("the training split has no control cells; they are needed for alignment and prediction")
+        rng = np.random.default_rng(seed)
+        ref = rng.choice(self.control_idx, size=min(N_REFERENCE_CONTROLS, len(self.control_idx)), replace=False)
+        self.reference_controls = sp.csr_matrix(adata.X[np.sort(ref)], dtype=np.float32)
+        self.build_module()
+
+    def build_module(self) -> PerturbedVAEModule:
+        """A freshly initialised module (seeded with ``train.seed``) for these genes and perturbations."""
+        torch.manual_seed(self.train_config.seed)
+        self.module = PerturbedVAEModule(self.model_config, n_genes=len(self.gene_names),
+                                         n_perts=len(self.vocabulary), init_gate_prob=self.train_config.init_gate_prob)
+        return self.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.slab_loc.device
+
+    # ---- training ----------------------------------------------------------------------
+    def fit(self, run_dir: str | Path | None = None, **train_overrides) -> "PerturbedVAE":
+        """Fit by SVI on the training split; ``train_overrides`` update the train config
+        (e.g. ``epochs=50``). Writes checkpoints and metrics into ``run_dir`` when given."""
+        if self.adata is None:
+            raise RuntimeError("PerturbedVAE was created without data; pass an AnnData to the constructor")
+        self.train_config = TrainConfig.from_dict({**asdict(self.train_config), **train_overrides})
+        cfg = self.train_config
+        pyro.set_rng_seed(cfg.seed)
+        self.build_module()
+        device = resolve_device(cfg.device)
+        self.module.to(device)
+        train_b = D.make_batcher(self.adata, cell_idx=self.split.train_idx, vocabulary=self.vocabulary,
+                                 control_idx=self.control_idx, batch_size=min(cfg.batch_size, len(self.split.train_idx)),
+                                 device=device, seed=cfg.seed, shuffle=True, drop_last=True)
+        val_b = None
+        if len(self.split.val_idx):
+            val_b = D.make_batcher(self.adata, cell_idx=self.split.val_idx, vocabulary=self.vocabulary,
+                                   control_idx=self.control_idx, batch_size=max(cfg.batch_size, 512),
+                                   device=device, seed=cfg.seed + 1, shuffle=False, drop_last=False)
+        if run_dir is not None:
+            run_dir = Path(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.split.to_json(run_dir / "split.json")
+        trainer = Trainer(self.module, train_b, val_b, cfg, run_dir)
+        log.info("training on %d cells x %d genes, %d perturbations, device %s",
+                 train_b.n_cells, self.adata.n_vars, len(self.vocabulary), device)
+        self.history = trainer.fit()
+        self.module.eval()
+        self._rotate_if_configured()
+        if run_dir is not None:
+            self.save(run_dir / "model.pt")
+            if self.history:
+                plot_training_curves(self.history, run_dir / "training_curves.png")
+        return self
+
+    def _rotate_if_configured(self) -> None:
+        """``model.sparse_rotation``: rotate after a fit (skipped, with a warning, for
+        straight-through gates, whose basis is fixed by the fitted gates)."""
+        cfg = self.model_config
+        if not cfg.sparse_rotation:
+            return
+        if cfg.gate_sites:
+            log.warning("model.sparse_rotation is ignored with gate_inference='straight_through'")
+            return
+        self.rotate_to_sparse_effects()
+
+    @torch.no_grad()
+    def rotate_to_sparse_effects(self, n_restarts: int = 16) -> np.ndarray:
+        r"""Re-express the fitted model in the z_pert basis where the effects are sparsest.
+
+        With shift interventions the likelihood cannot tell ``z_pert`` from ``M z_pert`` for
+        ``M = O (I - W)``, ``O`` orthogonal: the DAG folds into the decoder and ``O`` rotates
+        ``eps`` (still N(0, I)) and every ``delta_p``. This picks ``O`` by
+        :func:`~pyro_pvae.model.sparse_rotation` and rewrites the parameters exactly:
+        decoder input columns ``F[:, D:] <- F[:, D:] M^{-1}``, encoder location rows
+        ``h <- M h`` (and the control centre), effects ``delta_p <- O delta_p``, ``W <- 0``.
+        Posterior means (latents, effects, predicted means) are unchanged up to the rotation;
+        the mean-field scales of ``delta`` and ``eps`` are diagonal and are approximated by
+        the diagonal of the rotated covariance (``eps``: left as fitted). Returns ``M``.
+        Only for the marginal spike-and-slab and the dense prior (not straight-through gates)."""
+        cfg, g = self.model_config, self.module
+        if cfg.gate_sites:
+            raise ValueError("rotate_to_sparse_effects needs model.gate_inference='marginal' (or the dense prior): "
+                             "straight-through gates are tied to the fitted basis")
+        K, Dinv = cfg.latent_pert, cfg.latent_inv
+        W = g.w_mean()
+        O = sparse_rotation(g.slab_loc, n_restarts=n_restarts, seed=self.train_config.seed)
+        M = O @ (torch.eye(K, dtype=W.dtype, device=W.device) - W)
+        first = g.decoder.first_layer
+        first.weight[:, Dinv:] = first.weight[:, Dinv:] @ torch.linalg.inv(M)
+        last = g.pert_encoder.net[-1]
+        last.weight[:K] = M @ last.weight[:K]
+        last.bias[:K] = M @ last.bias[:K]
+        g.running_control_center.copy_(M @ g.running_control_center)
+        sd = torch.nn.functional.softplus(g.slab_raw_scale) + 1e-4
+        l1_before = float(g.slab_loc.abs().sum())
+        g.slab_loc.copy_(g.slab_loc @ O.T)
+        new_sd = ((sd ** 2) @ (O ** 2).T).sqrt()
+        g.slab_raw_scale.copy_(torch.log(torch.expm1((new_sd - 1e-4).clamp(min=1e-6))))
+        g.w_loc.zero_()
+        log.info("rotated z_pert to the sparsest effects: sum |delta| %.2f -> %.2f",
+                 l1_before, float(g.slab_loc.abs().sum()))
+        return M.cpu().numpy()
+
+    # ---- prediction -----------------------------------------------------------------------
+    def perturbation_matrix(self, conditions, unknown: str = "error") -> np.ndarray:
+        return D.perturbation_matrix(conditions, self.vocabulary, unknown=unknown)
+
+    def _global_draws(self, n_draws: int, posterior_mean: bool = False) -> list[dict[str, torch.Tensor]]:
+        """``n_draws`` draws of the global sites (or their posterior mean, once), one dict each."""
+        if posterior_mean:
+            return [self.module.global_means()]
+        draws = sample_globals(self.module, n_draws)
+        return [{k: v[s] for k, v in draws.items()} for s in range(n_draws)]
+
+    def _control_block(self, n_cells: int, rng: np.random.Generator):
+        rows = rng.integers(0, self.reference_controls.shape[0], size=n_cells)
+        return torch.as_tensor(self.reference_controls[rows].toarray(), device=self.device), rows
+
+    def _condition_rows(self, condition: str, n_cells: int, unknown: str) -> torch.Tensor:
+        u_row = self.perturbation_matrix([condition], unknown=unknown)[0]
+        return torch.as_tensor(np.repeat(u_row[None], n_cells, 0), device=self.device)
+
+    @torch.no_grad()
+    def predict(self, conditions, n_cells: int = 100, seed: int = 0, unknown: str = "error",
+                posterior_mean: bool = False) -> ad.AnnData:
+        """Predicted cells for each condition (``"KLF1"``, ``"BAK1+KLF1"``, ``"control"``).
+
+        Each predicted cell starts from a randomly drawn training control cell (its z_inv,
+        eps and library size) and is drawn from the model under the condition, with one
+        posterior draw of the global sites per condition (``posterior_mean=True``: their
+        mean). Returns an AnnData with predicted counts in ``X``, ``layers['lognorm']`` and
+        ``obs['condition']``. ``unknown='ignore'`` lets genes absent from training contribute
+        no effect."""
+        conditions = [D.format_condition(D.parse_condition(c)) for c in _as_list(conditions)]
+        self.perturbation_matrix(conditions, unknown=unknown)  # unknown genes fail before any work
+        rng = np.random.default_rng(seed)
+        self.module.eval()
+        blocks, obs = [], []
+        with _seeded(seed, self.device):
+            for cond in conditions:
+                glob = self._global_draws(1, posterior_mean)[0]
+                x_ctrl, rows = self._control_block(n_cells, rng)
+                u = self._condition_rows(cond, n_cells, unknown)
+                blocks.append(self.module.sample_cells(x_ctrl, u, glob).cpu().numpy())
+                obs.append(pd.DataFrame({"condition": cond, "control_cell": rows}))
+        X = np.concatenate(blocks).astype(np.float32)
+        out = ad.AnnData(X=sp.csr_matrix(X), obs=pd.concat(obs, ignore_index=True),
+                         var=pd.DataFrame(index=self.gene_names))
+        out.obs_names = [f"pred_{i}" for i in range(out.n_obs)]
+        out.layers["lognorm"] = sp.csr_matrix(lognormalize(torch.as_tensor(X)).numpy())
+        out.obs["condition"] = out.obs["condition"].astype("category")
+        return out
+
+    @torch.no_grad()
+    def predict_change_samples(self, condition: str, n_draws: int = 100, n_cells: int = 100, seed: int = 0,
+                               unknown: str = "error") -> np.ndarray:
+        """Posterior predictive draws (n_draws x genes) of the condition's pseudobulk change of
+        log-normalised expression from control, each from a global posterior draw and
+        ``n_cells`` predicted cells (use the observed number of cells for calibrated intervals)."""
+        u = self._condition_rows(condition, n_cells, unknown)
+        rng = np.random.default_rng(seed)
+        self.module.eval()
+        out = np.empty((n_draws, len(self.gene_names)), dtype=np.float32)
+        with _seeded(seed, self.device):
+            for s, glob in enumerate(self._global_draws(n_draws)):
+                x_ctrl, _ = self._control_block(n_cells, rng)
+                pert = self.module.sample_cells(x_ctrl, u, glob)
+                ctrl = self.module.sample_cells(x_ctrl, torch.zeros_like(u), glob)
+                out[s] = (lognormalize(pert).mean(0) - lognormalize(ctrl).mean(0)).cpu().numpy()
+        return out
+
+    # ---- posterior summaries -------------------------------------------------------------
+    def effects(self, n_draws: int = 500) -> pd.DataFrame:
+        """Tidy posterior of delta[p, k]: mean, sd, 5%/95% quantiles and the PIP."""
+        with torch.no_grad():
+            delta = sample_globals(self.module, n_draws)["delta"].cpu().numpy()
+            pip = self.module.pip().cpu().numpy()
+        P, K = pip.shape
+        q05, q95 = np.quantile(delta, [0.05, 0.95], axis=0)
+        return pd.DataFrame({
+            "perturbation": np.repeat(self.vocabulary, K),
+            "latent": np.tile(np.arange(K), P),
+            "mean": delta.mean(0).ravel(), "sd": delta.std(0).ravel(),
+            "q05": q05.ravel(), "q95": q95.ravel(), "pip": pip.ravel(),
+        })
+
+    def pip(self) -> np.ndarray:
+        """Posterior inclusion probabilities, perturbations x latents."""
+        return self.module.pip().detach().cpu().numpy()
+
+    def dag(self) -> np.ndarray:
+        """Posterior mean of the latent DAG weights W (strictly lower triangular; zero after
+        :meth:`rotate_to_sparse_effects`, which folds the DAG into the decoder)."""
+        return self.module.w_mean().detach().cpu().numpy()
+
+    @torch.no_grad()
+    def latents(self, adata: ad.AnnData | None = None, idx=None) -> dict[str, np.ndarray]:
+        """Posterior means of z_inv and z_pert for cells of ``adata`` (default: the training data)."""
+        adata = self.adata if adata is None else adata
+        idx = np.arange(adata.n_obs) if idx is None else np.asarray(idx)
+        cond = adata.obs["condition"].astype(str).to_numpy()[idx]
+        U = self.perturbation_matrix(cond, unknown="ignore")
+        z_inv, z_pert = [], []
+        for start in range(0, len(idx), 4096):
+            rows = idx[start:start + 4096]
+            x = torch.as_tensor(_dense(adata.X[rows]), device=self.device)
+            u = torch.as_tensor(U[start:start + 4096], device=self.device)
+            zi, zp = self.module.latent_means(x, u)
+            z_inv.append(zi.cpu().numpy())
+            z_pert.append(zp.cpu().numpy())
+        return {"z_inv": np.concatenate(z_inv), "z_pert": np.concatenate(z_pert)}
+
+    # ---- persistence ---------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Save modules, configs, vocabulary, genes, split and reference controls (atomic)."""
+        path = Path(path)
+        atomic_torch_save({
+            "format": "pyro_pvae/2",
+            "model_config": self.model_config.to_dict(),
+            "train_config": asdict(self.train_config),
+            "module": self.module.state_dict(),
+            "vocabulary": self.vocabulary,
+            "gene_names": self.gene_names,
+            "reference_controls": self.reference_controls,
+            "history": self.history,
+            "split": self.split.to_dict() if self.split is not None else None,
+        }, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, adata: ad.AnnData | None = None, device: str = "cpu") -> "PerturbedVAE":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no saved model at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("format") != "pyro_pvae/2":
+            raise ValueError(f"{path} is not a pyro_pvae model file")
+        self = cls(model=ModelConfig.from_dict(state["model_config"]), train=TrainConfig.from_dict(state["train_config"]))
+        self.vocabulary, self.gene_names = state["vocabulary"], state["gene_names"]
+        self.reference_controls, self.history = state["reference_controls"], state["history"]
+        self.adata = adata
+        if state.get("split") is not None:
+            self.split = D.Split(**state["split"])
+        self.build_module()
+        self.module.load_state_dict(state["module"])
+        self.module.to(resolve_device(device)).eval()
+        return self
+
+
+def load_run(path: str | Path, device: str = "cpu", with_data: bool = False) -> PerturbedVAE:
+    """Load the fitted model of a run directory written by ``python -m pyro_pvae.fit``.
+    ``with_data=True`` also re-reads the run's data set (from its resolved config)."""
+    path = Path(path)
+    if not (path / "model.pt").exists():
+        raise FileNotFoundError(f"{path} holds no model.pt; is it a pyro_pvae run directory?")
+    adata = None
+    if with_data:
+        from .config import load_dataset
+        from omegaconf import OmegaConf
+        adata = load_dataset(OmegaConf.load(path / "config.yaml"))
+    return PerturbedVAE.load(path / "model.pt", adata=adata, device=device)
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device):
+    """Run with torch's global RNG (and the device's) seeded, restoring the caller's state."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _as_list(x):
+    return [x] if isinstance(x, str) else list(x)
+
+
+def _dense(X) -> np.ndarray:
+    return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
+
+
+def _all_cells_split(adata, seed):
+    """All cells for training, 5% kept for validation."""
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(adata.n_obs)
+    n_val = max(1, int(0.05 * adata.n_obs))
+    return D.Split(name="all", seed=seed, train_idx=np.sort(idx[n_val:]), val_idx=np.sort(idx[:n_val]),
+                   test_idx=np.array([], dtype=int), train_conditions=sorted(set(adata.obs["condition"].astype(str))),
+                   test_conditions=[], test_groups={})

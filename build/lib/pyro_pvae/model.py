@@ -1,0 +1,423 @@
+r"""PerturbedVAE (arXiv 2605.19343): the generative model and its guide, in one module.
+
+For perturbations p = 1..P, perturbation latents k = 1..K, cells n and genes g:
+
+.. math::
+
+    \pi &\sim \mathrm{Beta}(a, b)                                   && \text{(sparsity level)}\\
+    \gamma_{pk} &\sim \mathrm{Bernoulli}(\pi),\quad s_{pk} \sim \mathcal N(0, \sigma_s^2),
+        \quad \delta_{pk} = \gamma_{pk} s_{pk}                       && \text{(spike and slab)}\\
+    W_{kj} &\sim \mathrm{Laplace}(0, b_W),\ j < k                    && \text{(latent DAG)}\\
+    \theta_g &\sim \mathrm{LogNormal}(\mu_\theta, \sigma_\theta)     && \text{(NB inverse dispersion)}\\
+    z^{inv}_n &\sim \mathcal N(0, I_D),\quad \varepsilon_n \sim \mathcal N(0, I_K)\\
+    z^{pert}_n &= (I - W)^{-1}\big(\varepsilon_n + c_{m_n} \textstyle\sum_p u_{np}\delta_p\big)
+        && \text{(shift interventions)}\\
+    \rho_n &= \mathrm{softmax}\big(f([z^{inv}_n, z^{pert}_n])\big),\quad \mu_{ng} = \ell_n \rho_{ng}\\
+    x_{ng} &\sim \mathrm{NB}(\text{mean } \mu_{ng}, \text{inverse dispersion } \theta_g)
+
+By default (``gate_inference="marginal"``) the gate is summed out: ``delta_pk ~ (1 - pi)
+N(0, spike^2) + pi N(0, sigma_s^2)`` with a narrow Normal spike standing in for the point
+mass, so every site is continuous and reparameterised; the posterior inclusion probability
+is ``PIP_pk = E_q[p(gamma_pk = 1 | delta_pk, pi)]`` (:func:`inclusion_probability`).
+``gate_inference="straight_through"`` keeps the Bernoulli gate as a site (guide: hard
+straight-through samples, analytic Bernoulli KL).
+
+``u_n`` is the multi-hot perturbation label, ``m_n = sum_p u_np`` the number of targets and
+``c_m`` a learned composition scale (``c_1 = 1``; ``c_2`` lets doubles compose sub- or
+super-additively in latent space). ``l_n`` is the observed library size. The decoder ``f``
+never sees ``u``. The triangular system is solved, never inverted.
+
+Alignment: a ``pyro.factor`` adds ``-alpha * penalty``, pulling the invariant posterior
+means ``m(x)`` (the guide's q(z_inv | x) encoder) of perturbed cells towards those of
+randomly paired control cells (:meth:`PerturbedVAEModule.alignment_penalty`).
+``alpha = 0`` turns it off.
+
+The guide (:meth:`PerturbedVAEModule.guide`) is amortised for the local latents and
+mean-field for the globals:
+
+* ``q(z_inv | x) = N(m(x), s(x))``: the invariant encoder sees only the cell, never its label;
+* ``q(eps | x, u) = N((I - W)(h(x, u) - h_ctrl) - c u delta, s'(x, u))``: the perturbation
+  encoder predicts the cell's ``z_pert`` location ``h``, measured from the mean ``h_ctrl`` of
+  control cells; the guide turns it into the exogenous noise ``eps`` with the *sampled* DAG
+  and effects, so the eps-KL pulls ``u delta`` towards what the encoder sees;
+* straight-through gates ``q(gamma_pk) = Bernoulli(PIP_pk)`` (hard 0/1 forward, Gumbel-sigmoid
+  gradient) with slabs ``q(s | gamma)`` = the fitted Normal when on and the prior when off;
+  marginal gates: ``q(delta_pk) = N(m, v)``;
+* DAG weights: Normal; theta: LogNormal; pi: Beta.
+
+Predicted cells come from the same program: :func:`sample_globals` traces the guide for
+global draws and :meth:`PerturbedVAEModule.sample_cells` runs :meth:`~PerturbedVAEModule.model`
+with its observation released.
+"""
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import nn
+from torch.nn.functional import softplus
+
+from .config import ModelConfig
+from .guides import Encoder, StraightThroughBernoulli, mlp
+from .utils import lognormalize
+
+#: the guide's global variational parameters (learning rate ``lr * global_lr_multiplier``)
+GLOBAL_PARAMS = ("gate_logits", "slab_loc", "slab_raw_scale", "pi_raw", "w_loc", "w_raw_scale",
+                 "theta_loc", "theta_raw_scale")
+#: sample sites of the globals and of the per-cell latents
+GLOBAL_SITES = ("pi", "gate", "slab", "W", "theta")
+LOCAL_SITES = ("z_inv", "eps")
+
+
+# ---- the math pieces ----------------------------------------------------------------------
+
+def spike_slab_mixture(pi, spike_scale: float, slab_scale: float, shape) -> dist.MixtureSameFamily:
+    """(1 - pi) N(0, spike_scale^2) + pi N(0, slab_scale^2): the spike-and-slab prior of one
+    effect with its gate summed out (a narrow Normal spike stands in for the point mass)."""
+    weights = torch.stack([1 - pi, pi], -1).expand(*shape, 2)
+    scales = torch.tensor([spike_scale, slab_scale], dtype=pi.dtype, device=pi.device).expand(*shape, 2)
+    return dist.MixtureSameFamily(dist.Categorical(probs=weights), dist.Normal(torch.zeros_like(scales), scales))
+
+
+def inclusion_probability(delta, pi, spike_scale: float, slab_scale: float):
+    """p(gate = 1 | delta, pi) = pi N(delta; 0, slab) / [pi N(delta; 0, slab) + (1 - pi) N(delta; 0, spike)]."""
+    log_slab = dist.Normal(0.0, slab_scale).log_prob(delta) + torch.log(pi)
+    log_spike = dist.Normal(0.0, spike_scale).log_prob(delta) + torch.log1p(-pi)
+    return torch.sigmoid(log_slab - log_spike)
+
+
+def propagate(eps_plus_shift: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """z = (I - W)^{-1} b for each row b, by a triangular solve (W strictly lower)."""
+    A = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device) - W
+    return torch.linalg.solve_triangular(A, eps_plus_shift.unsqueeze(-1), upper=False).squeeze(-1)
+
+
+def sparse_rotation(effects: torch.Tensor, n_restarts: int = 16, steps: int = 300, seed: int = 0) -> torch.Tensor:
+    r"""Orthogonal ``O`` (K x K) minimising ``sum_pk |(effects O^T)_pk|`` (a smooth L1).
+
+    Why: with shift interventions and ``eps ~ N(0, I)`` the likelihood is unchanged by any
+    rotation ``z_pert -> O z_pert``, ``delta_p -> O delta_p`` (the decoder and encoder absorb
+    ``O``), and the spike-and-slab prior pulls towards the sparse basis only when an effect is
+    already near zero, so SVI settles in a rotated, dense-looking basis. The sparsest rotation
+    is the one the prior prefers (cf. varimax in factor analysis). ``O = exp(A - A^T)`` is
+    optimised from the identity and ``n_restarts - 1`` random starts; the best is returned."""
+    E = effects.detach().to(torch.float64).cpu()
+    K = E.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    scale = E.abs().mean().clamp(min=1e-8)
+    best, best_loss = torch.eye(K, dtype=torch.float64), float("inf")
+    for r in range(n_restarts):
+        A = torch.zeros(K, K, dtype=torch.float64) if r == 0 else torch.randn(K, K, generator=gen, dtype=torch.float64)
+        A.requires_grad_(True)
+        opt = torch.optim.Adam([A], lr=0.05)
+        with torch.enable_grad():  # callers may be under no_grad
+            for _ in range(steps):
+                O = torch.matrix_exp(A - A.T)
+                loss = torch.sqrt((E @ O.T) ** 2 + (0.03 * scale) ** 2).sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            O = torch.matrix_exp(A - A.T)
+            final = (E @ O.T).abs().sum().item()
+        if final < best_loss:
+            best, best_loss = O.detach(), final
+    return best.to(dtype=effects.dtype, device=effects.device)
+
+
+class Decoder(nn.Module):
+    """f([z_inv, z_pert]) -> gene logits (softmax gives proportions rho)."""
+
+    def __init__(self, n_in: int, n_genes: int, cfg: ModelConfig):
+        super().__init__()
+        self.net = nn.Linear(n_in, n_genes) if cfg.decoder == "linear" else mlp(n_in, n_genes, cfg.hidden,
+                                                                                  cfg.n_layers)
+
+    def forward(self, z_inv: torch.Tensor, z_pert: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([z_inv, z_pert], dim=-1))
+
+    @property
+    def first_layer(self) -> nn.Linear:
+        return self.net if isinstance(self.net, nn.Linear) else self.net[0]
+
+
+def _positive(raw: torch.Tensor, floor: float = 1e-4) -> torch.Tensor:
+    return softplus(raw) + floor
+
+
+class PerturbedVAEModule(nn.Module):
+    """Networks and variational parameters of PerturbedVAE; ``model`` and ``guide`` are the
+    Pyro programs (see the module docstring for the equations).
+
+    ``n_genes`` and ``n_perts`` come from the data; ``cfg`` holds sizes and priors."""
+
+    def __init__(self, cfg: ModelConfig, n_genes: int, n_perts: int, init_gate_prob: float = 0.5):
+        super().__init__()
+        self.cfg, self.n_genes, self.n_perts = cfg, int(n_genes), int(n_perts)
+        P, K, D, G = self.n_perts, cfg.latent_pert, cfg.latent_inv, self.n_genes
+        depth = max(cfg.n_layers, 1)
+        # guide networks: q(z_inv | x) and the z_pert location h(x, u)
+        self.inv_encoder = Encoder(G, D, cfg.hidden, depth)
+        self.pert_encoder = Encoder(G + P, K, cfg.hidden, depth)
+        # guide: mean-field globals (what a variant does not train is a buffer, as DDP requires
+        # every parameter to be used)
+        gate_logit = float(torch.tensor(init_gate_prob).logit())
+        self._param_or_buffer("gate_logits", torch.full((P, K), gate_logit), cfg.gate_sites)
+        self.slab_loc = nn.Parameter(0.1 * torch.randn(P, K))
+        self.slab_raw_scale = nn.Parameter(torch.full((P, K), -2.0))
+        self._param_or_buffer("pi_raw", torch.tensor([0.0, 1.0]), cfg.effect_prior == "spike_slab")
+        self.w_loc = nn.Parameter(torch.zeros(K, K))
+        self.w_raw_scale = nn.Parameter(torch.full((K, K), -3.0))
+        self.theta_loc = nn.Parameter(torch.full((G,), 1.5))
+        self.theta_raw_scale = nn.Parameter(torch.full((G,), -2.0))
+        self.register_buffer("tril_mask", torch.ones(K, K).tril(-1))
+        self.register_buffer("running_control_center", torch.zeros(K))
+        # model: decoder f and log c_2, the composition scale of cells with two or more targets
+        self.decoder = Decoder(D + K, G, cfg)
+        self.log_multi_scale = nn.Parameter(torch.zeros(()), requires_grad=cfg.learn_composition)
+        #: (x, m(x)) kept by the guide for the model's alignment factor of the same step, so
+        #: the invariant encoder runs once per step (the guide runs before the model)
+        self.guide_inv_loc: tuple | None = None
+
+    def _param_or_buffer(self, name: str, value: torch.Tensor, trained: bool) -> None:
+        if trained:
+            setattr(self, name, nn.Parameter(value))
+        else:
+            self.register_buffer(name, value)
+
+    def global_parameters(self) -> list[nn.Parameter]:
+        """The guide's global variational parameters (effects, DAG, dispersions)."""
+        return [p for n, p in self.named_parameters() if n in GLOBAL_PARAMS]
+
+    # ---- pieces of the generative story -------------------------------------------------
+    def shift(self, u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """c_{m_n} * sum_p u_np delta_p, with c_1 = 1 and c_{>=2} learned."""
+        n_targets = u.sum(-1, keepdim=True)
+        scale = torch.where(n_targets > 1, self.log_multi_scale.exp(), torch.ones_like(n_targets))
+        return scale * (u @ delta)
+
+    def gene_log_mean(self, z_inv, z_pert, library_size):
+        """log mu_ng = log l_n + log_softmax(f([z_inv, z_pert]))_g."""
+        return library_size.log().unsqueeze(-1) + torch.log_softmax(self.decoder(z_inv, z_pert), -1)
+
+    def likelihood(self, log_mu: torch.Tensor, theta: torch.Tensor):
+        """NB with mean mu and inverse dispersion theta (total_count=theta, logits=log(mu/theta));
+        ``likelihood="poisson"``: Poisson(mu)."""
+        if self.cfg.likelihood == "poisson":
+            return dist.Poisson(log_mu.exp())
+        return dist.NegativeBinomial(total_count=theta, logits=log_mu - theta.log())
+
+    def alignment_penalty(self, x, u, x_ctrl) -> torch.Tensor:
+        """Distance between invariant posterior means of perturbed cells and paired controls.
+
+        ``pairwise``: sum_n [u_n != 0] ||m(x_n) - m(x_c(n))||^2 (the paper's form);
+        ``group_mean`` (default): sum_p N_p ||mean_{n: u_np=1} m(x_n) - mean_n m(x_c(n))||^2,
+        i.e. the same pull on the per-perturbation means, without the pairwise form's
+        between-cell variance term (which shrinks all z_inv towards a collapse)."""
+        kept, self.guide_inv_loc = self.guide_inv_loc, None
+        m = kept[1] if kept is not None and kept[0] is x else self.inv_encoder(lognormalize(x))[0]
+        m_ctrl = self.inv_encoder(lognormalize(x_ctrl))[0]
+        if self.cfg.alignment == "pairwise":
+            perturbed = (u.sum(-1) > 0).to(x.dtype)
+            return (perturbed * (m - m_ctrl).pow(2).sum(-1)).sum()
+        counts = u.sum(0)  # cells of each perturbation in the batch
+        group_means = (u.T @ m) / counts.clamp(min=1).unsqueeze(-1)
+        return (counts * (group_means - m_ctrl.mean(0)).pow(2).sum(-1)).sum()
+
+    # ---- the generative model -----------------------------------------------------------
+    def model(self, x, u, x_ctrl=None, kl_weight=1.0, temperature=None, *, n_cells: int):
+        """x: (B, G) counts (their totals are the library sizes); u: (B, P) multi-hot labels;
+        x_ctrl: (B, G) counts of randomly paired control cells (alignment); kl_weight:
+        annealing weight of the local KLs; temperature: used by the guide only; n_cells: cells
+        in the data (minibatch scale)."""
+        cfg = self.cfg
+        P, K, D, G = self.n_perts, cfg.latent_pert, cfg.latent_inv, self.n_genes
+        pyro.module("pvae", self)
+        zeros = x.new_zeros(())
+
+        # Global perturbation effects delta[p, k].
+        if cfg.effect_prior == "spike_slab":
+            pi = pyro.sample("pi", dist.Beta(zeros + cfg.pi_prior[0], zeros + cfg.pi_prior[1]))
+        with pyro.plate("perts", P, dim=-2), pyro.plate("pert_latents", K, dim=-1):
+            if cfg.effect_prior == "dense":
+                delta = pyro.sample("slab", dist.Normal(zeros, cfg.dense_scale))
+            elif cfg.gate_inference == "marginal":  # gate summed out
+                delta = pyro.sample("slab", spike_slab_mixture(pi, cfg.spike_scale, cfg.slab_scale, (P, K)))
+            else:
+                gate = pyro.sample("gate", dist.Bernoulli(pi))
+                delta = gate * pyro.sample("slab", dist.Normal(zeros, cfg.slab_scale))
+
+        # Latent causal model: strictly lower-triangular W with a Laplace (shrinkage) prior.
+        with pyro.plate("children", K, dim=-2), pyro.plate("parents", K, dim=-1):
+            with poutine.mask(mask=self.tril_mask.bool()):
+                W = pyro.sample("W", dist.Laplace(zeros, cfg.w_prior_scale)) * self.tril_mask
+
+        genes = pyro.plate("genes", G, dim=-1)
+        with genes:
+            theta = pyro.sample("theta", dist.LogNormal(zeros + cfg.theta_prior[0], cfg.theta_prior[1]))
+
+        batch = x.shape[0]
+        with pyro.plate("cells", n_cells, subsample=torch.arange(batch, device=x.device), dim=-2):
+            with poutine.scale(scale=kl_weight):
+                z_inv = pyro.sample("z_inv", dist.Normal(zeros, 1.0).expand([D]).to_event(1)).squeeze(-2)
+                eps = pyro.sample("eps", dist.Normal(zeros, 1.0).expand([K]).to_event(1)).squeeze(-2)
+            z_pert = propagate(eps + self.shift(u, delta), W)
+            log_mu = self.gene_log_mean(z_inv, z_pert, x.sum(-1))
+            with genes:
+                counts = pyro.sample("x", self.likelihood(log_mu, theta), obs=x)
+
+        if cfg.alpha > 0 and x_ctrl is not None:
+            pyro.factor("alignment", -cfg.alpha * n_cells / batch * self.alignment_penalty(x, u, x_ctrl))
+        return counts
+
+    # ---- the guide ----------------------------------------------------------------------
+    def guide(self, x, u, x_ctrl=None, kl_weight=1.0, temperature=0.5, *, n_cells: int):
+        """Same arguments as :meth:`model`."""
+        cfg = self.cfg
+        P, K, G = self.n_perts, cfg.latent_pert, self.n_genes
+        pyro.module("pvae", self)
+
+        if cfg.effect_prior == "spike_slab":
+            pyro.sample("pi", dist.Beta(*self.pi_concentrations()))
+        with pyro.plate("perts", P, dim=-2), pyro.plate("pert_latents", K, dim=-1):
+            slab_scale = _positive(self.slab_raw_scale)
+            if cfg.gate_sites:
+                gate = pyro.sample("gate", StraightThroughBernoulli(self.gate_logits, temperature))
+                # q(s | gate): the fitted Normal when the gate is on, the prior when it is off, so
+                # an effect pays the slab's KL only when it is included (Occam's razor).
+                slab = pyro.sample("slab", dist.Normal(gate * self.slab_loc,
+                                                       gate * slab_scale + (1 - gate) * cfg.slab_scale))
+                delta = gate * slab
+            else:
+                delta = pyro.sample("slab", dist.Normal(self.slab_loc, slab_scale))
+        with pyro.plate("children", K, dim=-2), pyro.plate("parents", K, dim=-1):
+            with poutine.mask(mask=self.tril_mask.bool()):
+                W = pyro.sample("W", dist.Normal(self.w_loc, _positive(self.w_raw_scale))) * self.tril_mask
+        with pyro.plate("genes", G, dim=-1):
+            pyro.sample("theta", dist.LogNormal(self.theta_loc, _positive(self.theta_raw_scale)))
+
+        batch = x.shape[0]
+        with pyro.plate("cells", n_cells, subsample=torch.arange(batch, device=x.device), dim=-2):
+            with poutine.scale(scale=kl_weight):
+                xn = lognormalize(x)
+                inv_loc, inv_scale = self.inv_encoder(xn)
+                if self.training and x_ctrl is not None and cfg.alpha > 0:
+                    self.guide_inv_loc = (x, inv_loc)
+                pyro.sample("z_inv", dist.Normal(inv_loc.unsqueeze(-2), inv_scale.unsqueeze(-2)).to_event(1))
+                center = self.control_center(x_ctrl, u)
+                eps_loc, eps_scale = self.eps_posterior(xn, u, W, delta, center)
+                pyro.sample("eps", dist.Normal(eps_loc.unsqueeze(-2), eps_scale.unsqueeze(-2)).to_event(1))
+
+    def control_center(self, x_ctrl, u) -> torch.Tensor:
+        """Mean encoder location h(x_c, 0) of the batch's paired control cells (training), or
+        its running average (evaluation / prediction). Measuring z_pert from the control
+        population pins its origin, so delta is the shift *from control* (without it, a common
+        offset can sit in both the controls' eps and every delta)."""
+        if x_ctrl is None or not self.training:
+            return self.running_control_center
+        h = self.pert_encoder(torch.cat([lognormalize(x_ctrl), torch.zeros_like(u)], -1))[0].mean(0)
+        with torch.no_grad():
+            self.running_control_center.mul_(0.95).add_(0.05 * h)
+        return h
+
+    def eps_posterior(self, xn, u, W, delta, center):
+        """loc, scale of q(eps | x, u) = N((I - W)(h(x, u) - center) - shift(u, delta), s(x, u))."""
+        z_loc, scale = self.pert_encoder(torch.cat([xn, u], dim=-1))
+        A = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device) - W
+        return (z_loc - center) @ A.T - self.shift(u, delta), scale
+
+    # ---- posterior summaries -------------------------------------------------------------
+    def pi_concentrations(self):
+        return _positive(self.pi_raw[0], 1e-3), _positive(self.pi_raw[1], 1e-3)
+
+    def pi_mean(self) -> torch.Tensor:
+        a, b = self.pi_concentrations()
+        return a / (a + b)
+
+    def pip(self, n_draws: int = 256) -> torch.Tensor:
+        """Posterior inclusion probabilities PIP[p, k] (ones for the dense prior).
+
+        straight-through: q(gate = 1); marginal: E_q(delta)[p(gate = 1 | delta, E[pi])], a
+        Monte-Carlo average over a fixed set of standard-normal draws (deterministic)."""
+        cfg = self.cfg
+        if cfg.effect_prior == "dense":
+            return torch.ones_like(self.slab_loc)
+        if cfg.gate_inference == "straight_through":
+            return torch.sigmoid(self.gate_logits)
+        noise = torch.randn((n_draws, 1, 1), generator=torch.Generator().manual_seed(0)).to(self.slab_loc)
+        delta = self.slab_loc + _positive(self.slab_raw_scale) * noise
+        return inclusion_probability(delta, self.pi_mean(), cfg.spike_scale, cfg.slab_scale).mean(0)
+
+    def effect_mean(self) -> torch.Tensor:
+        """Posterior mean of delta (straight-through: PIP * E[slab])."""
+        return self.pip() * self.slab_loc if self.cfg.gate_sites else self.slab_loc
+
+    def w_mean(self) -> torch.Tensor:
+        return self.w_loc * self.tril_mask
+
+    def global_means(self) -> dict[str, torch.Tensor]:
+        """Posterior means of the global sites, in the form of one draw of :func:`sample_globals`."""
+        out = {"slab": self.slab_loc, "W": self.w_mean(), "theta": (self.theta_loc + _positive(
+            self.theta_raw_scale) ** 2 / 2).exp()}
+        if self.cfg.effect_prior == "spike_slab":
+            out["pi"] = self.pi_mean()
+        if self.cfg.gate_sites:
+            out["gate"] = self.pip()
+        return {k: v.detach() for k, v in out.items()}
+
+    @torch.no_grad()
+    def latent_means(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior means of z_inv and of z_pert (the encoder location from the control centre)."""
+        xn = lognormalize(x)
+        z_pert = self.pert_encoder(torch.cat([xn, u], -1))[0] - self.running_control_center
+        return self.inv_encoder(xn)[0], z_pert
+
+    # ---- prediction: the model run forward -------------------------------------------------
+    @torch.no_grad()
+    def sample_cells(self, x_start: torch.Tensor, u: torch.Tensor, global_draw: dict[str, torch.Tensor],
+                     local_latents: str = "counterfactual") -> torch.Tensor:
+        """Counts drawn from :meth:`model` with its observation released, given one draw of the
+        global sites. The cells keep the library sizes of ``x_start``.
+
+        ``local_latents``: ``"counterfactual"`` (prediction): z_inv and eps of the cells
+        ``x_start`` encoded as they are observed (their own label must be ``u = 0``, i.e.
+        control cells), then moved to condition ``u``; ``"posterior"`` (posterior-predictive
+        check): z_inv and eps from q(. | x_start, u); ``"prior"``: from N(0, I)."""
+        args = (x_start, u)
+        kw = {"n_cells": x_start.shape[0]}
+        glob = {k: v for k, v in global_draw.items() if k in GLOBAL_SITES}
+        locals_ = {}
+        if local_latents != "prior":
+            u_guide = torch.zeros_like(u) if local_latents == "counterfactual" else u
+            trace = poutine.trace(poutine.condition(self.guide, data=glob)).get_trace(x_start, u_guide, **kw)
+            locals_ = {name: trace.nodes[name]["value"] for name in LOCAL_SITES}
+        model = poutine.condition(poutine.uncondition(self.model), data={**glob, **locals_})
+        return model(*args, **kw)
+
+
+@torch.no_grad()
+def sample_globals(module: PerturbedVAEModule, n_draws: int) -> dict[str, torch.Tensor]:
+    """``n_draws`` joint draws of the global sites from the guide (``pi, gate, slab, W,
+    theta``, those the model has), each with a leading draw axis, plus ``delta``, the
+    effects. With the gate summed out (``gate_inference='marginal'``) ``slab`` is the effect
+    and gates are drawn from ``p(gate | delta, pi)``. The only place global draws are made:
+    prediction, effects, posterior-predictive checks and the ArviZ export use it."""
+    cfg = module.cfg
+    dev = module.slab_loc.device
+    x = torch.ones(1, module.n_genes, device=dev)
+    u = torch.zeros(1, module.n_perts, device=dev)
+    hidden = poutine.block(module.guide, hide=list(LOCAL_SITES))
+    draws: dict[str, list] = {}
+    for _ in range(n_draws):
+        trace = poutine.trace(hidden).get_trace(x, u, n_cells=1)
+        for name in GLOBAL_SITES:
+            if name in trace.nodes:
+                draws.setdefault(name, []).append(trace.nodes[name]["value"].detach())
+    out = {k: torch.stack(v) for k, v in draws.items()}
+    if "gate" in out:  # straight-through gates: delta = gate * slab
+        return {**out, "delta": out["gate"] * out["slab"]}
+    if cfg.effect_prior == "spike_slab":  # gate summed out: draw it from p(gate | delta, pi)
+        prob = inclusion_probability(out["slab"], out["pi"].reshape(-1, 1, 1), cfg.spike_scale, cfg.slab_scale)
+        out["gate"] = torch.bernoulli(prob)
+    return {**out, "delta": out["slab"]}

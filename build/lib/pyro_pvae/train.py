@@ -1,0 +1,380 @@
+"""SVI training: annealing, progress bar, per-epoch metrics, early stopping, checkpoints, resume.
+
+One epoch = one pass of the training batcher. Schedules are functions of the global step so
+that a resumed run follows the same trajectory:
+
+* KL weight: linear warm-up from 0 to ``kl_weight`` over ``kl_warmup_epochs``;
+* gate temperature: geometric from ``temperature_start`` to ``temperature_end``;
+* learning rate: ClippedAdam with per-step decay so that it ends at ``lr * lr_final_fraction``.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import TraceMeanField_ELBO
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .model import LOCAL_SITES
+
+log = logging.getLogger(__name__)
+
+
+
+class TrainingError(RuntimeError):
+    """Training could not continue (e.g. a non-finite loss); the message says where and why."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"train.device={device!r} but CUDA is not available; use device=auto or cpu")
+    return torch.device(device)
+
+
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary file in the same folder, then rename: a kill never
+    leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+@contextmanager
+def evaluating(module, seed: int | None = None):
+    """Evaluation that leaves training untouched: the module in eval mode (no update of the
+    running control centre) and torch's RNG forked (seeded with ``seed`` when given)."""
+    device = module.slab_loc.device
+    was_training = module.training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        if seed is not None:
+            torch.manual_seed(seed)
+        module.eval()
+        try:
+            yield
+        finally:
+            module.train(was_training)
+
+
+def elbo_parts(module, args, n_cells: int) -> dict[str, float]:
+    """Monte-Carlo split of the (annealed) ELBO of one batch into its parts, per cell:
+    reconstruction log-likelihood, local KL (z_inv, eps), global KL, alignment factor.
+    Evaluated in eval mode on a forked RNG (:func:`evaluating`)."""
+    with evaluating(module):
+        guide_trace = poutine.trace(module.guide).get_trace(*args, n_cells=n_cells)
+        model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*args, n_cells=n_cells)
+        model_trace.compute_log_prob()
+        guide_trace.compute_log_prob()
+        parts = {"recon": 0.0, "kl_local": 0.0, "kl_global": 0.0, "alignment": 0.0}
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            lp = site["log_prob_sum"]
+            if name == "x":
+                parts["recon"] += float(lp)
+            elif name == "alignment":
+                parts["alignment"] += float(lp)
+            elif name in guide_trace.nodes:
+                kl = float(guide_trace.nodes[name]["log_prob_sum"] - lp)
+                parts["kl_local" if name in LOCAL_SITES else "kl_global"] += kl
+    parts = {k: v / n_cells for k, v in parts.items()}
+    parts["elbo"] = parts["recon"] - parts["kl_local"] - parts["kl_global"] + parts["alignment"]
+    return parts
+
+
+def kl_weight_at(cfg: "TrainConfig", epoch: float) -> float:
+    """KL annealing: linear warm-up from 0 to ``kl_weight`` over ``kl_warmup_epochs``."""
+    warm = cfg.kl_warmup_epochs
+    return cfg.kl_weight * (min(1.0, epoch / warm) if warm > 0 else 1.0)
+
+
+def temperature_at(cfg: "TrainConfig", step: int, total_steps: int) -> float:
+    """Gate temperature: geometric from ``temperature_start`` to ``temperature_end``."""
+    frac = min(1.0, step / max(total_steps, 1))
+    return cfg.temperature_start * (cfg.temperature_end / cfg.temperature_start) ** frac
+
+
+def elbo_module(module) -> torch.nn.Module:
+    """``TraceMeanField_ELBO()(module.model, module.guide)``: an ``nn.Module`` whose forward is
+    the differentiable -ELBO, with the PerturbedVAE module registered on it (so ``.parameters()``
+    and DistributedDataParallel see it)."""
+    loss_module = TraceMeanField_ELBO()(module.model, module.guide)
+    loss_module.add_module("pvae", module)
+    return loss_module
+
+
+def param_groups(module, cfg: TrainConfig) -> list[dict]:
+    """The networks at ``cfg.batch_lr``; the guide's global variational parameters (effects,
+    DAG, dispersions; they receive one noisy gradient per step, while the networks are shared
+    by every cell) at ``batch_lr * global_lr_multiplier``."""
+    glob = [p for p in module.global_parameters() if p.requires_grad]
+    ids = {id(p) for p in glob}
+    nets = [p for p in module.parameters() if p.requires_grad and id(p) not in ids]
+    return [{"params": nets, "lr": cfg.batch_lr}, {"params": glob, "lr": cfg.batch_lr * cfg.global_lr_multiplier}]
+
+
+class ClampAdam:
+    """torch Adam with ClippedAdam's semantics: gradients clamped element-wise to
+    [-clip, clip], every learning rate multiplied by ``lrd`` before each step."""
+
+    def __init__(self, groups: list[dict], clip: float, lrd: float):
+        self.params = [p for g in groups for p in g["params"]]
+        fused = bool(self.params) and self.params[0].is_cuda
+        self.opt = torch.optim.Adam(groups, fused=fused or None, foreach=None if fused else True)
+        self.clip, self.lrd = clip, lrd
+
+    def step(self):
+        for group in self.opt.param_groups:  # decayed before the step, as ClippedAdam does
+            group["lr"] *= self.lrd
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            torch._foreach_clamp_min_(grads, -self.clip)
+            torch._foreach_clamp_max_(grads, self.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state)
+
+
+class Trainer:
+    """Runs SVI for a :class:`~pyro_pvae.model.PerturbedVAEModule` over batchers, writing into
+    ``run_dir`` (None: nothing is written).
+
+    Data-parallel training (``pyro_pvae.distributed``) uses the same loop: it passes
+    ``wrap=DistributedDataParallel`` and ``all_reduce`` to average the logged loss over ranks;
+    only ``run_dir`` of rank 0 is set."""
+
+    def __init__(self, module, train_batcher, val_batcher, cfg: TrainConfig, run_dir: Path | None,
+                 n_cells: int | None = None, wrap=None, all_reduce=None, max_steps: int | None = None):
+        self.module, self.cfg = module, cfg
+        self.train_batcher, self.val_batcher = train_batcher, val_batcher
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.n_cells = n_cells if n_cells is not None else train_batcher.n_cells
+        self.steps_per_epoch = max(len(train_batcher), 1)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.max_steps = self.total_steps if max_steps is None else min(max_steps, self.total_steps)
+        lrd = cfg.lr_final_fraction ** (1.0 / max(self.total_steps, 1))
+        self.loss_module = elbo_module(module)
+        self.forward = wrap(self.loss_module) if wrap is not None else self.loss_module
+        self.all_reduce = all_reduce
+        self.optim = ClampAdam(param_groups(module, cfg), cfg.clip_norm, lrd)
+        self.history: list[dict] = []
+        self.step_losses: list[float] = []
+        self.start_epoch = 0
+        self.best_val = math.inf
+        self.best_state = None
+        self.bad_epochs = 0
+
+    def step(self, args) -> float:
+        """One optimisation step; returns the -ELBO estimate of the batch (full-data scale),
+        averaged over ranks in data-parallel training."""
+        loss = self.forward(*args, n_cells=self.n_cells)
+        loss.backward()
+        self.optim.step()
+        loss = loss.detach()
+        if self.all_reduce is not None:
+            loss = self.all_reduce(loss)
+        return float(loss)
+
+    @staticmethod
+    def cells_in(args) -> int:
+        return args[0].shape[0]
+
+    def diagnostics(self, args) -> dict[str, float]:
+        """The ELBO's parts on the epoch's last batch (for the metrics and the progress bar)."""
+        return elbo_parts(self.module, args, self.n_cells)
+
+    def evaluate_loss(self, args) -> float:
+        return float(self.loss_module(*args, n_cells=self.n_cells))
+
+    # ---- schedules -------------------------------------------------------------------
+    def kl_weight(self, epoch: float) -> float:
+        return kl_weight_at(self.cfg, epoch)
+
+    def temperature(self, step: int) -> float:
+        return temperature_at(self.cfg, step, self.total_steps)
+
+    def batch_args(self, batch, step: int, epoch_float: float):
+        device = batch.x.device
+        return (batch.x, batch.u, batch.x_ctrl,
+                torch.tensor(self.kl_weight(epoch_float), device=device),
+                torch.tensor(self.temperature(step), device=device))
+
+    # ---- checkpoints -----------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.run_dir / "checkpoint.pt" if self.run_dir else None
+
+    def save_checkpoint(self, epoch: int) -> None:
+        if self.checkpoint_path is None:
+            return
+        atomic_torch_save({
+            "epoch": epoch,
+            "module": self.module.state_dict(),
+            "optim": self.optim.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "history": self.history,
+            "best_val": self.best_val,
+            "best_state": self.best_state,
+            "bad_epochs": self.bad_epochs,
+            "train_config": asdict(self.cfg),
+        }, self.checkpoint_path)
+
+    def try_resume(self) -> bool:
+        path = self.checkpoint_path
+        if path is None or not path.exists():
+            log.warning("resume=true but no checkpoint at %s: starting from scratch", path)
+            return False
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        self.module.load_state_dict(ckpt["module"])
+        pyro.clear_param_store()
+        self.optim.load_state_dict(ckpt["optim"])
+        torch.set_rng_state(ckpt["rng"])
+        if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        self.history = ckpt["history"]
+        self.best_val, self.best_state, self.bad_epochs = ckpt["best_val"], ckpt["best_state"], ckpt["bad_epochs"]
+        self.start_epoch = ckpt["epoch"] + 1
+        log.info("resumed from %s at epoch %d", path, self.start_epoch)
+        return True
+
+    # ---- loop ------------------------------------------------------------------------
+    def validation_loss(self, epoch: int) -> float:
+        """Mean negative ELBO per cell over the validation batches (final KL weight)."""
+        total, cells = 0.0, 0
+        self.val_batcher.set_epoch(0)  # the same validation pairing every epoch
+        step = self.total_steps
+        # eval mode, fixed Monte-Carlo noise: comparable across epochs, training untouched
+        with evaluating(self.module, seed=self.cfg.seed + 12345):
+            for batch in self.val_batcher:
+                args = self.batch_args(batch, step, float(self.cfg.kl_warmup_epochs))
+                # scaled like the training loss: per-cell local terms + global KL / n_cells
+                total += self.evaluate_loss(args) * batch.x.shape[0] / self.n_cells
+                cells += batch.x.shape[0]
+        return total / max(cells, 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.slab_loc.device
+
+    def fail_on_nonfinite(self, loss: float, batch, args, epoch: int, step: int) -> None:
+        if math.isfinite(loss):
+            return
+        parts = elbo_parts(self.module, args, self.n_cells)
+        bad = [k for k, v in parts.items() if not math.isfinite(v)] or ["(gradient or parameter update)"]
+        kept = f"; the last good checkpoint is kept at {self.checkpoint_path}" if self.checkpoint_path else ""
+        raise TrainingError(
+            f"non-finite loss ({loss}) at epoch {epoch}, step {step}: bad term(s) {bad} "
+            f"(parts per cell: {parts}). Try a smaller train.lr or check the input counts{kept}.")
+
+    def fit(self) -> list[dict]:
+        cfg = self.cfg
+        pyro.enable_validation(cfg.validate_args)
+        if cfg.resume:
+            self.try_resume()
+        else:
+            pyro.clear_param_store()
+        metrics_path = self.run_dir / "metrics.csv" if self.run_dir else None
+        bar = tqdm(range(self.start_epoch, cfg.epochs), desc="PerturbedVAE", disable=not cfg.progress,
+                   initial=self.start_epoch, total=cfg.epochs, unit="epoch")
+        step = self.start_epoch * self.steps_per_epoch
+        for epoch in bar:
+            if step >= self.max_steps:
+                break
+            t0 = time.perf_counter()
+            self.train_batcher.set_epoch(epoch)
+            epoch_loss, cells = 0.0, 0
+            last_args = None
+            for i, batch in enumerate(self.train_batcher):
+                if step >= self.max_steps:
+                    break
+                args = self.batch_args(batch, step, epoch + i / self.steps_per_epoch)
+                loss = self.step(args)
+                self.fail_on_nonfinite(loss, batch, args, epoch, step)
+                self.step_losses.append(loss / self.n_cells)
+                epoch_loss += loss * self.cells_in(args) / self.n_cells
+                cells += self.cells_in(args)
+                last_args = args
+                step += 1
+            val = self.validation_loss(epoch) if self.val_batcher is not None and len(self.val_batcher) else math.nan
+            parts = self.diagnostics(last_args) if last_args else {}
+            seconds = time.perf_counter() - t0
+            row = {"epoch": epoch, "train_loss": epoch_loss / max(cells, 1), "val_loss": val,
+                   "kl_weight": self.kl_weight(epoch + 1), "temperature": self.temperature((epoch + 1) * self.steps_per_epoch),
+                   "seconds": seconds, "cells_per_s": cells / seconds,
+                   **{f"batch_{k}": v for k, v in parts.items()}}
+            self.history.append(row)
+            bar.set_postfix(loss=f"{row['train_loss']:.1f}", val=f"{val:.1f}", recon=f"{parts.get('recon', 0):.1f}",
+                            kl=f"{parts.get('kl_local', 0):.2f}", align=f"{parts.get('alignment', 0):.3f}")
+            if metrics_path is not None:
+                write_metrics(metrics_path, self.history)
+            # early stopping on the validation loss; the best module is restored at the end
+            if math.isfinite(val) and epoch + 1 >= cfg.kl_warmup_epochs:
+                if not math.isfinite(self.best_val) or val < self.best_val - 1e-4 * abs(self.best_val):
+                    self.best_val, self.bad_epochs = val, 0
+                    self.best_state = {n: t.detach().cpu().clone() for n, t in self.module.state_dict().items()}
+                else:
+                    self.bad_epochs += 1
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                self.save_checkpoint(epoch)
+            if self.bad_epochs >= cfg.early_stopping_patience and epoch + 1 >= cfg.min_epochs:
+                log.info("early stopping at epoch %d (no validation improvement for %d epochs)", epoch, self.bad_epochs)
+                self.save_checkpoint(epoch)
+                break
+        bar.close()
+        if self.best_state is not None:
+            self.module.load_state_dict(self.best_state)
+        return self.history
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def plot_training_curves(history: list[dict], path: Path) -> None:
+    """Training and validation loss per epoch, and the ELBO parts, as a PNG."""
+    from matplotlib.figure import Figure  # no pyplot: leaves the user's backend alone
+
+    epochs = [r["epoch"] for r in history]
+    fig = Figure(figsize=(10, 3.5))
+    axes = fig.subplots(1, 2)
+    axes[0].plot(epochs, [r["train_loss"] for r in history], label="train -ELBO/cell")
+    axes[0].plot(epochs, [r["val_loss"] for r in history], label="validation -ELBO/cell")
+    axes[0].set_xlabel("epoch"), axes[0].set_ylabel("loss per cell"), axes[0].legend()
+    for key in ("batch_kl_local", "batch_kl_global", "batch_alignment"):
+        if key in history[0]:
+            axes[1].plot(epochs, [r[key] for r in history], label=key.replace("batch_", ""))
+    axes[1].set_xlabel("epoch"), axes[1].set_ylabel("per cell"), axes[1].legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

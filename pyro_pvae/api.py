@@ -23,7 +23,7 @@ import torch
 from . import data as D
 from .config import ModelConfig, TrainConfig
 from .model import PerturbedVAEModule, sample_globals, sparse_rotation
-from .train import Trainer, atomic_torch_save, plot_training_curves, resolve_device
+from .train import Trainer, TrainingError, atomic_torch_save, load_checkpoint, plot_training_curves, resolve_device
 from .utils import lognormalize
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class PerturbedVAE:
             run_dir = Path(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             self.split.to_json(run_dir / "split.json")
-        trainer = Trainer(self.module, train_b, val_b, cfg, run_dir)
+        trainer = Trainer(self.module, train_b, val_b, cfg, run_dir, signature=self._signature())
         log.info("training on %d cells x %d genes, %d perturbations, device %s",
                  train_b.n_cells, self.adata.n_vars, len(self.vocabulary), device)
         self.history = trainer.fit()
@@ -124,6 +124,30 @@ class PerturbedVAE:
             if self.history:
                 plot_training_curves(self.history, run_dir / "training_curves.png")
         return self
+
+    def _signature(self) -> dict:
+        """What shapes the model and its data (a resumed run must match it)."""
+        import hashlib
+
+        genes = hashlib.sha1("\n".join(self.gene_names).encode()).hexdigest()[:12]
+        return {"model": asdict(self.model_config),
+                "data": {"n_genes": len(self.gene_names), "genes_sha1": genes, "perturbations": list(self.vocabulary),
+                         "train_cells": len(self.split.train_idx), "split": f"{self.split.name} (seed {self.split.seed})"}}
+
+    def __repr__(self) -> str:
+        cfg = self.model_config
+        lines = [f"PerturbedVAE: {cfg.latent_pert} perturbation + {cfg.latent_inv} invariant latents, "
+                 f"effect prior {cfg.effect_prior}, likelihood {cfg.likelihood}, alignment {cfg.alignment} "
+                 f"(alpha {cfg.alpha})"]
+        if self.module is not None:
+            lines.append(f"  {len(self.gene_names)} genes, {len(self.vocabulary)} perturbations in the vocabulary")
+        if self.adata is not None:
+            lines.append(f"  data: {self.adata.n_obs} cells x {self.adata.n_vars} genes")
+        if self.split is not None:
+            lines.append(f"  split {self.split.name}: {len(self.split.train_idx)} train / {len(self.split.val_idx)} "
+                         f"validation / {len(self.split.test_idx)} test cells")
+        lines.append(f"  fitted: {len(self.history)} epochs" if self.history else "  not fitted")
+        return "\n".join(lines)
 
     def _rotate_if_configured(self) -> None:
         """``model.sparse_rotation``: rotate after a fit (skipped, with a warning, for
@@ -142,36 +166,19 @@ class PerturbedVAE:
 
         With shift interventions the likelihood cannot tell ``z_pert`` from ``M z_pert`` for
         ``M = O (I - W)``, ``O`` orthogonal: the DAG folds into the decoder and ``O`` rotates
-        ``eps`` (still N(0, I)) and every ``delta_p``. This picks ``O`` by
-        :func:`~pyro_pvae.model.sparse_rotation` and rewrites the parameters exactly:
-        decoder input columns ``F[:, D:] <- F[:, D:] M^{-1}``, encoder location rows
-        ``h <- M h`` (and the control centre), effects ``delta_p <- O delta_p``, ``W <- 0``.
-        Posterior means (latents, effects, predicted means) are unchanged up to the rotation;
-        the mean-field scales of ``delta`` and ``eps`` are diagonal and are approximated by
-        the diagonal of the rotated covariance (``eps``: left as fitted). Returns ``M``.
+        ``eps`` (still N(0, I)) and every ``delta_p``. ``O`` is chosen by
+        :func:`~pyro_pvae.model.sparse_rotation` and the module rewritten exactly by
+        :meth:`~pyro_pvae.model.PerturbedVAEModule.rotate_latents`. Returns ``M``.
         Only for the marginal spike-and-slab and the dense prior (not straight-through gates)."""
-        cfg, g = self.model_config, self.module
-        if cfg.gate_sites:
+        if self.model_config.gate_sites:
             raise ValueError("rotate_to_sparse_effects needs model.gate_inference='marginal' (or the dense prior): "
                              "straight-through gates are tied to the fitted basis")
-        K, Dinv = cfg.latent_pert, cfg.latent_inv
-        W = g.w_mean()
-        O = sparse_rotation(g.slab_loc, n_restarts=n_restarts, seed=self.train_config.seed)
-        M = O @ (torch.eye(K, dtype=W.dtype, device=W.device) - W)
-        first = g.decoder.first_layer
-        first.weight[:, Dinv:] = first.weight[:, Dinv:] @ torch.linalg.inv(M)
-        last = g.pert_encoder.net[-1]
-        last.weight[:K] = M @ last.weight[:K]
-        last.bias[:K] = M @ last.bias[:K]
-        g.running_control_center.copy_(M @ g.running_control_center)
-        sd = torch.nn.functional.softplus(g.slab_raw_scale) + 1e-4
-        l1_before = float(g.slab_loc.abs().sum())
-        g.slab_loc.copy_(g.slab_loc @ O.T)
-        new_sd = ((sd ** 2) @ (O ** 2).T).sqrt()
-        g.slab_raw_scale.copy_(torch.log(torch.expm1((new_sd - 1e-4).clamp(min=1e-6))))
-        g.w_loc.zero_()
+        module = self.module
+        l1_before = float(module.slab_loc.abs().sum())
+        O = sparse_rotation(module.slab_loc, n_restarts=n_restarts, seed=self.train_config.seed)
+        M = module.rotate_latents(O)
         log.info("rotated z_pert to the sparsest effects: sum |delta| %.2f -> %.2f",
-                 l1_before, float(g.slab_loc.abs().sum()))
+                 l1_before, float(module.slab_loc.abs().sum()))
         return M.cpu().numpy()
 
     # ---- prediction -----------------------------------------------------------------------
@@ -205,6 +212,9 @@ class PerturbedVAE:
         ``obs['condition']``. ``unknown='ignore'`` lets genes absent from training contribute
         no effect."""
         conditions = [D.format_condition(D.parse_condition(c)) for c in _as_list(conditions)]
+        if not conditions:
+            raise ValueError("predict() needs at least one condition, e.g. ['KLF1'] or ['KLF1+MAP2K6']")
+        _check_positive(n_cells=n_cells)
         self.perturbation_matrix(conditions, unknown=unknown)  # unknown genes fail before any work
         rng = np.random.default_rng(seed)
         self.module.eval()
@@ -217,12 +227,11 @@ class PerturbedVAE:
                 blocks.append(self.module.sample_cells(x_ctrl, u, glob).cpu().numpy())
                 obs.append(pd.DataFrame({"condition": cond, "control_cell": rows}))
         X = np.concatenate(blocks).astype(np.float32)
-        out = ad.AnnData(X=sp.csr_matrix(X), obs=pd.concat(obs, ignore_index=True),
-                         var=pd.DataFrame(index=self.gene_names))
-        out.obs_names = [f"pred_{i}" for i in range(out.n_obs)]
-        out.layers["lognorm"] = sp.csr_matrix(lognormalize(torch.as_tensor(X)).numpy())
-        out.obs["condition"] = out.obs["condition"].astype("category")
-        return out
+        obs = pd.concat(obs, ignore_index=True)
+        obs.index = [f"pred_{i}" for i in range(len(obs))]
+        obs["condition"] = obs["condition"].astype("category")
+        return ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=self.gene_names),
+                          layers={"lognorm": sp.csr_matrix(lognormalize(torch.as_tensor(X)).numpy())})
 
     @torch.no_grad()
     def predict_change_samples(self, condition: str, n_draws: int = 100, n_cells: int = 100, seed: int = 0,
@@ -230,6 +239,7 @@ class PerturbedVAE:
         """Posterior predictive draws (n_draws x genes) of the condition's pseudobulk change of
         log-normalised expression from control, each from a global posterior draw and
         ``n_cells`` predicted cells (use the observed number of cells for calibrated intervals)."""
+        _check_positive(n_draws=n_draws, n_cells=n_cells)
         u = self._condition_rows(condition, n_cells, unknown)
         rng = np.random.default_rng(seed)
         self.module.eval()
@@ -270,6 +280,9 @@ class PerturbedVAE:
     def latents(self, adata: ad.AnnData | None = None, idx=None) -> dict[str, np.ndarray]:
         """Posterior means of z_inv and z_pert for cells of ``adata`` (default: the training data)."""
         adata = self.adata if adata is None else adata
+        if adata is None:
+            raise ValueError("latents() needs cells: pass adata=..., or load the run with load_run(path, "
+                             "with_data=True)")
         idx = np.arange(adata.n_obs) if idx is None else np.asarray(idx)
         cond = adata.obs["condition"].astype(str).to_numpy()[idx]
         U = self.perturbation_matrix(cond, unknown="ignore")
@@ -305,9 +318,10 @@ class PerturbedVAE:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no saved model at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(path)
         if state.get("format") != "pyro_pvae/2":
-            raise ValueError(f"{path} is not a pyro_pvae model file")
+            raise TrainingError(f"{path} is not a pyro_pvae model file of this version (format "
+                                f"{state.get('format')!r}, expected 'pyro_pvae/2'); refit with this version")
         self = cls(model=ModelConfig.from_dict(state["model_config"]), train=TrainConfig.from_dict(state["train_config"]))
         self.vocabulary, self.gene_names = state["vocabulary"], state["gene_names"]
         self.reference_controls, self.history = state["reference_controls"], state["history"]
@@ -340,6 +354,12 @@ def _seeded(seed: int, device: torch.device):
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
+
+
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _as_list(x):

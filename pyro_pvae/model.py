@@ -100,30 +100,36 @@ def sparse_rotation(effects: torch.Tensor, n_restarts: int = 16, steps: int = 30
     rotation ``z_pert -> O z_pert``, ``delta_p -> O delta_p`` (the decoder and encoder absorb
     ``O``), and the spike-and-slab prior pulls towards the sparse basis only when an effect is
     already near zero, so SVI settles in a rotated, dense-looking basis. The sparsest rotation
-    is the one the prior prefers (cf. varimax in factor analysis). ``O = exp(A - A^T)`` is
-    optimised from the identity and ``n_restarts - 1`` random starts; the best is returned."""
+    is the one the prior prefers (cf. varimax in factor analysis). ``O`` is the Cayley
+    transform ``(I - S)^{-1} (I + S)`` of a skew-symmetric ``S = A - A^T`` (every rotation
+    without eigenvalue -1; a linear solve, far cheaper than a matrix exponential), optimised
+    from the identity and ``n_restarts - 1`` random starts, all restarts in one batched
+    tensor (their losses are independent, so one Adam on the stack is ``n_restarts``
+    separate runs); the best is returned."""
     E = effects.detach().to(torch.float64).cpu()
     K = E.shape[1]
     gen = torch.Generator().manual_seed(seed)
-    scale = E.abs().mean().clamp(min=1e-8)
-    best, best_loss = torch.eye(K, dtype=torch.float64), float("inf")
-    for r in range(n_restarts):
-        A = torch.zeros(K, K, dtype=torch.float64) if r == 0 else torch.randn(K, K, generator=gen, dtype=torch.float64)
-        A.requires_grad_(True)
-        opt = torch.optim.Adam([A], lr=0.05)
-        with torch.enable_grad():  # callers may be under no_grad
-            for _ in range(steps):
-                O = torch.matrix_exp(A - A.T)
-                loss = torch.sqrt((E @ O.T) ** 2 + (0.03 * scale) ** 2).sum()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        with torch.no_grad():
-            O = torch.matrix_exp(A - A.T)
-            final = (E @ O.T).abs().sum().item()
-        if final < best_loss:
-            best, best_loss = O.detach(), final
-    return best.to(dtype=effects.dtype, device=effects.device)
+    smooth = (0.03 * E.abs().mean().clamp(min=1e-8)) ** 2
+    eye = torch.eye(K, dtype=torch.float64)
+
+    def rotation(A):
+        S = A - A.transpose(1, 2)
+        return torch.linalg.solve(eye - S, eye + S)
+
+    A = 0.5 * torch.randn(n_restarts, K, K, generator=gen, dtype=torch.float64)
+    A[0] = 0.0  # the identity is always one start
+    A.requires_grad_(True)
+    opt = torch.optim.Adam([A], lr=0.05)
+    with torch.enable_grad():  # callers may be under no_grad
+        for _ in range(steps):
+            loss = torch.sqrt((E @ rotation(A).transpose(1, 2)) ** 2 + smooth).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        O = rotation(A)
+        best = int((E @ O.transpose(1, 2)).abs().sum((1, 2)).argmin())
+    return O[best].detach().to(dtype=effects.dtype, device=effects.device)
 
 
 class Decoder(nn.Module):
@@ -144,6 +150,11 @@ class Decoder(nn.Module):
 
 def _positive(raw: torch.Tensor, floor: float = 1e-4) -> torch.Tensor:
     return softplus(raw) + floor
+
+
+def _inverse_positive(value: torch.Tensor, floor: float = 1e-4) -> torch.Tensor:
+    """raw with ``_positive(raw) = value`` (values at the floor map to a very negative raw)."""
+    return torch.log(torch.expm1((value - floor).clamp(min=1e-12)))
 
 
 class PerturbedVAEModule(nn.Module):
@@ -173,6 +184,9 @@ class PerturbedVAEModule(nn.Module):
         self.theta_raw_scale = nn.Parameter(torch.full((G,), -2.0))
         self.register_buffer("tril_mask", torch.ones(K, K).tril(-1))
         self.register_buffer("running_control_center", torch.zeros(K))
+        #: orthogonal O of :meth:`rotate_latents` (identity until then): q(eps) scales are those
+        #: of O eps, the square roots of diag(O diag(s^2) O^T)
+        self.register_buffer("eps_rotation", torch.eye(K))
         # model: decoder f and log c_2, the composition scale of cells with two or more targets
         self.decoder = Decoder(D + K, G, cfg)
         self.log_multi_scale = nn.Parameter(torch.zeros(()), requires_grad=cfg.learn_composition)
@@ -340,6 +354,7 @@ class PerturbedVAEModule(nn.Module):
     def eps_posterior(self, xn, u, W, delta, center):
         """loc, scale of q(eps | x, u) = N((I - W)(h(x, u) - center) - shift(u, delta), s(x, u))."""
         z_loc, scale = self.pert_encoder(torch.cat([xn, u], dim=-1))
+        scale = (scale.pow(2) @ self.eps_rotation.pow(2).T).sqrt()
         A = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device) - W
         return (z_loc - center) @ A.T - self.shift(u, delta), scale
 
@@ -388,6 +403,37 @@ class PerturbedVAEModule(nn.Module):
         xn = lognormalize(x)
         z_pert = self.pert_encoder(torch.cat([xn, u], -1))[0] - self.running_control_center
         return self.inv_encoder(xn)[0], z_pert
+
+    # ---- re-expression in another z_pert basis -------------------------------------------
+    @torch.no_grad()
+    def rotate_latents(self, O: torch.Tensor) -> torch.Tensor:
+        r"""Re-express the module exactly in the z_pert basis ``z' = M z``, ``M = O (I - W)``
+        (``O`` orthogonal, ``W`` the posterior mean DAG), with ``W' = 0``.
+
+        Then ``z' = O (eps + shift)``: ``eps' = O eps`` is still N(0, I), ``delta'_p = O
+        delta_p``, and the DAG folds into the decoder. Rewritten: decoder input columns
+        ``F[:, D:] <- F[:, D:] M^{-1}``; encoder location rows ``h <- M h`` and the control
+        centre; effects ``delta <- delta O^T`` with their mean-field sds the square roots of
+        the diagonal of the rotated covariance; q(W) collapsed onto 0 (its sd set to the
+        floor, 1e-4); q(eps) scales those of ``O eps`` (:attr:`eps_rotation`, diagonal of
+        the rotated covariance). Posterior means of latents, effects and decoded expression
+        are unchanged up to the rotation. Returns ``M``."""
+        K, D = self.cfg.latent_pert, self.cfg.latent_inv
+        W = self.w_mean()
+        M = O @ (torch.eye(K, dtype=W.dtype, device=W.device) - W)
+        first = self.decoder.first_layer
+        first.weight[:, D:] = first.weight[:, D:] @ torch.linalg.inv(M)
+        last = self.pert_encoder.net[-1]
+        last.weight[:K] = M @ last.weight[:K]
+        last.bias[:K] = M @ last.bias[:K]
+        self.running_control_center.copy_(M @ self.running_control_center)
+        sd = _positive(self.slab_raw_scale)
+        self.slab_loc.copy_(self.slab_loc @ O.T)
+        self.slab_raw_scale.copy_(_inverse_positive(((sd ** 2) @ (O ** 2).T).sqrt()))
+        self.w_loc.zero_()
+        self.w_raw_scale.fill_(-30.0)  # softplus(-30) ~ 1e-13: sd = the 1e-4 floor
+        self.eps_rotation.copy_(O @ self.eps_rotation)
+        return M
 
     # ---- prediction: the model run forward -------------------------------------------------
     @torch.no_grad()

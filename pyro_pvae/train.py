@@ -102,6 +102,40 @@ def elbo_parts(module, args, n_cells: int) -> dict[str, float]:
     return parts
 
 
+#: train settings that may differ when a run is resumed (they do not change its trajectory)
+RESUMABLE_TRAIN_KEYS = ("epochs", "resume", "progress", "checkpoint_every", "device", "early_stopping_patience",
+                        "min_epochs")
+
+
+def resume_signature(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_TRAIN_KEYS}
+
+
+def signature_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two nested settings dicts (``key: saved -> current``)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<unset>"), current.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += signature_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            show = (lambda v: f"{len(v)} items" if isinstance(v, (list, tuple)) and len(v) > 6 else repr(v))
+            out.append(f"{prefix}{key}: {show(a)} -> {show(b)}")
+    return out
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint or saved model file, or a one-line error if it is truncated or not ours."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, bad pickle, not a torch file
+        raise TrainingError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                            "it is truncated or not a pyro_pvae file. Delete it and start a new run.") from None
+    if not isinstance(state, dict):
+        raise TrainingError(f"{path} is not a pyro_pvae checkpoint or model file")
+    return state
+
+
 def kl_weight_at(cfg: "TrainConfig", epoch: float) -> float:
     """KL annealing: linear warm-up from 0 to ``kl_weight`` over ``kl_warmup_epochs``."""
     warm = cfg.kl_warmup_epochs
@@ -169,8 +203,11 @@ class Trainer:
     only ``run_dir`` of rank 0 is set."""
 
     def __init__(self, module, train_batcher, val_batcher, cfg: TrainConfig, run_dir: Path | None,
-                 n_cells: int | None = None, wrap=None, all_reduce=None, max_steps: int | None = None):
+                 n_cells: int | None = None, wrap=None, all_reduce=None, max_steps: int | None = None,
+                 signature: dict | None = None):
         self.module, self.cfg = module, cfg
+        #: settings that shape the model, the data and the trajectory; a resumed run must match
+        self.signature = dict(signature or {}, train=resume_signature(cfg))
         self.train_batcher, self.val_batcher = train_batcher, val_batcher
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.n_cells = n_cells if n_cells is not None else train_batcher.n_cells
@@ -243,6 +280,7 @@ class Trainer:
             "best_state": self.best_state,
             "bad_epochs": self.bad_epochs,
             "train_config": asdict(self.cfg),
+            "signature": self.signature,
         }, self.checkpoint_path)
 
     def try_resume(self) -> bool:
@@ -250,7 +288,12 @@ class Trainer:
         if path is None or not path.exists():
             log.warning("resume=true but no checkpoint at %s: starting from scratch", path)
             return False
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(path)
+        differences = signature_differences(ckpt.get("signature", {}), self.signature)
+        if differences:
+            raise TrainingError(f"cannot resume from {path}: the run was started with other settings "
+                                f"({'; '.join(differences)}). Resume with the original settings (only "
+                                f"{', '.join(RESUMABLE_TRAIN_KEYS)} may change) or start a new run directory.")
         self.module.load_state_dict(ckpt["module"])
         pyro.clear_param_store()
         self.optim.load_state_dict(ckpt["optim"])
@@ -287,7 +330,14 @@ class Trainer:
             return
         parts = elbo_parts(self.module, args, self.n_cells)
         bad = [k for k, v in parts.items() if not math.isfinite(v)] or ["(gradient or parameter update)"]
-        kept = f"; the last good checkpoint is kept at {self.checkpoint_path}" if self.checkpoint_path else ""
+        if self.checkpoint_path is not None and self.checkpoint_path.exists():
+            epoch_kept = load_checkpoint(self.checkpoint_path)["epoch"]
+            kept = (f"; the last good checkpoint (epoch {epoch_kept}) is kept at {self.checkpoint_path} "
+                    "(resume with train.resume=true after changing nothing but train.epochs)")
+        elif self.checkpoint_path is not None:
+            kept = "; no checkpoint was written before the failure, so there is nothing to resume from"
+        else:
+            kept = ""
         raise TrainingError(
             f"non-finite loss ({loss}) at epoch {epoch}, step {step}: bad term(s) {bad} "
             f"(parts per cell: {parts}). Try a smaller train.lr or check the input counts{kept}.")

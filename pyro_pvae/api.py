@@ -52,6 +52,7 @@ class PerturbedVAE:
         self.split = None
         self.history: list[dict] = []
         self.module: PerturbedVAEModule | None = None
+        self.training_pairs: list[tuple[int, int]] = []
         if adata is not None:
             self._prepare(adata, split, split_kwargs or {})
 
@@ -73,6 +74,10 @@ class PerturbedVAE:
         self.control_idx = train_idx[cond[train_idx] == D.CONTROL]
         if len(self.control_idx) == 0:
             raise D.DataError("the training split has no control cells; they are needed for alignment and prediction")
+        index = {p: i for i, p in enumerate(self.vocabulary)}
+        self.training_pairs = sorted({tuple(sorted(index[t] for t in D.parse_condition(c)))
+                                      for c in set(cond[train_idx]) if len(D.parse_condition(c)) == 2
+                                      and all(t in index for t in D.parse_condition(c))})
         rng = np.random.default_rng(seed)
         ref = rng.choice(self.control_idx, size=min(N_REFERENCE_CONTROLS, len(self.control_idx)), replace=False)
         self.reference_controls = sp.csr_matrix(adata.X[np.sort(ref)], dtype=np.float32)
@@ -82,7 +87,8 @@ class PerturbedVAE:
         """A freshly initialised module (seeded with ``train.seed``) for these genes and perturbations."""
         torch.manual_seed(self.train_config.seed)
         self.module = PerturbedVAEModule(self.model_config, n_genes=len(self.gene_names),
-                                         n_perts=len(self.vocabulary), init_gate_prob=self.train_config.init_gate_prob)
+                                         n_perts=len(self.vocabulary), pairs=self.training_pairs,
+                                         init_gate_prob=self.train_config.init_gate_prob)
         return self.module
 
     @property
@@ -224,7 +230,8 @@ class PerturbedVAE:
                 glob = self._global_draws(1, posterior_mean)[0]
                 x_ctrl, rows = self._control_block(n_cells, rng)
                 u = self._condition_rows(cond, n_cells, unknown)
-                blocks.append(self.module.sample_cells(x_ctrl, u, glob).cpu().numpy())
+                novel = "mean" if posterior_mean else "draw"
+                blocks.append(self.module.sample_cells(x_ctrl, u, glob, novel_pairs=novel).cpu().numpy())
                 obs.append(pd.DataFrame({"condition": cond, "control_cell": rows}))
         X = np.concatenate(blocks).astype(np.float32)
         obs = pd.concat(obs, ignore_index=True)
@@ -306,6 +313,7 @@ class PerturbedVAE:
             "train_config": asdict(self.train_config),
             "module": self.module.state_dict(),
             "vocabulary": self.vocabulary,
+            "training_pairs": self.training_pairs,
             "gene_names": self.gene_names,
             "reference_controls": self.reference_controls,
             "history": self.history,
@@ -324,6 +332,7 @@ class PerturbedVAE:
                                 f"{state.get('format')!r}, expected 'pyro_pvae/2'); refit with this version")
         self = cls(model=ModelConfig.from_dict(state["model_config"]), train=TrainConfig.from_dict(state["train_config"]))
         self.vocabulary, self.gene_names = state["vocabulary"], state["gene_names"]
+        self.training_pairs = [tuple(p) for p in state["training_pairs"]]
         self.reference_controls, self.history = state["reference_controls"], state["history"]
         self.adata = adata
         if state.get("split") is not None:

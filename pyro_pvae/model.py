@@ -64,19 +64,22 @@ from .utils import lognormalize
 
 #: the guide's global variational parameters (learning rate ``lr * global_lr_multiplier``)
 GLOBAL_PARAMS = ("gate_logits", "slab_loc", "slab_raw_scale", "pi_raw", "w_loc", "w_raw_scale",
-                 "theta_loc", "theta_raw_scale")
+                 "theta_loc", "theta_raw_scale", "c2_loc", "c2_raw_scale", "pair_pi_raw", "pair_scale_loc",
+                 "pair_scale_raw_scale", "pair_loc", "pair_raw_scale")
 #: sample sites of the globals and of the per-cell latents
-GLOBAL_SITES = ("pi", "gate", "slab", "W", "theta")
+GLOBAL_SITES = ("pi", "gate", "slab", "W", "theta", "c2", "pair_pi", "pair_scale", "pair_effect")
 LOCAL_SITES = ("z_inv", "eps")
 
 
 # ---- the math pieces ----------------------------------------------------------------------
 
-def spike_slab_mixture(pi, spike_scale: float, slab_scale: float, shape) -> dist.MixtureSameFamily:
+def spike_slab_mixture(pi, spike_scale: float, slab_scale, shape) -> dist.MixtureSameFamily:
     """(1 - pi) N(0, spike_scale^2) + pi N(0, slab_scale^2): the spike-and-slab prior of one
-    effect with its gate summed out (a narrow Normal spike stands in for the point mass)."""
+    effect with its gate summed out (a narrow Normal spike stands in for the point mass).
+    ``slab_scale`` may be a (scalar) tensor, e.g. a learned scale."""
     weights = torch.stack([1 - pi, pi], -1).expand(*shape, 2)
-    scales = torch.tensor([spike_scale, slab_scale], dtype=pi.dtype, device=pi.device).expand(*shape, 2)
+    slab = torch.as_tensor(slab_scale, dtype=pi.dtype, device=pi.device)
+    scales = torch.stack([torch.full_like(slab, spike_scale), slab], -1).expand(*shape, 2)
     return dist.MixtureSameFamily(dist.Categorical(probs=weights), dist.Normal(torch.zeros_like(scales), scales))
 
 
@@ -133,15 +136,27 @@ def sparse_rotation(effects: torch.Tensor, n_restarts: int = 16, steps: int = 30
 
 
 class Decoder(nn.Module):
-    """f([z_inv, z_pert]) -> gene logits (softmax gives proportions rho)."""
+    """Gene logits (softmax gives proportions rho) from [z_inv, z_pert]:
 
-    def __init__(self, n_in: int, n_genes: int, cfg: ModelConfig):
+    * ``nonlinear``: f([z_inv, z_pert]), an MLP;
+    * ``linear``: a linear map;
+    * ``hybrid``: f([z_inv, z_pert]) + L z_pert, a log-linear path from z_pert beside the MLP,
+      so that latent shifts add in log expression (the additive model of doubles is the
+      special case f constant in z_pert); the MLP is left for interactions."""
+
+    def __init__(self, n_inv: int, n_pert: int, n_genes: int, cfg: ModelConfig):
         super().__init__()
+        n_in = n_inv + n_pert
         self.net = nn.Linear(n_in, n_genes) if cfg.decoder == "linear" else mlp(n_in, n_genes, cfg.hidden,
                                                                                   cfg.n_layers)
+        self.loglinear = None
+        if cfg.decoder == "hybrid":
+            self.loglinear = nn.Linear(n_pert, n_genes, bias=False)
+            nn.init.zeros_(self.loglinear.weight)
 
     def forward(self, z_inv: torch.Tensor, z_pert: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([z_inv, z_pert], dim=-1))
+        logits = self.net(torch.cat([z_inv, z_pert], dim=-1))
+        return logits if self.loglinear is None else logits + self.loglinear(z_pert)
 
     @property
     def first_layer(self) -> nn.Linear:
@@ -161,12 +176,16 @@ class PerturbedVAEModule(nn.Module):
     """Networks and variational parameters of PerturbedVAE; ``model`` and ``guide`` are the
     Pyro programs (see the module docstring for the equations).
 
-    ``n_genes`` and ``n_perts`` come from the data; ``cfg`` holds sizes and priors."""
+    ``n_genes`` and ``n_perts`` come from the data; ``pairs``: the (i, j) perturbation index
+    pairs (i < j) of the training doubles, which get their own interaction effects (with
+    ``cfg.pair_effects``); ``cfg`` holds sizes and priors."""
 
-    def __init__(self, cfg: ModelConfig, n_genes: int, n_perts: int, init_gate_prob: float = 0.5):
+    def __init__(self, cfg: ModelConfig, n_genes: int, n_perts: int, pairs=(), init_gate_prob: float = 0.5):
         super().__init__()
         self.cfg, self.n_genes, self.n_perts = cfg, int(n_genes), int(n_perts)
         P, K, D, G = self.n_perts, cfg.latent_pert, cfg.latent_inv, self.n_genes
+        keys = sorted({min(i, j) * P + max(i, j) for i, j in pairs}) if cfg.pair_effects else []
+        self.n_pairs = len(keys)
         depth = max(cfg.n_layers, 1)
         # guide networks: q(z_inv | x) and the z_pert location h(x, u)
         self.inv_encoder = Encoder(G, D, cfg.hidden, depth)
@@ -187,9 +206,17 @@ class PerturbedVAEModule(nn.Module):
         #: orthogonal O of :meth:`rotate_latents` (identity until then): q(eps) scales are those
         #: of O eps, the square roots of diag(O diag(s^2) O^T)
         self.register_buffer("eps_rotation", torch.eye(K))
-        # model: decoder f and log c_2, the composition scale of cells with two or more targets
-        self.decoder = Decoder(D + K, G, cfg)
-        self.log_multi_scale = nn.Parameter(torch.zeros(()), requires_grad=cfg.learn_composition)
+        # guide: composition of doubles (c_2, pair interactions)
+        self.c2_loc = nn.Parameter(torch.tensor(float(cfg.composition_prior[0])))
+        self.c2_raw_scale = nn.Parameter(torch.tensor(-2.0))
+        self.pair_pi_raw = nn.Parameter(torch.tensor([1.0, 1.0]))
+        self.pair_scale_loc = nn.Parameter(torch.tensor(float(cfg.pair_scale_prior[0])))
+        self.pair_scale_raw_scale = nn.Parameter(torch.tensor(-2.0))
+        self.pair_loc = nn.Parameter(torch.zeros(self.n_pairs, K))
+        self.pair_raw_scale = nn.Parameter(torch.full((self.n_pairs, K), -2.0))
+        self.register_buffer("pair_keys", torch.tensor(keys, dtype=torch.long))
+        # model: the decoder f
+        self.decoder = Decoder(D, K, G, cfg)
         #: (x, m(x)) kept by the guide for the model's alignment factor of the same step, so
         #: the invariant encoder runs once per step (the guide runs before the model)
         self.guide_inv_loc: tuple | None = None
@@ -201,15 +228,39 @@ class PerturbedVAEModule(nn.Module):
             self.register_buffer(name, value)
 
     def global_parameters(self) -> list[nn.Parameter]:
-        """The guide's global variational parameters (effects, DAG, dispersions)."""
+        """The guide's global variational parameters (effects, DAG, dispersions, composition)."""
         return [p for n, p in self.named_parameters() if n in GLOBAL_PARAMS]
 
     # ---- pieces of the generative story -------------------------------------------------
-    def shift(self, u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """c_{m_n} * sum_p u_np delta_p, with c_1 = 1 and c_{>=2} learned."""
-        n_targets = u.sum(-1, keepdim=True)
-        scale = torch.where(n_targets > 1, self.log_multi_scale.exp(), torch.ones_like(n_targets))
-        return scale * (u @ delta)
+    def pair_ids(self, u: torch.Tensor) -> torch.Tensor:
+        """Per cell: the index of its pair among the training pairs; -1 for a double whose
+        pair was not in training; -2 for cells with other than two targets."""
+        two = u.sum(-1) == 2
+        i, j = u.topk(2, dim=-1).indices.sort(-1).values.unbind(-1)
+        key = i * self.n_perts + j
+        if self.n_pairs == 0:
+            return torch.where(two, -1, -2)
+        pos = torch.searchsorted(self.pair_keys, key).clamp(max=self.n_pairs - 1)
+        known = self.pair_keys[pos] == key
+        return torch.where(two, torch.where(known, pos, -1), -2)
+
+    def shift(self, u, delta, c2=None, pair_effect=None, novel_pair_effect=None) -> torch.Tensor:
+        """The intervention on eps: c_{m_n} sum_p u_np delta_p + iota_{pair(n)}.
+
+        c_1 = 1 and c_{>=2} = ``c2`` (None: 1); iota: the pair's interaction effect
+        (``pair_effect`` rows of the training pairs; ``novel_pair_effect``, (B, K), for cells
+        of pairs not seen in training, drawn from the fitted prior at prediction)."""
+        out = u @ delta
+        if c2 is not None:
+            out = torch.where(u.sum(-1, keepdim=True) > 1, c2 * out, out)
+        if pair_effect is None and novel_pair_effect is None:
+            return out
+        pid = self.pair_ids(u).unsqueeze(-1)
+        if pair_effect is not None and self.n_pairs:
+            out = out + (pid >= 0) * pair_effect[pid.squeeze(-1).clamp(min=0)]
+        if novel_pair_effect is not None:
+            out = out + (pid == -1) * novel_pair_effect
+        return out
 
     def gene_log_mean(self, z_inv, z_pert, library_size):
         """log mu_ng = log l_n + log_softmax(f([z_inv, z_pert]))_g."""
@@ -251,11 +302,13 @@ class PerturbedVAEModule(nn.Module):
         return (counts * (distance - bias)).sum()
 
     # ---- the generative model -----------------------------------------------------------
-    def model(self, x, u, x_ctrl=None, kl_weight=1.0, temperature=None, *, n_cells: int):
+    def model(self, x, u, x_ctrl=None, kl_weight=1.0, temperature=None, *, n_cells: int,
+              novel_pair_effect=None):
         """x: (B, G) counts (their totals are the library sizes); u: (B, P) multi-hot labels;
         x_ctrl: (B, G) counts of randomly paired control cells (alignment); kl_weight:
         annealing weight of the local KLs; temperature: used by the guide only; n_cells: cells
-        in the data (minibatch scale)."""
+        in the data (minibatch scale); novel_pair_effect: (B, K) interaction of cells whose
+        pair was not in training (prediction; see :meth:`shift`)."""
         cfg = self.cfg
         P, K, D, G = self.n_perts, cfg.latent_pert, cfg.latent_inv, self.n_genes
         pyro.module("pvae", self)
@@ -277,6 +330,20 @@ class PerturbedVAEModule(nn.Module):
                     gate = pyro.sample("gate", dist.Bernoulli(pi))
                     delta = gate * pyro.sample("slab", dist.Normal(zeros, cfg.slab_scale))
 
+            # Composition of doubles: c_2 and a sparse interaction effect iota per pair whose
+            # slab scale tau is learned (pairs unseen in training draw iota from this prior).
+            c2 = pair_effect = None
+            if cfg.learn_composition:
+                c2 = pyro.sample("c2", dist.LogNormal(zeros + cfg.composition_prior[0], cfg.composition_prior[1]))
+            if cfg.pair_effects:
+                pair_pi = pyro.sample("pair_pi", dist.Beta(zeros + cfg.pair_pi_prior[0], zeros + cfg.pair_pi_prior[1]))
+                tau = pyro.sample("pair_scale", dist.LogNormal(zeros + cfg.pair_scale_prior[0],
+                                                               cfg.pair_scale_prior[1]))
+                if self.n_pairs:
+                    with pyro.plate("pairs", self.n_pairs, dim=-2), pyro.plate("pair_latents", K, dim=-1):
+                        pair_effect = pyro.sample("pair_effect", spike_slab_mixture(
+                            pair_pi, cfg.spike_scale, tau, (self.n_pairs, K)))
+
             # Latent causal model: strictly lower-triangular W with a Laplace (shrinkage) prior.
             with pyro.plate("children", K, dim=-2), pyro.plate("parents", K, dim=-1):
                 with poutine.mask(mask=self.tril_mask.bool()):
@@ -291,7 +358,7 @@ class PerturbedVAEModule(nn.Module):
             with poutine.scale(scale=kl_weight):
                 z_inv = pyro.sample("z_inv", dist.Normal(zeros, 1.0).expand([D]).to_event(1)).squeeze(-2)
                 eps = pyro.sample("eps", dist.Normal(zeros, 1.0).expand([K]).to_event(1)).squeeze(-2)
-            z_pert = propagate(eps + self.shift(u, delta), W)
+            z_pert = propagate(eps + self.shift(u, delta, c2, pair_effect, novel_pair_effect), W)
             log_mu = self.gene_log_mean(z_inv, z_pert, x.sum(-1))
             with genes:
                 counts = pyro.sample("x", self.likelihood(log_mu, theta), obs=x)
@@ -321,6 +388,16 @@ class PerturbedVAEModule(nn.Module):
                     delta = gate * slab
                 else:
                     delta = pyro.sample("slab", dist.Normal(self.slab_loc, slab_scale))
+            c2 = pair_effect = None
+            if cfg.learn_composition:
+                c2 = pyro.sample("c2", dist.LogNormal(self.c2_loc, _positive(self.c2_raw_scale)))
+            if cfg.pair_effects:
+                pyro.sample("pair_pi", dist.Beta(*self.pair_pi_concentrations()))
+                pyro.sample("pair_scale", dist.LogNormal(self.pair_scale_loc, _positive(self.pair_scale_raw_scale)))
+                if self.n_pairs:
+                    with pyro.plate("pairs", self.n_pairs, dim=-2), pyro.plate("pair_latents", K, dim=-1):
+                        pair_effect = pyro.sample("pair_effect", dist.Normal(self.pair_loc,
+                                                                             _positive(self.pair_raw_scale)))
             with pyro.plate("children", K, dim=-2), pyro.plate("parents", K, dim=-1):
                 with poutine.mask(mask=self.tril_mask.bool()):
                     W = pyro.sample("W", dist.Normal(self.w_loc, _positive(self.w_raw_scale))) * self.tril_mask
@@ -336,7 +413,7 @@ class PerturbedVAEModule(nn.Module):
                     self.guide_inv_loc = (x, inv_loc)
                 pyro.sample("z_inv", dist.Normal(inv_loc.unsqueeze(-2), inv_scale.unsqueeze(-2)).to_event(1))
                 center = self.control_center(x_ctrl, u)
-                eps_loc, eps_scale = self.eps_posterior(xn, u, W, delta, center)
+                eps_loc, eps_scale = self.eps_posterior(xn, u, W, self.shift(u, delta, c2, pair_effect), center)
                 pyro.sample("eps", dist.Normal(eps_loc.unsqueeze(-2), eps_scale.unsqueeze(-2)).to_event(1))
 
     def control_center(self, x_ctrl, u) -> torch.Tensor:
@@ -351,16 +428,25 @@ class PerturbedVAEModule(nn.Module):
             self.running_control_center.mul_(0.95).add_(0.05 * h)
         return h
 
-    def eps_posterior(self, xn, u, W, delta, center):
-        """loc, scale of q(eps | x, u) = N((I - W)(h(x, u) - center) - shift(u, delta), s(x, u))."""
+    def eps_posterior(self, xn, u, W, shift, center):
+        """loc, scale of q(eps | x, u) = N((I - W)(h(x, u) - center) - shift, s(x, u))."""
         z_loc, scale = self.pert_encoder(torch.cat([xn, u], dim=-1))
         scale = (scale.pow(2) @ self.eps_rotation.pow(2).T).sqrt()
         A = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device) - W
-        return (z_loc - center) @ A.T - self.shift(u, delta), scale
+        return (z_loc - center) @ A.T - shift, scale
 
     # ---- posterior summaries -------------------------------------------------------------
     def pi_concentrations(self):
         return _positive(self.pi_raw[0], 1e-3), _positive(self.pi_raw[1], 1e-3)
+
+    def pair_pi_concentrations(self):
+        return _positive(self.pair_pi_raw[0], 1e-3), _positive(self.pair_pi_raw[1], 1e-3)
+
+    def composition_mean(self) -> float:
+        """Posterior mean of c_2 (1 when composition is not learned)."""
+        if not self.cfg.learn_composition:
+            return 1.0
+        return float((self.c2_loc + _positive(self.c2_raw_scale) ** 2 / 2).exp())
 
     def pi_mean(self) -> torch.Tensor:
         a, b = self.pi_concentrations()
@@ -395,6 +481,11 @@ class PerturbedVAEModule(nn.Module):
             out["pi"] = self.pi_mean()
         if self.cfg.gate_sites:
             out["gate"] = self.pip()
+        if self.cfg.learn_composition:
+            out["c2"] = torch.tensor(self.composition_mean())
+        if self.cfg.pair_effects:
+            a, b = self.pair_pi_concentrations()
+            out.update(pair_pi=a / (a + b), pair_scale=self.pair_scale_loc.exp(), pair_effect=self.pair_loc)
         return {k: v.detach() for k, v in out.items()}
 
     @torch.no_grad()
@@ -423,13 +514,16 @@ class PerturbedVAEModule(nn.Module):
         M = O @ (torch.eye(K, dtype=W.dtype, device=W.device) - W)
         first = self.decoder.first_layer
         first.weight[:, D:] = first.weight[:, D:] @ torch.linalg.inv(M)
+        if self.decoder.loglinear is not None:
+            self.decoder.loglinear.weight.copy_(self.decoder.loglinear.weight @ torch.linalg.inv(M))
         last = self.pert_encoder.net[-1]
         last.weight[:K] = M @ last.weight[:K]
         last.bias[:K] = M @ last.bias[:K]
         self.running_control_center.copy_(M @ self.running_control_center)
-        sd = _positive(self.slab_raw_scale)
-        self.slab_loc.copy_(self.slab_loc @ O.T)
-        self.slab_raw_scale.copy_(_inverse_positive(((sd ** 2) @ (O ** 2).T).sqrt()))
+        for loc, raw_scale in ((self.slab_loc, self.slab_raw_scale), (self.pair_loc, self.pair_raw_scale)):
+            sd = _positive(raw_scale)
+            loc.copy_(loc @ O.T)
+            raw_scale.copy_(_inverse_positive(((sd ** 2) @ (O ** 2).T).sqrt()))
         self.w_loc.zero_()
         self.w_raw_scale.fill_(-30.0)  # softplus(-30) ~ 1e-13: sd = the 1e-4 floor
         self.eps_rotation.copy_(O @ self.eps_rotation)
@@ -438,15 +532,16 @@ class PerturbedVAEModule(nn.Module):
     # ---- prediction: the model run forward -------------------------------------------------
     @torch.no_grad()
     def sample_cells(self, x_start: torch.Tensor, u: torch.Tensor, global_draw: dict[str, torch.Tensor],
-                     local_latents: str = "counterfactual") -> torch.Tensor:
+                     local_latents: str = "counterfactual", novel_pairs: str = "draw") -> torch.Tensor:
         """Counts drawn from :meth:`model` with its observation released, given one draw of the
         global sites. The cells keep the library sizes of ``x_start``.
 
         ``local_latents``: ``"counterfactual"`` (prediction): z_inv and eps of the cells
         ``x_start`` encoded as they are observed (their own label must be ``u = 0``, i.e.
         control cells), then moved to condition ``u``; ``"posterior"`` (posterior-predictive
-        check): z_inv and eps from q(. | x_start, u); ``"prior"``: from N(0, I)."""
-        args = (x_start, u)
+        check): z_inv and eps from q(. | x_start, u); ``"prior"``: from N(0, I). Cells of a
+        pair unseen in training get one interaction draw per pair from its fitted prior
+        (``novel_pairs="draw"``) or its mean, zero (``"mean"``)."""
         kw = {"n_cells": x_start.shape[0]}
         glob = {k: v for k, v in global_draw.items() if k in GLOBAL_SITES}
         locals_ = {}
@@ -455,8 +550,24 @@ class PerturbedVAEModule(nn.Module):
             trace = poutine.trace(poutine.condition(self.guide, data=glob)).get_trace(x_start, u_guide, **kw)
             locals_ = {name: trace.nodes[name]["value"] for name in LOCAL_SITES}
         model = poutine.condition(poutine.uncondition(self.model), data={**glob, **locals_})
-        return model(*args, **kw)
+        novel = self.novel_pair_effects(u, glob) if novel_pairs == "draw" else None
+        return model(x_start, u, novel_pair_effect=novel, **kw)
 
+    def novel_pair_effects(self, u: torch.Tensor, global_draw: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """(B, K) interactions of cells whose pair was not in training: one draw per such pair
+        from the fitted prior (1 - pi_I) N(0, spike^2) + pi_I N(0, tau^2); None without pair
+        effects or novel pairs."""
+        novel = self.pair_ids(u) == -1 if self.cfg.pair_effects else None
+        if novel is None or not novel.any():
+            return None
+        prior = spike_slab_mixture(global_draw["pair_pi"], self.cfg.spike_scale, global_draw["pair_scale"],
+                                   (self.cfg.latent_pert,))
+        i, j = u.topk(2, dim=-1).indices.sort(-1).values.unbind(-1)
+        key = i * self.n_perts + j
+        out = u.new_zeros(u.shape[0], self.cfg.latent_pert)
+        for k in key[novel].unique():
+            out[novel & (key == k)] = prior.sample()
+        return out
 
 @torch.no_grad()
 def sample_globals(module: PerturbedVAEModule, n_draws: int) -> dict[str, torch.Tensor]:

@@ -585,10 +585,12 @@ def to_inference_data(run_or_model, adata=None, n_draws: int = 200, *, result: P
         "chain": [0], "draw": np.arange(result.n_draws),
         "perturbation": list(vae.vocabulary), "pert_latent": np.arange(K), "pert_latent_parent": np.arange(K),
         "gene": list(result.genes),
+        "pair": [D.format_condition([vae.vocabulary[i], vae.vocabulary[j]]) for i, j in vae.training_pairs],
     }
     site_dims = {"delta": ["perturbation", "pert_latent"], "gate": ["perturbation", "pert_latent"],
                  "slab": ["perturbation", "pert_latent"], "W": ["pert_latent", "pert_latent_parent"],
-                 "theta": ["gene"], "pi": []}
+                 "theta": ["gene"], "pi": [], "c2": [], "pair_pi": [], "pair_scale": [],
+                 "pair_effect": ["pair", "pert_latent"]}
     post = {}
     for name, dims in site_dims.items():
         if name in result.globals:
@@ -635,7 +637,7 @@ def to_inference_data(run_or_model, adata=None, n_draws: int = 200, *, result: P
                                 coords={"de_pair": unit_coords["de_pair"]}),
         "test_conditions": xr.DataArray(np.array(test_c, dtype=str), dims=["test_condition"]),
         "train_conditions": xr.DataArray(np.array(train_c, dtype=str), dims=["train_condition"]),
-        "composition_scale": xr.DataArray(np.float32(vae.module.log_multi_scale.detach().exp().item())),
+        "composition_scale": xr.DataArray(np.float32(vae.module.composition_mean())),
     }
     attrs = {
         "inference_method": "variational (SVI, amortised / mean-field guide)",

@@ -446,11 +446,13 @@ def _check_override(text: str, key: str, value, delete: bool) -> None:
         if dataclasses.is_dataclass(tp):
             cls = tp
             continue
-        rest = parts[i + 1:]
-        if key.startswith("benchmark.train.") and len(rest) == 1:
-            TrainConfig.check(rest[0], value, prefix="benchmark.train") if not delete else None
-        elif not rest and not delete:
+        rest = parts[i + 1:]  # keys inside a mapping (split.kwargs.KEY) are free, except benchmark.train.KEY
+        if delete:
+            return
+        if not rest:
             cls.check(name, value)
+        elif key.startswith("benchmark.train.") and len(rest) == 1:
+            TrainConfig.check(rest[0], value, prefix="benchmark.train")
         return
 
 
@@ -458,9 +460,10 @@ def _check_overrides(overrides: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    parser = OverridesParser.create()
     for text in overrides:
         try:
-            (ov,) = OverridesParser.create().parse_overrides([text])
+            (ov,) = parser.parse_overrides([text])
         except HydraException as e:
             raise ConfigError(f"cannot read override {text!r}: {str(e).splitlines()[0].strip()} "
                               "(expected key=value)") from None

@@ -1,90 +1,258 @@
-"""Configuration: ``--config NAME`` plus Hydra overrides, composed with Hydra's compose API,
-and the data/split a config describes.
+"""Settings: one dataclass per section, presets, and the data/split a config describes.
 
-``--config`` is our own flag (Hydra's is ``--config-name``): we take it, hand the remaining
-``key=value`` overrides to Hydra and turn Hydra's errors into short messages that list what
-exists.
+The dataclasses below (``DataConfig``, ``SplitConfig``, ``ModelConfig``, ``TrainConfig``,
+``OutputConfig``, ``BenchmarkConfig``, together :class:`Settings`) are the one source of
+defaults. Every field carries its type and allowed values (:func:`setting`); they are checked
+when a dataclass is built (``ModelConfig(**kw)``, ``ModelConfig.from_dict(d)``) and when
+``--config NAME key=value ...`` is composed, before any data are read or a directory is made.
+
+Presets are ``pyro_pvae/configs/NAME.yaml`` inside the package (found with importlib.resources);
+each holds only its differences from the dataclasses, which are registered with Hydra's
+ConfigStore (``settings``, ``model/default``, ``train/default``). ``--config`` is our own flag
+(Hydra's is ``--config-name``): we take it, hand the ``key=value`` overrides to Hydra and turn
+Hydra's errors into one-line messages that list what exists.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
+import operator
+import re
 import time
-from dataclasses import asdict, dataclass
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib.resources import files
 from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-MAIN_KEYS = {
-    "data.path": "local .h5ad file (CPA, GEARS, scPerturb or generic layout)",
-    "data.source": "file | norman19_subset | simulation | norman_effects",
-    "data.n_top_genes": "keep this many highly variable genes (targets always kept)",
-    "split.name": "auto | norman_discrepancy | combo_seen | complete_doubles | iid | none",
-    "model=paper": "the paper's sizes (20 perturbation + 85 invariant latents, hidden 256)",
-    "model.latent_pert / model.latent_inv": "latent sizes",
-    "model.alpha": "alignment weight (0 turns it off)",
-    "model.effect_prior": "spike_slab | dense",
-    "train.epochs / train.batch_size / train.lr": "optimisation",
-    "train.device": "auto | cpu | cuda",
-    "train.resume=true output.run_dir=DIR": "continue a killed run from its last checkpoint",
-}
+#: presets ``NAME.yaml`` and preset groups ``model/``, ``train/``, shipped inside the package
+CONFIG_DIR = Path(str(files(__package__) / "configs"))
+PRESET_GROUPS = ("model", "train")
 
 
 class ConfigError(ValueError):
-    """A config name or key that does not exist, or an inconsistent setting."""
+    """A config name or key that does not exist, or a value of the wrong type or range."""
 
 
-# ---- settings (one source of defaults) -----------------------------------------------------
+# ---- checking one value ---------------------------------------------------------------------
 
-@dataclass
-class ModelConfig:
-    """Sizes and priors of the model (Hydra group ``model``)."""
+def setting(default=dataclasses.MISSING, *, factory=None, gt=None, ge=None, lt=None, le=None,
+            choices=None, rule=None):
+    """A dataclass field with its allowed values: bounds ``gt``/``ge``/``lt``/``le`` (for a
+    tuple: on each element), ``choices``, or ``rule=(predicate, description)``."""
+    limits = dict(gt=gt, ge=ge, lt=lt, le=le, choices=choices, rule=rule)
+    metadata = {k: v for k, v in limits.items() if v is not None}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
-    n_genes: int = 0
-    n_perts: int = 0
-    latent_inv: int = 10
-    latent_pert: int = 10
-    hidden: int = 256
-    n_layers: int = 1
-    decoder: str = "nonlinear"  # "nonlinear" (MLP) or "linear"
-    effect_prior: str = "spike_slab"  # "spike_slab" or "dense" (Gaussian, ablation)
-    likelihood: str = "nb"  # "nb" or "poisson" (a deliberately wrong model, for checks)
-    pi_prior: tuple = (1.0, 4.0)  # Beta(a, b) on the inclusion probability
-    slab_scale: float = 2.0
-    gate_inference: str = "marginal"  # "marginal" (gate summed out) or "straight_through"
-    spike_scale: float = 0.05  # marginal: sd of the narrow spike standing in for the point mass
-    dense_scale: float = 1.0
-    w_prior_scale: float = 0.1  # Laplace scale of DAG edge weights
-    theta_prior: tuple = (2.0, 1.5)  # LogNormal(loc, scale) of the NB inverse dispersion
-    alpha: float = 20.0  # alignment weight; 0 turns it off
-    alignment: str = "group_mean"  # "group_mean" or "pairwise" (see alignment_penalty)
-    learn_composition: bool = True
-    sparse_rotation: bool = True  # after fit: rotate z_pert to the sparsest effects (sparse_rotation())
 
-    #: allowed values of the string options (a typo would otherwise select a fallback branch)
-    CHOICES = {"decoder": ("nonlinear", "linear"), "effect_prior": ("spike_slab", "dense"),
-               "likelihood": ("nb", "poisson"), "gate_inference": ("marginal", "straight_through"),
-               "alignment": ("group_mean", "pairwise")}
+_BOUNDS = {"gt": operator.gt, "ge": operator.ge, "lt": operator.lt, "le": operator.le}
 
-    def __post_init__(self):
-        for key, allowed in self.CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"model.{key} must be {' or '.join(map(repr, allowed))}, got {getattr(self, key)!r}")
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return _describe(next(a for a in args if a is not type(None))) + " or null"
+    if origin is tuple:
+        return f"a list of {len(args)} numbers"
+    if origin is list:
+        return "a list of strings"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value, tp):
+    """``value`` as type ``tp`` (an int where a float is expected, a list for a tuple, a number
+    for a string); TypeError if it is not of that type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        return None if value is None else _coerce(value, next(a for a in args if a is not type(None)))
+    if tp is Any:
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or \
+                (origin is tuple and len(value) != len(args)):
+            raise TypeError
+        return origin(_coerce(v, args[i] if origin is tuple else args[0]) for i, v in enumerate(value))
+    if origin is dict and isinstance(value, Mapping):
+        return dict(value)
+    if tp is bool and isinstance(value, bool) or tp is str and isinstance(value, str):
+        return value
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # data.path=123 is the path '123'
+    if tp in (int, float) and isinstance(value, int) and not isinstance(value, bool):
+        return tp(value)
+    if tp is float and isinstance(value, float) and math.isfinite(value):
+        return value
+    raise TypeError
+
+
+def _one_of(choices) -> str:
+    quoted = [repr(c) for c in choices]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1] if len(quoted) > 1 else quoted[0]
+
+
+def _range_text(limits) -> str:
+    lower = [(k, limits[k]) for k in ("gt", "ge") if k in limits]
+    upper = [(k, limits[k]) for k in ("lt", "le") if k in limits]
+    if lower and upper:
+        (lo_kind, lo), (hi_kind, hi) = lower[0], upper[0]
+        return f"in {'(' if lo_kind == 'gt' else '['}{lo}, {hi}{')' if hi_kind == 'lt' else ']'}"
+    kind, bound = (lower or upper)[0]
+    return f"{ {'gt': '>', 'ge': '>=', 'lt': '<', 'le': '<='}[kind]} {bound}"
+
+
+def check_value(key: str, value, tp, limits: Mapping = {}):
+    """``value`` of setting ``key`` converted to type ``tp``; ConfigError (one line) if it has
+    another type or lies outside ``limits`` (see :func:`setting`)."""
+    try:
+        value = _coerce(value, tp)
+    except TypeError:
+        raise ConfigError(f"{key} must be {_describe(tp)}, got {value!r}") from None
+    if value is None:
+        return value
+    shown = list(value) if isinstance(value, tuple) else value
+    if "choices" in limits and value not in limits["choices"]:
+        raise ConfigError(f"{key} must be {_one_of(limits['choices'])}, got {shown!r}")
+    if "rule" in limits and not limits["rule"][0](value):
+        raise ConfigError(f"{key} must be {limits['rule'][1]}, got {shown!r}")
+    for x in value if isinstance(value, tuple) else (value,):
+        if not all(op(x, limits[k]) for k, op in _BOUNDS.items() if k in limits):
+            each = " (each value)" if isinstance(value, tuple) else ""
+            raise ConfigError(f"{key} must be {_range_text(limits)}{each}, got {shown!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+class _Section:
+    """Every field of a settings dataclass is checked when it is built (``__post_init__``)."""
+
+    SECTION = ""  # the key prefix in messages, e.g. "model"
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
+    def _key(cls, name: str) -> str:
+        return f"{cls.SECTION}.{name}" if cls.SECTION else name
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, tp = getattr(self, f.name), _hints(type(self))[f.name]
+            if dataclasses.is_dataclass(tp):
+                if isinstance(value, Mapping):
+                    value = tp.from_dict(value)
+                elif not isinstance(value, tp):
+                    raise ConfigError(f"{self._key(f.name)} must be a mapping, got {value!r}")
+            else:
+                value = check_value(self._key(f.name), value, tp, f.metadata)
+            setattr(self, f.name, value)
+
+    @classmethod
+    def check(cls, key: str, value, prefix: str | None = None):
+        """Check one ``key`` (a field name) and its value; ``prefix`` replaces the section in messages."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        where = prefix or cls.SECTION
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{where}.{key}'; keys under {where}: {', '.join(fields)}")
+        return check_value(f"{where}.{key}", value, _hints(cls)[key], fields[key].metadata)
+
+    @classmethod
+    def from_dict(cls, d: Mapping):
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(d) - set(known)
         if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
-        d = dict(d)
-        for key in ("pi_prior", "theta_prior"):
-            if key in d:
-                d[key] = tuple(d[key])
+            raise ConfigError(f"unknown {cls.SECTION or 'top-level'} config keys {sorted(unknown)}; "
+                              f"known: {sorted(known)}")
         return cls(**d)
+
+
+# ---- settings (one source of defaults; one line per key: default and allowed values) --------
+
+@dataclass
+class SimulationConfig(_Section):
+    """Simulated data (``data.source=simulation`` or ``norman_effects``)."""
+
+    SECTION = "data.simulation"
+    preset: str = "norman_like"  # pyro_pvae.simulate presets (simulation only)
+    seed: int = setting(0, ge=0)
+    overrides: Dict[str, Any] = setting(factory=dict)  # keyword arguments of the simulator
+
+
+@dataclass
+class DataConfig(_Section):
+    """The data set (see :func:`load_dataset`)."""
+
+    SECTION = "data"
+    source: str = setting("file", choices=("file", "norman19_subset", "simulation", "norman_effects"))
+    path: Optional[str] = None  # local .h5ad (CPA, GEARS, scPerturb or generic layout); implies source=file
+    format: str = setting("auto", choices=("auto", "cpa", "gears", "scperturb", "canonical", "replogle", "generic"))
+    label_key: Optional[str] = None  # generic format: obs column holding the perturbation label
+    control_label: Optional[str] = None  # generic format: label of control cells
+    sep: Optional[str] = None  # generic format: separator of combined targets
+    n_top_genes: Optional[int] = setting(None, ge=1)  # highly variable genes kept (targets always kept); null = all
+    simulation: SimulationConfig = setting(factory=SimulationConfig)
+
+
+@dataclass
+class SplitConfig(_Section):
+    """Held-out conditions (``pyro_pvae.data.make_split``); every preset names its split."""
+
+    SECTION = "split"
+    name: str = setting("none", choices=("norman_discrepancy", "combo_seen", "complete_doubles", "iid", "none"))
+    seed: int = setting(0, ge=0)
+    kwargs: Dict[str, Any] = setting(factory=dict)  # keyword arguments of the split function
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.name != "none" and self.kwargs:
+            import inspect
+
+            from .data import SPLITS
+
+            accepted = [p for p in inspect.signature(SPLITS[self.name]).parameters if p not in ("adata", "seed")]
+            unknown = sorted(set(self.kwargs) - set(accepted))
+            if unknown:
+                raise ConfigError(f"split.kwargs {unknown} are not arguments of split {self.name!r}; "
+                                  f"it takes: {', '.join(accepted)}")
+
+
+@dataclass
+class ModelConfig(_Section):
+    """Sizes and priors of the model (Hydra group ``model``). The data-derived sizes (genes,
+    perturbations) are not settings."""
+
+    SECTION = "model"
+    latent_inv: int = setting(10, ge=1)
+    latent_pert: int = setting(10, ge=1)
+    hidden: int = setting(128, ge=1)
+    n_layers: int = setting(1, ge=0)
+    decoder: str = setting("nonlinear", choices=("nonlinear", "linear"))  # MLP or linear
+    effect_prior: str = setting("spike_slab", choices=("spike_slab", "dense"))  # dense: Gaussian (ablation)
+    likelihood: str = setting("nb", choices=("nb", "poisson"))  # poisson: a deliberately wrong model, for checks
+    pi_prior: Tuple[float, float] = setting((1.0, 4.0), gt=0)  # Beta(a, b) on the inclusion probability
+    slab_scale: float = setting(2.0, gt=0)
+    # marginal: gate summed out (spike = narrow Normal); straight_through: gate sample sites
+    gate_inference: str = setting("marginal", choices=("marginal", "straight_through"))
+    spike_scale: float = setting(0.05, gt=0)  # marginal: sd of the narrow spike standing in for the point mass
+    dense_scale: float = setting(1.0, gt=0)
+    w_prior_scale: float = setting(0.1, gt=0)  # Laplace scale of the latent DAG edge weights
+    # LogNormal(loc, scale) of the NB inverse dispersion
+    theta_prior: Tuple[float, float] = setting((2.0, 1.5), rule=(lambda v: v[1] > 0, "[loc, scale] with scale > 0"))
+    alpha: float = setting(20.0, ge=0)  # alignment weight; 0 turns it off
+    alignment: str = setting("group_mean", choices=("group_mean", "pairwise"))  # pairwise: the paper's per-pair form
+    learn_composition: bool = True
+    sparse_rotation: bool = True  # after fit: re-express z_pert in the basis with the sparsest effects
 
     @property
     def gate_sites(self) -> bool:
@@ -99,44 +267,33 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """Optimisation settings (Hydra group ``train``)."""
 
-    epochs: int = 100
-    batch_size: int = 256
-    lr: float = 3e-3
-    lr_batch_rule: str = "none"  # "none" | "sqrt" | "linear": lr * rule(batch_size / lr_base_batch)
-    lr_base_batch: int = 256
-    lr_final_fraction: float = 0.1
-    global_lr_multiplier: float = 10.0
-    clip_norm: float = 10.0
-    kl_weight: float = 1.0
-    kl_warmup_epochs: float = 10.0
-    temperature_start: float = 1.0
-    temperature_end: float = 0.2
-    init_gate_prob: float = 0.5
-    seed: int = 0
-    device: str = "auto"
-    engine: str = "module"  # "module" (Pyro ELBOModule + torch Adam) or "svi" (pyro.infer.SVI)
-    jit: bool = False
+    SECTION = "train"
+    epochs: int = setting(100, ge=1)
+    batch_size: int = setting(256, ge=1)
+    lr: float = setting(3e-3, gt=0)
+    # lr * rule(batch_size / lr_base_batch) (benchmarks/lr_scaling.py)
+    lr_batch_rule: str = setting("none", choices=("none", "sqrt", "linear"))
+    lr_base_batch: int = setting(256, ge=1)
+    lr_final_fraction: float = setting(0.1, gt=0, le=1)  # the learning rate decays to lr * this
+    global_lr_multiplier: float = setting(10.0, gt=0)  # factor of the global parameters' lr (effects, DAG, theta)
+    clip_norm: float = setting(10.0, gt=0)
+    kl_weight: float = setting(1.0, ge=0)  # final weight of the local KLs (1 = the true ELBO)
+    kl_warmup_epochs: float = setting(10.0, ge=0)
+    temperature_start: float = setting(1.0, gt=0)  # gate relaxation temperature, annealed geometrically
+    temperature_end: float = setting(0.2, gt=0)
+    init_gate_prob: float = setting(0.5, gt=0, lt=1)
+    seed: int = setting(0, ge=0)
+    device: str = setting("auto", rule=(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+                                        "'auto', 'cpu', 'cuda' or 'cuda:N'"))
     validate_args: bool = False
-    early_stopping_patience: int = 20
-    min_epochs: int = 10
-    checkpoint_every: int = 5
+    early_stopping_patience: int = setting(20, ge=1)  # epochs without a better validation loss
+    min_epochs: int = setting(10, ge=0)
+    checkpoint_every: int = setting(5, ge=1)  # epochs
     resume: bool = False
     progress: bool = True
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown train config keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        cfg = cls(**d)
-        if cfg.lr_batch_rule not in ("none", "sqrt", "linear"):
-            raise ValueError(f"train.lr_batch_rule must be 'none', 'sqrt' or 'linear', got {cfg.lr_batch_rule!r}")
-        if cfg.lr_base_batch < 1:
-            raise ValueError(f"train.lr_base_batch must be a positive batch size, got {cfg.lr_base_batch}")
-        return cfg
 
     @property
     def batch_lr(self) -> float:
@@ -147,18 +304,101 @@ class TrainConfig:
         return self.lr * {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[self.lr_batch_rule]
 
 
+@dataclass
+class OutputConfig(_Section):
+    SECTION = "output"
+    root: str = "runs"  # run directories are created below this folder
+    run_dir: Optional[str] = None  # explicit run directory (needed to resume a particular run)
+
+
+@dataclass
+class BenchmarkConfig(_Section):
+    """``python -m pyro_pvae.benchmark`` (see pyro_pvae/benchmark.py)."""
+
+    SECTION = "benchmark"
+    seeds: int = setting(1, ge=1)  # repeat every fit with train.seed = 0..seeds-1; mean ± sd over seeds
+    methods: List[str] = setting(factory=lambda: [
+        "PerturbedVAE", "PerturbedVAE_no_alignment", "PerturbedVAE_dense_prior", "control_mean", "additive",
+        "additive_shrink", "linear"])
+    n_pred_cells: int = setting(200, ge=2)  # predicted cells per held-out condition
+    n_change_draws: int = setting(50, ge=1)  # posterior predictive draws for coverage90_top20de
+    n_plot_conditions: int = setting(4, ge=0)  # conditions in the predicted-vs-observed plot
+    train: Dict[str, Any] = setting(factory=dict)  # train.* overrides for the benchmark's fits (train.KEY=... wins)
+    torch_threads: Optional[int] = setting(1, ge=1)  # torch intra-op CPU threads (null: torch's default)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.train = {k: TrainConfig.check(k, v, prefix="benchmark.train") for k, v in self.train.items()}
+
+
+@dataclass
+class Settings(_Section):
+    """Everything ``--config`` composes (Hydra's ``settings`` node)."""
+
+    data: DataConfig = setting(factory=DataConfig)
+    split: SplitConfig = setting(factory=SplitConfig)
+    model: ModelConfig = setting(factory=ModelConfig)
+    train: TrainConfig = setting(factory=TrainConfig)
+    output: OutputConfig = setting(factory=OutputConfig)
+    benchmark: BenchmarkConfig = setting(factory=BenchmarkConfig)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Settings))
+
+
+def _choices(cls, name: str) -> str:
+    return " | ".join(next(f for f in dataclasses.fields(cls) if f.name == name).metadata["choices"])
+
+
+MAIN_KEYS = {
+    "data.path": "local .h5ad file (CPA, GEARS, scPerturb or generic layout)",
+    "data.source": _choices(DataConfig, "source"),
+    "data.n_top_genes": "keep this many highly variable genes (targets always kept)",
+    "split.name": _choices(SplitConfig, "name") + " (each config names one)",
+    "+split.kwargs.KEY=VALUE": "an argument of the split function (e.g. single_test_fraction)",
+    "model=paper / train=paper": "the paper's sizes (20 perturbation + 85 invariant latents, hidden 256) / optimisation",
+    "model.latent_pert / model.latent_inv": "latent sizes",
+    "model.alpha": "alignment weight (0 turns it off)",
+    "model.effect_prior": _choices(ModelConfig, "effect_prior"),
+    "train.epochs / train.batch_size / train.lr": "optimisation",
+    "train.device": "auto | cpu | cuda | cuda:N",
+    "train.resume=true output.run_dir=DIR": "continue a killed run from its last checkpoint",
+}
+
+
+# ---- presets and composition ----------------------------------------------------------------
+
+def register_configs() -> None:
+    """Register the dataclasses with Hydra's ConfigStore: ``settings`` (every section, the root
+    of ``configs/base.yaml``) and ``model/default``, ``train/default`` (the group defaults that
+    presets such as ``model=paper`` replace)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="settings", node=Settings)
+    cs.store(group="model", name="default", node=ModelConfig)
+    cs.store(group="train", name="default", node=TrainConfig)
+
 
 def available_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "base")
 
 
+def available_presets(group: str) -> list[str]:
+    """Presets of a group (``model``, ``train``): ``default`` (the dataclass) and ``configs/GROUP/*.yaml``."""
+    return ["default", *sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))]
+
+
 def usage(prog: str) -> str:
     lines = [f"usage: python -m {prog} --config NAME [key=value ...]", "",
-             "configs (in configs/): " + ", ".join(available_configs()), "", "main keys:"]
+             "configs (pyro_pvae/configs/NAME.yaml): " + ", ".join(available_configs()),
+             "; ".join(f"{g} presets ({g}=NAME): {', '.join(available_presets(g))}" for g in PRESET_GROUPS),
+             "", "main keys:"]
     lines += [f"  {k:<42} {v}" for k, v in MAIN_KEYS.items()]
-    lines += ["", f"example: python -m {prog} --config norman data.path=/data/Norman2019_raw.h5ad "
-                  "model.latent_pert=20 train.epochs=100",
-              "all keys: see configs/base.yaml, configs/model/default.yaml, configs/train/default.yaml"]
+    lines += ["", f"example: python -m {prog} --config norman model.latent_pert=20 train.epochs=50",
+              f"         python -m {prog} --config norman_full data.path=/data/Norman2019_raw.h5ad model=paper",
+              "all keys, their defaults and allowed values: the dataclasses in pyro_pvae/config.py; "
+              "a config holds only its differences"]
     return "\n".join(lines)
 
 
@@ -187,8 +427,52 @@ def parse_cli(argv: list[str], prog: str) -> tuple[str | None, list[str]]:
     return name, overrides
 
 
+def _check_override(text: str, key: str, value, delete: bool) -> None:
+    """Key known and value of the right type and range, before Hydra sees the override."""
+    if key in PRESET_GROUPS:  # model=paper
+        if not delete and value not in available_presets(key):
+            raise ConfigError(f"unknown {key} preset {value!r}; available: {', '.join(available_presets(key))}")
+        return
+    parts, cls = key.split("."), Settings
+    if parts[0] not in SECTIONS:
+        raise ConfigError(f"unknown config section {parts[0]!r} in {text!r}; sections: {', '.join(SECTIONS)} "
+                          "(see --help)")
+    for i, name in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(cls)]
+        if name not in names:
+            where = ".".join(parts[:i])
+            raise ConfigError(f"unknown config key {key!r}; keys under {where}: {', '.join(names)}")
+        tp = _hints(cls)[name]
+        if dataclasses.is_dataclass(tp):
+            cls = tp
+            continue
+        rest = parts[i + 1:]  # keys inside a mapping (split.kwargs.KEY) are free, except benchmark.train.KEY
+        if delete:
+            return
+        if not rest:
+            cls.check(name, value)
+        elif key.startswith("benchmark.train.") and len(rest) == 1:
+            TrainConfig.check(rest[0], value, prefix="benchmark.train")
+        return
+
+
+def _check_overrides(overrides: list[str]) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            (ov,) = parser.parse_overrides([text])
+        except HydraException as e:
+            raise ConfigError(f"cannot read override {text!r}: {str(e).splitlines()[0].strip()} "
+                              "(expected key=value)") from None
+        _check_override(text, ov.key_or_group, None if ov.is_delete() else ov.value(), ov.is_delete())
+
+
 def compose(name: str, overrides: list[str] | None = None) -> DictConfig:
-    """Compose ``configs/NAME.yaml`` with overrides; clear errors for unknown names/keys."""
+    """Compose ``configs/NAME.yaml`` with overrides; every key and value is checked (one-line
+    ConfigError) before this returns."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -197,49 +481,18 @@ def compose(name: str, overrides: list[str] | None = None) -> DictConfig:
     if name not in available_configs():
         raise ConfigError(f"unknown config {name!r}; available: {', '.join(available_configs())}")
     overrides = list(overrides or [])
+    _check_overrides(overrides)
+    register_configs()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name=name, overrides=overrides)
+        Settings.from_dict(OmegaConf.to_container(cfg, resolve=True))  # presets' values and interpolations
     except (HydraException, OmegaConfBaseException) as e:
-        msg = str(e).splitlines()[0]
-        sections = ("data", "split", "model", "train", "output", "benchmark")
-        for ov in overrides:
-            section = ov.lstrip("+~").split("=", 1)[0].split(".")[0]
-            if section not in sections:
-                raise ConfigError(f"unknown config section {section!r} in {ov!r}; sections: "
-                                  f"{', '.join(sections)} (see --help)") from None
-            key = ov.lstrip("+~").split("=", 1)[0]
-            section = key.split(".")[0]
-            if ("=" in ov and not ov.startswith("+")) and section in sections:
-                try:
-                    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-                        base = hydra_compose(config_name=name)
-                    if OmegaConf.select(base, key, default="__missing__") == "__missing__":
-                        parent = key.rsplit(".", 1)[0] if "." in key else None
-                        known = sorted(OmegaConf.select(base, parent).keys()) if parent and \
-                            isinstance(OmegaConf.select(base, parent), DictConfig) else sorted(base.keys())
-                        raise ConfigError(f"unknown config key {key!r}; keys under {parent or 'the root'}: "
-                                          f"{', '.join(map(str, known))}") from None
-                except ConfigError:
-                    raise
-                except Exception:
-                    pass
-        raise ConfigError(f"could not compose config {name!r} with overrides {overrides}: {msg}") from None
-    _check_values(cfg)
+        raise ConfigError(f"could not compose config {name!r} with overrides {overrides}: "
+                          f"{str(e).splitlines()[0]}") from None
     with open_dict(cfg):
         cfg.config_name = name
     return cfg
-
-
-def _check_values(cfg: DictConfig) -> None:
-    """Model and train values are checked here, before any data are loaded or a run
-    directory is made: ``ModelConfig`` / ``TrainConfig`` reject bad values with one line."""
-    for section, kind in (("model", ModelConfig), ("train", TrainConfig)):
-        if section in cfg:
-            try:
-                kind.from_dict(OmegaConf.to_container(cfg[section], resolve=True))
-            except (ValueError, TypeError) as e:
-                raise ConfigError(str(e)) from None
 
 
 # ---- what a config describes -------------------------------------------------------------
@@ -273,8 +526,8 @@ def load_dataset(cfg: DictConfig):
         sim = d.simulation
         log.info("data: SEMI-SYNTHETIC cells with the real Norman 2019 pseudobulk effects (seed %d)", sim.seed)
         adata = simulate_norman_effects(seed=sim.seed, **OmegaConf.to_container(sim.overrides))
-    else:
-        raise ConfigError(f"unknown data.source {source!r}; use file, norman19_subset, simulation or norman_effects")
+    else:  # a config.yaml written by hand or by an older version
+        raise ConfigError(f"unknown data.source {source!r}; use {_choices(DataConfig, 'source')}")
     if d.n_top_genes:
         adata = D.select_hvg(adata, int(d.n_top_genes))
     log.info("data: %d cells x %d genes, %d conditions", adata.n_obs, adata.n_vars,
@@ -283,32 +536,14 @@ def load_dataset(cfg: DictConfig):
 
 
 def resolve_split(cfg: DictConfig, adata):
-    """The Split named by ``cfg.split`` (``auto``: complete_doubles on the shipped subset,
-    norman_discrepancy on a full Norman file, combo_seen otherwise); ``none``: no test set."""
+    """The Split named by ``cfg.split`` (``none``: no test set)."""
     from . import data as D
 
-    name = cfg.split.name
-    kwargs = OmegaConf.to_container(cfg.split.kwargs)
-    if name == "none":
+    if cfg.split.name == "none":
         return None
-    auto = name == "auto"
-    if auto:
-        if cfg.data.source == "norman19_subset" and not cfg.data.path:
-            name = "complete_doubles"
-        elif cfg.data.path and cfg.config_name == "norman":
-            name = "norman_discrepancy"
-        else:
-            name = "combo_seen"
-    if auto:  # the config's kwargs were written for one of the candidates: keep those that apply
-        import inspect
-
-        accepted = inspect.signature(D.SPLITS[name]).parameters
-        dropped = sorted(set(kwargs) - set(accepted))
-        if dropped:
-            log.info("split %s (auto) does not take %s; ignored", name, dropped)
-        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-    log.info("split: %s %s", name, kwargs or "")
-    return D.make_split(adata, name, int(cfg.split.seed), **kwargs)
+    kwargs = OmegaConf.to_container(cfg.split.kwargs)
+    log.info("split: %s %s", cfg.split.name, kwargs or "")
+    return D.make_split(adata, cfg.split.name, int(cfg.split.seed), **kwargs)
 
 
 def make_run_dir(cfg: DictConfig, kind: str = "fit") -> Path:

@@ -1,32 +1,32 @@
-"""`python -m pyro_pvae.fit`: config handling, errors, and one short fit on the shipped real cells."""
-from pathlib import Path
-
+"""`python -m pyro_pvae.fit`: --help, bad invocations and settings refused before anything is read
+or written, and one short fit on the shipped real cells."""
 import numpy as np
 import pytest
 
 from pyro_pvae import load_run
-from pyro_pvae.config import compose
 from pyro_pvae.fit import main
 
 
-def test_help_lists_configs_and_main_keys(capsys):
+def test_help_lists_configs_presets_and_main_keys(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("norman", "replogle", "simulation", "tiny", "norman_effects"):
-        assert name in out
-    assert "data.path" in out and "model=paper" in out
+    assert "configs (pyro_pvae/configs/NAME.yaml): norman, norman_effects, norman_full, replogle, simulation, tiny" in out
+    assert "model presets (model=NAME): default, norman, paper" in out
+    assert "norman_discrepancy | combo_seen | complete_doubles | iid | none" in out
+    assert "data.path" in out and "model=paper" in out and "auto |" not in out.split("split.name")[1].splitlines()[0]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--config", "normann"], "unknown config 'normann'; available: norman, "),
-    (["--config", "norman", "train.epocs=3"], "unknown config key 'train.epocs'; keys under train: batch_size"),
+    (["--config", "norman", "train.epocs=3"], "unknown config key 'train.epocs'; keys under train: epochs, batch_size"),
     (["--config", "norman", "modl.hidden=3"], "unknown config section 'modl'"),
+    (["--config", "norman", "model=papr"], "unknown model preset 'papr'; available: default, norman, paper"),
+    (["--config", "norman", "train.engine=svi"], "unknown config key 'train.engine'"),
+    (["--config", "norman", "model.n_genes=5"], "unknown config key 'model.n_genes'"),
     ([], "missing --config NAME"),
+    (["--config", "norman", "train.epochs=[1,2"], "cannot read override 'train.epochs=[1,2'"),
     (["--config", "norman", "data.path=/nonexistent/file.h5ad"], "does not exist"),
-    (["--config", "norman", "model.likelihood=poison"], "model.likelihood must be 'nb' or 'poisson', got 'poison'"),
-    (["--config", "norman", "model.gate_inference=straight"], "model.gate_inference must be 'marginal' or "),
-    (["--config", "norman", "train.lr_batch_rule=cubic"], "train.lr_batch_rule must be 'none', 'sqrt' or 'linear'"),
-    (["--config", "norman", "train.lr_base_batch=0"], "train.lr_base_batch must be a positive batch size, got 0"),
+    (["--config", "norman_full"], "data.source=file needs data.path="),
 ])
 def test_bad_invocations_fail_with_a_clear_message(capsys, argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may be written for a bad invocation (no run directory)
@@ -36,12 +36,43 @@ def test_bad_invocations_fail_with_a_clear_message(capsys, argv, message, tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
-def test_paper_preset_has_the_paper_sizes():
-    cfg = compose("norman", ["model=paper", "train=paper"])
-    assert (cfg.model.latent_pert, cfg.model.latent_inv, cfg.model.hidden) == (20, 85, 256)
-    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.kl_weight) == (1e-4, 64, 0.01)
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=0", "train.epochs must be >= 1, got 0"),
+    ("train.epochs=-3", "train.epochs must be >= 1, got -3"),
+    ("train.epochs=2.5", "train.epochs must be an integer, got 2.5"),
+    ("train.lr=-0.01", "train.lr must be > 0, got -0.01"),
+    ("train.lr=abc", "train.lr must be a number, got 'abc'"),
+    ("model.latent_pert=0", "model.latent_pert must be >= 1, got 0"),
+    ("model.hidden=-1", "model.hidden must be >= 1, got -1"),
+    ("train.batch_size=abc", "train.batch_size must be an integer, got 'abc'"),
+    ("train.batch_size=-5", "train.batch_size must be >= 1, got -5"),
+    ("train.init_gate_prob=1.5", "train.init_gate_prob must be in (0, 1), got 1.5"),
+    ("train.init_gate_prob=0", "train.init_gate_prob must be in (0, 1), got 0.0"),
+    ("train.lr_final_fraction=0", "train.lr_final_fraction must be in (0, 1], got 0.0"),
+    ("train.progress=maybe", "train.progress must be true or false, got 'maybe'"),
+    ("train.device=gpu", "train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    ("train.lr_batch_rule=cubic", "train.lr_batch_rule must be 'none', 'sqrt' or 'linear', got 'cubic'"),
+    ("train.lr_base_batch=0", "train.lr_base_batch must be >= 1, got 0"),
+    ("model.likelihood=poison", "model.likelihood must be 'nb' or 'poisson', got 'poison'"),
+    ("model.gate_inference=straight", "model.gate_inference must be 'marginal' or 'straight_through', got 'straight'"),
+    ("model.pi_prior=[1,0]", "model.pi_prior must be > 0 (each value), got [1.0, 0.0]"),
+    ("model.theta_prior=[2,-1]", "model.theta_prior must be [loc, scale] with scale > 0, got [2.0, -1.0]"),
+    ("data.source=files", "data.source must be 'file', 'norman19_subset', 'simulation' or 'norman_effects'"),
+    ("data.n_top_genes=0", "data.n_top_genes must be >= 1, got 0"),
+    ("split.name=auto", "split.name must be 'norman_discrepancy', 'combo_seen', 'complete_doubles', 'iid' or 'none'"),
+    ("+split.kwargs.test_fraction=0.1", "split.kwargs ['test_fraction'] are not arguments of split 'complete_doubles'"),
+    ("benchmark.seeds=0", "benchmark.seeds must be >= 1, got 0"),
+])
+def test_bad_settings_are_refused_before_anything_is_read(capsys, override, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", "norman", override]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {message}" or err.strip().startswith(f"error: {message}"), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_short_fit_on_the_shipped_real_norman_cells(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["--config", "norman", "train.epochs=2", "train.progress=false", f"output.run_dir={run}"]) == 0

@@ -237,7 +237,9 @@ class ModelConfig(_Section):
     latent_pert: int = setting(10, ge=1)
     hidden: int = setting(128, ge=1)
     n_layers: int = setting(1, ge=0)
-    decoder: str = setting("nonlinear", choices=("nonlinear", "linear"))  # MLP or linear
+    # nonlinear: MLP f([z_inv, z_pert]); linear; hybrid: f([z_inv, z_pert]) + L z_pert (a log-linear path
+    # from z_pert, so latent shifts add in log expression; see model.Decoder)
+    decoder: str = setting("nonlinear", choices=("nonlinear", "linear", "hybrid"))
     effect_prior: str = setting("spike_slab", choices=("spike_slab", "dense"))  # dense: Gaussian (ablation)
     likelihood: str = setting("nb", choices=("nb", "poisson"))  # poisson: a deliberately wrong model, for checks
     pi_prior: Tuple[float, float] = setting((1.0, 4.0), gt=0)  # Beta(a, b) on the inclusion probability
@@ -251,7 +253,17 @@ class ModelConfig(_Section):
     theta_prior: Tuple[float, float] = setting((2.0, 1.5), rule=(lambda v: v[1] > 0, "[loc, scale] with scale > 0"))
     alpha: float = setting(20.0, ge=0)  # alignment weight; 0 turns it off
     alignment: str = setting("group_mean", choices=("group_mean", "pairwise"))  # pairwise: the paper's per-pair form
-    learn_composition: bool = True
+    learn_composition: bool = True  # c_2, the latent composition scale of doubles, a site with a prior (false: 1)
+    # LogNormal(loc, scale) prior of c_2, from Norman et al. 2019's genetic-interaction fits of its 125
+    # pairs (double ~ c1 single_1 + c2 single_2; Theil-Sen medians 0.74 / 0.69, interquartile range
+    # about 0.5-0.9): median exp(-0.33) = 0.72, 50% interval 0.57-0.91
+    composition_prior: Tuple[float, float] = setting((-0.33, 0.35), rule=(lambda v: v[1] > 0,
+                                                                           "[loc, scale] with scale > 0"))
+    pair_effects: bool = True  # a sparse interaction effect per training pair (unseen pairs: the prior)
+    pair_pi_prior: Tuple[float, float] = setting((1.0, 1.0), gt=0)  # Beta prior: about half of pairs interact
+    # LogNormal(loc, scale) prior of the interactions' slab scale tau
+    pair_scale_prior: Tuple[float, float] = setting((-0.7, 1.0), rule=(lambda v: v[1] > 0,
+                                                                        "[loc, scale] with scale > 0"))
     sparse_rotation: bool = True  # after fit: re-express z_pert in the basis with the sparsest effects
 
     @property
@@ -262,7 +274,8 @@ class ModelConfig(_Section):
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["pi_prior"], d["theta_prior"] = list(self.pi_prior), list(self.theta_prior)
+        for key in ("pi_prior", "theta_prior", "composition_prior", "pair_pi_prior", "pair_scale_prior"):
+            d[key] = list(d[key])
         return d
 
 

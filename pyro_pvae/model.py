@@ -446,7 +446,7 @@ class PerturbedVAEModule(nn.Module):
         """Posterior mean of c_2 (1 when composition is not learned)."""
         if not self.cfg.learn_composition:
             return 1.0
-        return float((self.c2_loc + _positive(self.c2_raw_scale) ** 2 / 2).exp())
+        return float((self.c2_loc + _positive(self.c2_raw_scale) ** 2 / 2).exp().detach())
 
     def pi_mean(self) -> torch.Tensor:
         a, b = self.pi_concentrations()

@@ -4,7 +4,7 @@ Every baseline has a ``name`` (the method name used in results tables) and
 
 * ``fit(adata, split)``: uses only the training cells ``split.train_idx`` (``split=None``:
   all cells). Expression is log-normalised: ``adata.layers["lognorm"]`` when present (so it
-  matches what the evaluation compares against), else ``metrics.lognormalize_counts(adata.X)``.
+  matches what the evaluation compares against), else ``utils.lognormalize(adata.X)``.
 * ``predict_change(condition) -> (G,)``: predicted change of the mean from the training
   control mean, on the log-normalised scale.
 * ``predict(conditions, n_cells=100, seed=0) -> AnnData``: ``n_cells`` cells per condition,
@@ -29,7 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pyro_pvae.data import CONTROL, DataError, format_condition, parse_condition
-from pyro_pvae.metrics import lognormalize_counts
+from pyro_pvae.utils import lognormalize, to_dense
 
 
 def _canon(label: str) -> str:
@@ -56,7 +56,7 @@ class Baseline:
         if "lognorm" in adata.layers:
             L = adata.layers["lognorm"][idx]
         else:
-            L = lognormalize_counts(adata.X[idx])
+            L = lognormalize(adata.X[idx])
         L = sp.csr_matrix(L) if sp.issparse(L) else np.asarray(L)
         conds = np.array([_canon(c) for c in adata.obs["condition"].values[idx]])
         ctrl = conds == CONTROL
@@ -119,9 +119,7 @@ class Baseline:
             c = _canon(c)
             delta = self.predict_change(c)
             pick = rng.integers(0, self._ctrl_pool.shape[0], size=n_cells)
-            base = self._ctrl_pool[pick]
-            base = base.toarray() if sp.issparse(base) else np.asarray(base)
-            cells = base.astype(np.float64) + delta[None, :]
+            cells = to_dense(self._ctrl_pool[pick], np.float64) + delta[None, :]
             if clip:
                 cells = np.maximum(cells, 0.0)
             blocks.append(cells.astype(np.float32))
@@ -223,9 +221,8 @@ class Linear(Baseline):
         rows = np.arange(L.shape[0])
         if len(rows) > self.max_cells:
             rows = np.sort(rng.choice(rows, self.max_cells, replace=False))
-        X = L[rows]
-        X = X.toarray() if sp.issparse(X) else np.asarray(X)
-        X = X.astype(np.float32) - X.mean(axis=0, keepdims=True, dtype=np.float64)
+        X = to_dense(L[rows], np.float32)
+        X = X - X.mean(axis=0, keepdims=True, dtype=np.float64)
         k = int(min(self.n_components, X.shape[0] - 1, X.shape[1]))
         if k < 1:
             raise DataError("too few training cells or genes for the linear baseline's PCA")

@@ -173,20 +173,22 @@ def train_settings(cfg, overrides: Sequence[str]) -> dict:
 
 # ----------------------------------------------------------------------------- helpers
 def _dense(X) -> np.ndarray:
-    import scipy.sparse as sp
+    from .utils import to_dense
 
-    return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float64)
+    return to_dense(X, np.float64)
 
 
 def _conditions(adata) -> np.ndarray:
-    return adata.obs["condition"].astype(str).to_numpy()
+    from .data import condition_labels
+
+    return condition_labels(adata)
 
 
 def pseudobulk_log1p_cpm(X) -> np.ndarray:
     """``log1p(1e6 * summed counts / total)`` per gene (pseudobulk of a set of cells)."""
-    s = np.asarray(X.sum(axis=0), dtype=np.float64).ravel()
-    tot = s.sum()
-    return np.log1p(1e6 * s / tot) if tot > 0 else np.zeros_like(s)
+    from .utils import lognormalize
+
+    return lognormalize(np.asarray(X.sum(axis=0), dtype=np.float64).ravel(), 1e6, np.float64)
 
 
 def _progress(total: int, desc: str):
@@ -622,9 +624,9 @@ def make_plots(df: pd.DataFrame, extras: Mapping, run_dir: Path, mode: str, n_co
 
 # ----------------------------------------------------------------------------- command
 def _atomic_csv(path: Path, df: pd.DataFrame) -> None:
-    from .train import atomic_write
+    from .utils import atomic_write_csv
 
-    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+    atomic_write_csv(path, df)
 
 
 def run(name: str, overrides: Sequence[str]):

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from .metrics import rmse  # noqa: F401  (one definition, re-exported here)
+
 __all__ = [
     "Matching",
     "abs_corr",
@@ -254,9 +256,3 @@ def shd(W_true, W_hat, threshold: float = 0.1, true_threshold: float = 0.0) -> d
             dele += int(t[0] and not e[0]) + int(t[1] and not e[1])
     return {"shd": add + dele + rev, "additions": add, "deletions": dele, "reversals": rev,
             "n_true_edges": int(T.sum()), "n_est_edges": int(E.sum())}
-
-
-def rmse(pred, truth) -> float:
-    """Root mean square error over all entries."""
-    pred, truth = np.asarray(pred, dtype=np.float64), np.asarray(truth, dtype=np.float64)
-    return float(np.sqrt(np.mean((pred - truth) ** 2)))

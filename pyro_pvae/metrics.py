@@ -1,7 +1,7 @@
 """Evaluation metrics for predicted single-cell perturbation responses.
 
 Every metric is a small pure function of numpy arrays on **log-normalised** expression
-(``log1p(counts / total * 1e4)``, see :func:`lognormalize_counts`). Arrays of cells are
+(``log1p(counts / total * 1e4)``, see :func:`pyro_pvae.utils.lognormalize`). Arrays of cells are
 ``(n_cells, n_genes)``; a "change" or "delta" is a ``(n_genes,)`` difference of means from
 the control mean. :func:`evaluate_condition` computes all of them for one held-out
 condition; the benchmark averages them over conditions (and reports each condition).
@@ -65,9 +65,10 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
-from pyro_pvae.data import CONTROL, DataError  # noqa: F401  (CONTROL re-used by callers)
+from pyro_pvae.data import DataError
+from pyro_pvae.utils import lognormalize as lognormalize_counts  # noqa: F401  (name kept for callers)
+from pyro_pvae.utils import to_dense
 
 BATCH_SIZE = 32
 N_TOP_DE = 20
@@ -100,32 +101,9 @@ def is_note(value) -> bool:
 
 
 # --------------------------------------------------------------------------- helpers
-def lognormalize_counts(X, target_sum: float = 1e4):
-    """``log1p(counts / total * target_sum)`` per cell; dense in -> dense, sparse in -> CSR.
-
-    Cells with zero total stay all-zero (no division by zero).
-    """
-    if sp.issparse(X):
-        X = sp.csr_matrix(X, dtype=np.float64, copy=True)
-        totals = np.asarray(X.sum(axis=1)).ravel()
-        scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-        X = sp.diags(scale) @ X
-        X = sp.csr_matrix(X)
-        X.data = np.log1p(X.data)
-        return X.astype(np.float32)
-    X = np.asarray(X, dtype=np.float64)
-    totals = X.sum(axis=1, keepdims=True)
-    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-    return np.log1p(X * scale)
-
-
-def _dense(X) -> np.ndarray:
-    if sp.issparse(X):
-        X = X.toarray()
-    X = np.asarray(X, dtype=np.float64)
-    if X.ndim == 1:
-        X = X[None, :]
-    return X
+def _cells(X) -> np.ndarray:
+    """Dense float64 (n_cells, n_genes) array; a single profile becomes one row."""
+    return np.atleast_2d(to_dense(X, np.float64))
 
 
 def _gene_index(genes, gene_names: Sequence[str] | None, n_genes: int) -> np.ndarray:
@@ -176,7 +154,7 @@ def mmd(x, y, bandwidths: Sequence[float] | str | None = None) -> float:
     ``"median"`` -> median heuristic (five kernels around the median squared distance);
     or an explicit sequence of ``h``. Symmetric in (x, y); exactly 0 for identical sets.
     """
-    x, y = _dense(x), _dense(y)
+    x, y = _cells(x), _cells(y)
     dxx, dyy, dxy = _sq_dists(x, x), _sq_dists(y, y), _sq_dists(x, y)
     if bandwidths is None:
         hs = DVAE_MMD_BANDWIDTHS
@@ -211,7 +189,7 @@ def batch_protocol(pred, obs, batch_size: int = BATCH_SIZE, seed: int = 0,
                    mmd_bandwidths=None) -> dict[str, float | MetricNote]:
     """Discrepancy-VAE protocol for one condition: mean over 32-cell batches of
     cell-wise nRMSE, clipped R^2 of batch means, and MMD (see module docstring)."""
-    pred, obs = _dense(pred), _dense(obs)
+    pred, obs = _cells(pred), _cells(obs)
     pairs = batch_pairs(len(pred), len(obs), batch_size, seed)
     if not pairs:
         note = MetricNote(f"fewer than {batch_size} cells (predicted {len(pred)}, "
@@ -245,6 +223,7 @@ def pearson(a, b) -> float | MetricNote:
 
 
 def rmse(a, b) -> float:
+    """Root mean square error over all entries."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     return float(np.sqrt(np.mean((a - b) ** 2)))
 
@@ -259,7 +238,7 @@ def energy_distance(x, y, max_cells: int = 500, seed: int = 0) -> float:
 
     Each set is subsampled without replacement to at most ``max_cells`` cells.
     """
-    x, y = _dense(x), _dense(y)
+    x, y = _cells(x), _cells(y)
     rng = np.random.default_rng(seed)
     if len(x) > max_cells:
         x = x[rng.choice(len(x), max_cells, replace=False)]
@@ -308,7 +287,7 @@ def top_de_genes(observed_condition_cells, control_cells, gene_names: Sequence[s
     import anndata as ad
     import scanpy as sc
 
-    obs_x, ctrl_x = _dense(observed_condition_cells), _dense(control_cells)
+    obs_x, ctrl_x = _cells(observed_condition_cells), _cells(control_cells)
     if len(obs_x) < min_cells or len(ctrl_x) < min_cells:
         raise DataError(f"too few cells for a DE test (condition {len(obs_x)}, control "
                         f"{len(ctrl_x)}; need >= {min_cells} each)")
@@ -340,7 +319,7 @@ def evaluate_condition(pred_lognorm, obs_lognorm, ctrl_lognorm, gene_names: Sequ
     control). ``pred_change_samples``: S x G posterior predictive samples of the pseudobulk
     change, enables ``coverage90_top20de``. Undefined metrics are :class:`MetricNote` strings.
     """
-    pred, obs, ctrl = _dense(pred_lognorm), _dense(obs_lognorm), _dense(ctrl_lognorm)
+    pred, obs, ctrl = _cells(pred_lognorm), _cells(obs_lognorm), _cells(ctrl_lognorm)
     n_genes = obs.shape[1]
     if pred.shape[1] != n_genes or ctrl.shape[1] != n_genes:
         raise DataError(f"gene dimension mismatch: pred {pred.shape[1]}, obs {n_genes}, "
@@ -381,7 +360,7 @@ def evaluate_condition(pred_lognorm, obs_lognorm, ctrl_lognorm, gene_names: Sequ
     else:
         out["energy_distance"] = energy_distance(pred, obs, max_cells=max_cells_energy, seed=seed)
     if pred_change_samples is not None:
-        samples = _dense(pred_change_samples)
+        samples = _cells(pred_change_samples)
         if samples.shape[1] != n_genes:
             raise DataError(f"pred_change_samples has {samples.shape[1]} genes, expected {n_genes}")
         out["coverage90_top20de"] = (de_idx if is_note(de_idx)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -33,6 +32,7 @@ import scipy.sparse as sp
 from scipy.linalg import solve_triangular
 
 from .data import CONTROL, format_condition, parse_condition
+from .utils import atomic_write, lognormalize, to_dense
 
 __all__ = [
     "PRESETS",
@@ -98,8 +98,7 @@ def calibrate_from_files(subset_path: str | os.PathLike | None = None,
     import anndata as ad
 
     a = ad.read_h5ad(subset_path or _SUBSET_FILE)
-    X = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
-    X = X.astype(np.float64)
+    X = to_dense(a.X, np.float64)
     nc = a.obs["ncounts"].to_numpy(dtype=np.float64)
     ctrl = (a.obs["condition"] == CONTROL).to_numpy()
     out: dict[str, float] = {}
@@ -550,21 +549,12 @@ def true_condition_means(adata_or_truth, conditions: Iterable[str], n_cells: int
         rng = np.random.default_rng([seed, 7919, i])
         if mode == "counts":
             X, *_ = _draw_cells(truth, label, n_cells, rng)
-            tot = np.asarray(X.sum(1)).ravel()
-            Xn = sp.diags(1e4 / np.maximum(tot, 1)) @ X
-            Xn.data = np.log1p(Xn.data)
-            out[label] = np.asarray(Xn.mean(0)).ravel()
+            out[label] = np.asarray(lognormalize(X, dtype=np.float64).mean(0)).ravel()
         elif mode == "expected":
             out[label] = np.log1p(1e4 * _noiseless_proportions(truth, label, n_cells, rng)).mean(0)
         else:
             raise ValueError("mode must be 'counts' or 'expected'")
     return out
-
-
-def _expected_pseudobulk_log1p_cpm(truth, label, n_cells=2000, seed=0) -> np.ndarray:
-    """log1p(CPM) of the expected pseudobulk (mean proportions x library) of a condition."""
-    p = _noiseless_proportions(truth, label, n_cells, np.random.default_rng([seed, 104729])).mean(0)
-    return np.log1p(1e6 * p / p.sum())
 
 
 def _noiseless_proportions(truth, label, n_cells, rng) -> np.ndarray:
@@ -592,7 +582,7 @@ def cached_simulation(preset: str = "tiny", seed: int = 0, cache_dir: str | os.P
     """:func:`simulate` with an on-disk h5ad cache keyed by a hash of the arguments.
 
     ``cache_dir`` defaults to ``$PYRO_PVAE_CACHE`` or ``~/.cache/pyro_pvae``.  Writes are atomic
-    (temporary file in the same folder, then ``os.replace``).
+    (``utils.atomic_write``: unique temporary file in the same folder, then ``os.replace``).
     """
     import anndata as ad
 
@@ -610,14 +600,7 @@ def cached_simulation(preset: str = "tiny", seed: int = 0, cache_dir: str | os.P
     if path.exists():
         return ad.read_h5ad(path)
     adata = simulate(preset, seed, **overrides)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".h5ad.tmp")
-    os.close(fd)
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, adata.write_h5ad)
     return adata
 
 

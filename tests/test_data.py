@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import stat
 
 import anndata as ad
 import numpy as np
@@ -263,6 +264,166 @@ def test_typo_like_targets_flagged_but_similar_genes_not():
     assert {"MAP2K3", "MAP2K6"} <= set(data.perturbation_vocabulary(c))
 
 
+@pytest.mark.parametrize("corrupt,message", [
+    ("index_too_large", r"column indices outside \[0, 30\): min 0, max 99"),
+    ("index_negative", r"column indices outside \[0, 30\): min -1,"),
+    ("indptr_decreasing", r"index pointer decreases at 5"),
+])
+def test_corrupt_sparse_counts_in_file(corrupt, message, tmp_path):
+    import h5py
+
+    p = _write(_make("canonical")[0], tmp_path)
+    with h5py.File(p, "r+") as f:
+        indices, indptr = f["X/indices"], f["X/indptr"]
+        if corrupt == "index_too_large":
+            indices[3] = 99
+        elif corrupt == "index_negative":
+            indices[3] = -1
+        else:
+            v = indptr[:]
+            v[5] = v[6] + 1
+            indptr[...] = v
+    with pytest.raises(DataError, match=f"X of .*d.h5ad is a corrupt sparse matrix \\({message}"):
+        data.read_perturbseq(p)
+
+
+def test_unsorted_and_duplicate_sparse_entries_are_canonicalised(tmp_path):
+    a, x, cond = _make("canonical")
+    m = sp.csr_matrix(x)
+    s, e = m.indptr[2], m.indptr[3]
+    m.indices[s:e], m.data[s:e] = m.indices[s:e][::-1].copy(), m.data[s:e][::-1].copy()
+    # one entry of row 0 split into two duplicate entries: 1 + (x - 1)
+    j, v = m.indices[0], m.data[0]
+    ind = np.insert(m.indices, 1, j)
+    dat = np.insert(m.data, 1, v - 1)
+    dat[0] = 1
+    ptr = m.indptr.copy()
+    ptr[1:] += 1
+    a.X = sp.csr_matrix((dat, ind, ptr), shape=x.shape)
+    assert not a.X.has_canonical_format
+    c = data.read_perturbseq(_write(a, tmp_path))
+    assert c.X.has_canonical_format
+    np.testing.assert_array_equal(c.X.toarray(), x)
+
+
+def _canonical_in_memory():
+    a, x, _ = _make("canonical")
+    a.obs["condition"] = data.to_canonical(a).obs["condition"].astype(str).to_numpy()
+    return a, x
+
+
+def _bad_case(case):
+    a, x = _canonical_in_memory()
+    x = x.copy()
+    if case == "lognormalised":
+        a.X = sp.csr_matrix(np.log1p(x / x.sum(1, keepdims=True) * 1e4))
+    elif case == "halved":
+        a.X = sp.csr_matrix(x / 2)
+    elif case in ("nan", "inf", "negative"):
+        x[3, 4] = {"nan": np.nan, "inf": np.inf, "negative": -2.0}[case]
+        a.X = sp.csr_matrix(x)
+    elif case == "duplicated_genes":
+        names = list(GENES)
+        names[7] = "G0"
+        a.var_names = names
+    elif case == "no_condition_column":
+        a.obs = a.obs.rename(columns={"condition": "guide"})
+    elif case == "no_control":
+        a.obs["condition"] = a.obs["condition"].replace({"control": "non-targeting"})
+    return a
+
+
+@pytest.mark.parametrize("case,message", [
+    ("lognormalised", r"no raw integer UMI counts found in <in-memory AnnData>: checked X "
+                      r"\(\d+ non-integer values .*looks normalised"),
+    ("halved", r"no raw integer UMI counts found in <in-memory AnnData>: checked X "
+               r"\(\d+ non-integer values \(e.g. 0.5;"),
+    ("nan", r"^1 NaN values in X; raw UMI counts must be finite and >= 0$"),
+    ("inf", r"^1 inf values in X; raw UMI counts must be finite and >= 0$"),
+    ("negative", r"^1 negative values in X; raw UMI counts must be finite and >= 0$"),
+    ("duplicated_genes", r"^1 duplicate gene names in <in-memory AnnData>: \['G0'\]"),
+    ("no_condition_column", r"^label column obs\['condition'\] not found in <in-memory "
+                            r"AnnData>; obs columns: \['guide'\]"),
+    ("no_control", r"^no control cells in obs\['condition'\] of <in-memory AnnData>: expected "
+                   r"label 'control'; most common labels: 'non-targeting' \(40\), 'KLF1' \(12\)"),
+])
+def test_validate_canonical_same_messages_as_readers(case, message):
+    a = _bad_case(case)
+    with pytest.raises(DataError, match=message) as by_validation:
+        data.validate_canonical(a)
+    with pytest.raises(DataError) as by_reader:
+        data.to_canonical(a, format="canonical")
+    assert str(by_validation.value) == str(by_reader.value)
+
+
+def test_validate_canonical_accepts_canonical_and_refuses_other_forms():
+    a, x = _canonical_in_memory()
+    assert data.validate_canonical(a) is a  # nothing to drop: the same object
+    b = a.copy()
+    b.obs["condition"] = b.obs["condition"].replace({"KLF1+MAP2K6": "MAP2K6+KLF1"})
+    with pytest.raises(DataError, match=r"non-canonical labels in obs\['condition'\] of "
+                                        r"<in-memory AnnData>: \['MAP2K6\+KLF1'\]; expected sorted"):
+        data.validate_canonical(b)
+    b = a.copy()
+    b.layers["counts"] = b.X.copy()
+    b.X = sp.csr_matrix(np.log1p(x))
+    with pytest.raises(DataError, match=r"X of <in-memory AnnData> does not hold raw integer "
+                                        r"counts \(.*non-integer.*\); they are in layers\['counts'\]"):
+        data.validate_canonical(b)
+    b = a.copy()
+    b.X.indices[2] = 999  # corrupt in memory as well
+    with pytest.raises(DataError, match=r"X of <in-memory AnnData> is a corrupt sparse matrix"):
+        data.validate_canonical(b)
+
+
+def _with_empty_cells(rows):
+    a, x = _canonical_in_memory()
+    x = x.copy()
+    x[rows] = 0
+    a.X = sp.csr_matrix(x)
+    return a, x
+
+
+def test_zero_count_cells_dropped_by_readers_and_validation(tmp_path, caplog):
+    rows = [0, 1, 45]  # two control cells, one KLF1 cell
+    a, x = _with_empty_cells(rows)
+    keep = np.setdiff1d(np.arange(len(x)), rows)
+    with caplog.at_level(logging.WARNING, logger="pyro_pvae.data"):
+        c = data.read_perturbseq(_write(a, tmp_path))
+    assert "d.h5ad: dropped 3 of 116 cells with zero total counts" in caplog.text
+    assert "'control' (2)" in caplog.text and "'KLF1' (1)" in caplog.text
+    assert c.n_obs == 113 and list(c.obs_names) == [f"c{i}" for i in keep]
+    np.testing.assert_array_equal(c.X.toarray(), x[keep])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pyro_pvae.data"):
+        v = data.validate_canonical(a)
+    assert "<in-memory AnnData>: dropped 3 of 116 cells with zero total counts" in caplog.text
+    assert v is not a and a.n_obs == 116 and v.n_obs == 113
+    np.testing.assert_array_equal(v.X.toarray(), x[keep])
+    with pytest.raises(DataError, match=r"^3 cells of <in-memory AnnData> have zero total counts"):
+        data.validate_canonical(a, drop_empty=False)
+
+
+def test_zero_count_controls_only_means_no_control(caplog):
+    a, _ = _with_empty_cells(list(range(DESIGN["control"])))
+    for check in (data.to_canonical, data.validate_canonical):
+        with pytest.raises(DataError, match=r"no control cells in obs\['condition'\]"):
+            check(a)
+
+
+def test_select_hvg_drops_cells_left_without_counts(caplog):
+    a, x = _canonical_in_memory()
+    x = np.concatenate([x, np.ones((len(x), 1), np.float32)], axis=1)  # a flat gene: never variable
+    x[7] = 0
+    x[7, -1] = 1  # cell 7 has counts in the flat gene only
+    a = ad.AnnData(X=sp.csr_matrix(x), obs=a.obs, var=pd.DataFrame(index=GENES + ["FLAT"]))
+    with caplog.at_level(logging.WARNING, logger="pyro_pvae.data"):
+        h = data.select_hvg(a, n_top_genes=8)
+    assert "FLAT" not in h.var_names
+    assert "select_hvg (8 genes): dropped 1 of 116 cells with zero total counts" in caplog.text
+    assert h.n_obs == 115 and "c7" not in h.obs_names
+
+
 # ---------------------------------------------------------------------------------------
 # preprocessing and encodings
 # ---------------------------------------------------------------------------------------
@@ -347,6 +508,9 @@ def test_split_invariants_determinism_json(name, canon, tmp_path):
     np.testing.assert_array_equal(r.test_idx, s.test_idx)
     np.testing.assert_array_equal(r.val_idx, s.val_idx)
     assert list(p.parent.iterdir()) == [p]  # no temp file left behind
+    plain = tmp_path / "plain.txt"
+    plain.write_text("")
+    assert stat.S_IMODE(p.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
 
 
 def test_norman_discrepancy_first_96_and_seen_groups():
@@ -427,6 +591,53 @@ def test_iid_split_fractions(canon):
     for c, n in DESIGN.items():
         assert (cond[s.test_idx] == c).sum() == round(0.25 * n)
     assert "control" not in s.test_groups
+
+
+def test_split_notes_targets_without_training_cells(tmp_path, caplog):
+    rows = (["control"] * 30 + ["KLF1"] * 1 + ["MAP2K3"] * 20 + ["GATA1"] * 20
+            + ["KLF1+MAP2K3"] * 5 + ["GATA1+MAP2K3"] * 5)
+    a = ad.AnnData(X=sp.csr_matrix(_counts(len(rows), 4)),
+                   obs=pd.DataFrame({"condition": rows}, index=[str(i) for i in range(len(rows))]))
+    c = data.to_canonical(a)
+    with caplog.at_level(logging.WARNING, logger="pyro_pvae.data"):
+        s = data.split_norman_discrepancy(c, seed=0)
+    # the one KLF1 cell is held out (a Norman held-out single): KLF1 is in no training cell
+    assert s.notes == {"KLF1": "no training cell carries KLF1",
+                       "KLF1+MAP2K3": "no training cell carries KLF1"}
+    assert "KLF1" not in data.perturbation_vocabulary(c, s.train_idx)
+    assert "split norman_discrepancy: 2 condition(s) name targets without training cells" in caplog.text
+    assert "KLF1: no training cell carries KLF1" in caplog.text
+    s.to_json(tmp_path / "split.json")
+    assert data.Split.from_json(tmp_path / "split.json").notes == s.notes
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pyro_pvae.data"):
+        assert data.split_complete_doubles(c, seed=0).notes == {}
+    assert caplog.text == ""
+
+
+def test_combo_seen_does_not_note_its_deliberately_unseen_genes():
+    genes = [f"T{i}" for i in range(5)]
+    rows = ["control"] * 20 + [g for g in genes for _ in range(10)] + ["T0+T1"] * 3 + ["T2+T3"] * 3
+    a = ad.AnnData(X=sp.csr_matrix(_counts(len(rows), 4)),
+                   obs=pd.DataFrame({"condition": rows}, index=[str(i) for i in range(len(rows))]))
+    s = data.split_combo_seen(data.to_canonical(a), seed=0, unseen_gene_fraction=0.4)
+    assert len(s.params["unseen_genes"]) == 2 and s.notes == {}
+
+
+def test_validation_cells_never_take_a_conditions_last_training_cell():
+    # every condition too small for a 5% validation share: one validation cell is drawn from
+    # the conditions that have a second training cell
+    rows = ["control"] * 3 + ["A"] + ["B"] * 2 + ["C"]
+    a = ad.AnnData(X=sp.csr_matrix(_counts(len(rows), 4)),
+                   obs=pd.DataFrame({"condition": rows}, index=[str(i) for i in range(len(rows))]))
+    c = data.to_canonical(a)
+    cond = np.array(rows)
+    picked = set()
+    for seed in range(30):
+        s = data.split_iid(c, seed=seed, test_fraction=0.0)
+        assert len(s.val_idx) == 1 and set(cond[s.train_idx]) == set(rows)
+        picked.add(cond[s.val_idx[0]])
+    assert picked == {"control", "B"}
 
 
 def test_make_split_unknown_name(canon):

@@ -28,6 +28,7 @@ def tiny_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_benchmark_writes_files(tiny_run):
     for f in ("results.csv", "summary.md", "config.yaml", "split.json", "timings.csv",
               "scatter_model_vs_additive.png", "pred_vs_obs_top_genes.png"):
@@ -35,6 +36,7 @@ def test_benchmark_writes_files(tiny_run):
         assert (tiny_run / f).stat().st_size > 0, f
 
 
+@pytest.mark.slow
 def test_results_columns_methods_metrics(tiny_run):
     df = pd.read_csv(tiny_run / "results.csv", keep_default_na=False, na_values=[""])
     assert set(df.columns) == EXPECTED_COLUMNS
@@ -64,6 +66,7 @@ def test_results_columns_methods_metrics(tiny_run):
     assert df[(df.method == "additive") & (df.metric == "pearson_delta_all")]["value"].notna().all()
 
 
+@pytest.mark.slow
 def test_summary_has_methods_and_no_reference(tiny_run):
     text = (tiny_run / "summary.md").read_text()
     for m in MODEL_ROWS + BASELINES:

@@ -130,7 +130,8 @@ TINY_GRID = {
     "base": {
         "sim": {"preset": "tiny", "n_genes": 60, "n_singles": 5, "n_doubles": 2, "cells_per_single": 20,
                 "cells_per_double": 10, "n_control": 60, "n_inv_latents": 2, "n_pert_latents": 2},
-        "model": {"latent_inv": 2, "latent_pert": 2, "hidden": 16, "alpha": 1.0},
+        # sparse rotation (tested in test_model) off: this checks the study's plumbing, quickly
+        "model": {"latent_inv": 2, "latent_pert": 2, "hidden": 16, "alpha": 1.0, "sparse_rotation": False},
         "train": {"epochs": 2, "batch_size": 64, "early_stopping_patience": 100, "progress": False,
                   "device": "cpu"},
     },

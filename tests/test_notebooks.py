@@ -34,7 +34,6 @@ def kernel_env(tmp_path_factory):
         "JUPYTER_PATH": os.pathsep.join([str(root), os.environ.get("JUPYTER_PATH", "")]).rstrip(os.pathsep),
         "OMP_NUM_THREADS": "1",          # small shared CI machines: one intra-op thread is faster
         "PYRO_PVAE_EPOCHS": "20",        # posterior_analysis fits the tiny simulation for this long
-        "PYRO_PVAE_CACHE": str(tmp_path_factory.mktemp("sim-cache")),
     }
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
@@ -57,6 +56,7 @@ def test_notebook_is_stripped(path):
                 f"{path.name}: commit notebooks without outputs (e.g. jupyter nbconvert --clear-output)"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path, kernel_env):
     from jupyter_client.kernelspec import KernelSpecManager

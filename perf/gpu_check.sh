@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One prepared device run (issue 7): throughput table with the Pyro/plain ratio, time per
+# One prepared GPU run: throughput table with the Pyro/plain ratio, time per
 # epoch of the norman_like-shaped training, bf16 vs fp32. Writes CSVs and a log to $OUT.
-#   on the device:  bash benchmarks/gpu_check.sh            (carry .whl)
-#   on a CPU, end to end with tiny sizes:  OUT=/tmp/gc DEVICE=cpu TINY=1 bash benchmarks/gpu_check.sh
+#   on a CUDA machine:  bash perf/gpu_check.sh   (installs pinned wheels from .whl/ if present)
+#   on a CPU, end to end with tiny sizes:  OUT=/tmp/gc DEVICE=cpu TINY=1 bash perf/gpu_check.sh
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu_check_out}; mkdir -p "$OUT"
 DEVICE=${DEVICE:-cuda}
@@ -36,12 +36,12 @@ fi
 step() { echo; echo "=== $1 ($(date +%T))"; }
 {
   step "(a) throughput, Pyro/plain ratio"
-  timeout ${T_A:-110} $PY benchmarks/throughput.py --device $DEVICE "${A[@]}" --variants $V "${W[@]}" --max-seconds ${MAXS:-95} --out $OUT/throughput.csv
+  timeout ${T_A:-110} $PY perf/throughput.py --device $DEVICE "${A[@]}" --variants $V "${W[@]}" --max-seconds ${MAXS:-95} --out $OUT/throughput.csv
   step "(a2) JitTraceMeanField_ELBO at one size"
-  [ "${SKIP_JIT:-0}" = 1 ] || timeout ${T_A2:-35} $PY benchmarks/throughput.py --device $DEVICE "${A2[@]}" --variants pyro_jit,pyro_svi,plain "${W[@]}" --out $OUT/throughput_jit.csv
+  [ "${SKIP_JIT:-0}" = 1 ] || timeout ${T_A2:-35} $PY perf/throughput.py --device $DEVICE "${A2[@]}" --variants pyro_jit,pyro_svi,plain "${W[@]}" --out $OUT/throughput_jit.csv
   step "(b) norman_like-shaped training: time per epoch, peak GPU memory"
-  timeout ${T_B:-60} $PY benchmarks/epoch_time.py --device $DEVICE "${E[@]}" --out $OUT/epoch_time.csv
+  timeout ${T_B:-60} $PY perf/epoch_time.py --device $DEVICE "${E[@]}" --out $OUT/epoch_time.csv
   step "(c) bf16 vs fp32"
-  timeout ${T_C:-40} $PY benchmarks/bf16_check.py --device $DEVICE "${C[@]}" --out $OUT/bf16_check.csv
+  timeout ${T_C:-40} $PY perf/bf16_check.py --device $DEVICE "${C[@]}" --out $OUT/bf16_check.csv
   step "done"
 } 2>&1 | grep -v -E "Warning|warnings.warn|^  warn" | tee -a "$LOG"

@@ -1,12 +1,12 @@
 """Large batches with a learning-rate rule: final ELBO and held-out -ELBO vs batch size.
 
-    python benchmarks/lr_scaling.py [--batches 32,128,512] [--rules const,sqrt,linear] [--epochs 15]
-                                    [--min-steps 440]   # same number of steps at every batch size
+    python perf/lr_scaling.py [--batches 32,128,512] [--rules const,sqrt,linear] [--epochs 15]
+                              [--min-steps 440]   # same number of steps at every batch size
 
 Simulated 'tiny' data, 20% of cells held out. Same number of epochs for every batch size (so
 a larger batch takes fewer steps); lr = base_lr * rule(B / base_batch) with rule const (1),
 sqrt or linear, KL warm-up over the first third of the steps. Trained with the plain ELBO
-(the same objective as Pyro's, benchmarks/plain_elbo.py) and torch Adam with ClippedAdam's
+(the same objective as Pyro's, perf/plain_elbo.py) and torch Adam with ClippedAdam's
 clamp, for speed on CPU. Reports the final training -ELBO/cell (last epoch, full KL weight)
 and the held-out -ELBO/cell (fixed draws).
 """
@@ -24,9 +24,9 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bf16_check import heldout  # noqa: E402
-from benchmarks.plain_elbo import plain_loss  # noqa: E402
-from benchmarks.throughput import TorchAdamClamp, build  # noqa: E402
+from perf.bf16_check import heldout  # noqa: E402
+from perf.plain_elbo import plain_loss  # noqa: E402
+from perf.throughput import TorchAdamClamp, build  # noqa: E402
 
 
 def main(argv=None):
@@ -38,7 +38,7 @@ def main(argv=None):
                     help="train each batch size for at least this many steps (epochs raised to fit)")
     ap.add_argument("--base-lr", type=float, default=3e-3)
     ap.add_argument("--base-batch", type=int, default=128)
-    ap.add_argument("--out", default="benchmarks/lr_scaling.csv")
+    ap.add_argument("--out", default="perf/results/lr_scaling.csv")
     args = ap.parse_args(argv)
     from pyro_pvae import data as D
     from pyro_pvae.simulate import simulate

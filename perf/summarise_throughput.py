@@ -1,6 +1,6 @@
 """Markdown table from the per-round CSV(s) of ``throughput.py --rounds N``.
 
-    python benchmarks/summarise_throughput.py benchmarks/results/throughput_cpu_10000x2000_rounds.csv [...]
+    python perf/summarise_throughput.py perf/results/throughput_cpu_10000x2000_rounds.csv [...]
 
 Per (cells, genes, batch, variant): median cells/s and ms/step over rounds, and the median (min-max)
 of the paired per-round time ratios against ``plain`` (hand-written ELBO, invariant encoder run
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.throughput import add_paired_ratios, summarise  # noqa: E402
+from perf.throughput import add_paired_ratios, summarise  # noqa: E402
 
 NUM = ("cells", "genes", "batch", "round", "threads", "cells_per_s", "ms_per_step", "loss_per_cell",
        "gpu_peak_mb", "rss_mb", "peak_rss_mb", "nnz_per_cell")

@@ -1,6 +1,6 @@
 """bf16 autocast of the networks: effect on the ELBO (same parameters; and after training).
 
-    python benchmarks/bf16_check.py [--device cuda] [--cells 60000] [--genes 5000] [--steps 300]
+    python perf/bf16_check.py [--device cuda] [--cells 60000] [--genes 5000] [--steps 300]
 
 1. same parameters, same random draws: -ELBO/cell on held-out batches with fp32 networks vs
    bf16-autocast networks (``plain_elbo.amp``; distributions/KL/NB in fp32);
@@ -21,8 +21,8 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.plain_elbo import amp, plain_loss  # noqa: E402
-from benchmarks.throughput import write_csv, TorchAdamClamp, batches_forever, build, random_adata, sync  # noqa: E402
+from perf.plain_elbo import amp, plain_loss  # noqa: E402
+from perf.throughput import write_csv, TorchAdamClamp, batches_forever, build, random_adata, sync  # noqa: E402
 
 
 @torch.no_grad()
@@ -44,7 +44,7 @@ def main(argv=None):
     ap.add_argument("--perts", type=int, default=100)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--out", default="benchmarks/bf16_check.csv")
+    ap.add_argument("--out", default="perf/bf16_check.csv")
     args = ap.parse_args(argv)
     from pyro_pvae import data as D
 

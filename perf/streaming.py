@@ -1,6 +1,6 @@
 """Streaming: train through data.BackedBatcher on a large h5ad with bounded RAM.
 
-    python benchmarks/streaming.py --cells 1000000 --genes 5000 [--steps 20] [--path /tmp/big.h5ad] [--threads 1]
+    python perf/streaming.py --cells 1000000 --genes 5000 [--steps 20] [--path /tmp/big.h5ad] [--threads 1]
 
 The file is written chunk by chunk by a separate process (obs/var with anndata, X as an
 on-disk CSR group appended with h5py), so the training process's peak RSS (``ru_maxrss``)
@@ -27,7 +27,7 @@ def write(path, n_cells, n_genes, n_perts=100, density=0.1, chunk=20000, sort_co
     import h5py
     import pandas as pd
 
-    from benchmarks.throughput import random_conditions, random_count_chunks
+    from perf.throughput import random_conditions, random_count_chunks
 
     cond = random_conditions(n_cells, n_perts)
     if sort_conditions:
@@ -67,7 +67,7 @@ def train(path, steps, batch, device, chunk_size, buffer_chunks, threads=None):
     if threads:
         torch.set_num_threads(threads)
 
-    from benchmarks.throughput import build, make_stepper, rss_mb
+    from perf.throughput import build, make_stepper, rss_mb
     from pyro_pvae import data as D
     import anndata as ad
 

@@ -2,7 +2,7 @@
 ``train.Trainer``) on a norman_like-shaped data set of random NB-like counts
 (default 60k cells x 5,000 genes, 100 perturbation genes with singles and doubles).
 
-    python benchmarks/epoch_time.py [--device cuda] [--cells 60000] [--genes 5000]
+    python perf/epoch_time.py [--device cuda] [--cells 60000] [--genes 5000]
                                     [--runs 512:0,512:1,4096:0] [--epochs 2] [--out CSV]
 
 ``--runs`` lists ``BATCH:JIT`` pairs. Seconds per epoch come from the Trainer's history
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.throughput import write_csv, peak_rss_mb, random_adata  # noqa: E402
+from perf.throughput import write_csv, peak_rss_mb, random_adata  # noqa: E402
 
 
 def main(argv=None):
@@ -32,7 +32,7 @@ def main(argv=None):
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--runs", default="512:0,512:1,4096:0")
-    ap.add_argument("--out", default="benchmarks/epoch_time.csv")
+    ap.add_argument("--out", default="perf/epoch_time.csv")
     args = ap.parse_args(argv)
     from pyro_pvae.api import PerturbedVAE
 

@@ -1,6 +1,6 @@
 """Training throughput (cells/s) and peak memory of the full PerturbedVAE model.
 
-    python benchmarks/throughput.py [--device cpu|cuda] [--sizes 10000x2000:64,512 ...]
+    python perf/throughput.py [--device cpu|cuda] [--sizes 10000x2000:64,512 ...]
                                     [--variants pyro_svi,pyro_module,plain ...] [--out CSV]
                                     [--threads N]
 
@@ -13,7 +13,7 @@ not by the simulator: gene-specific detection rates, geometric counts) held by
 * ``pyro_jit``     the same with ``JitTraceMeanField_ELBO`` (``train.jit=true``);
 * ``pyro_module``  Pyro's ``ELBOModule`` (``TraceMeanField_ELBO()(model, guide)``) with a plain
                    torch Adam (fused on CUDA) and ClippedAdam's element-wise gradient clamp;
-* ``plain``        the hand-written ELBO of ``benchmarks/plain_elbo.py`` with the same optimiser;
+* ``plain``        the hand-written ELBO of ``perf/plain_elbo.py`` with the same optimiser;
 * ``plain_dedupe`` plain without the duplicated invariant-encoder pass of the alignment term;
 * ``*_bf16``       the networks under bf16 autocast (``plain_elbo.amp``);
 * ``data``         the batcher alone (densify x and x_ctrl, build u).
@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.plain_elbo import amp, bytes_per_cell, flops_per_cell, plain_loss  # noqa: E402
+from perf.plain_elbo import amp, bytes_per_cell, flops_per_cell, plain_loss  # noqa: E402
 
 DEFAULT_SIZES = {
     "cpu": ["10000x2000:64,512", "10000x5000:512"],
@@ -322,7 +322,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="skip the remaining configurations after this many seconds")
-    ap.add_argument("--out", default="benchmarks/throughput.csv")
+    ap.add_argument("--out", default="perf/throughput.csv")
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat every (batch, variant) this many times, interleaved (odd rounds in reverse "
                          "variant order); report medians and the median of the paired per-round ratios")

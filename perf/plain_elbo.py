@@ -1,7 +1,7 @@
 """Plain-PyTorch yardstick: the SAME ELBO as ``TraceMeanField_ELBO`` on
 ``PerturbedVAEModel.model`` / ``PerturbedVAEGuide.guide``, written by hand.
 
-Used only as a reference for speed (``benchmarks/throughput.py`` reports the Pyro/plain
+Used only as a reference for speed (``perf/throughput.py`` reports the Pyro/plain
 ratio) and checked for correctness in ``tests/test_plain_elbo.py``: for the same parameters
 and the same random draws (same seed, draws taken in the guide's order) the value and the
 gradients agree with Pyro's to float tolerance.

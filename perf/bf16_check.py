@@ -26,12 +26,12 @@ from perf.throughput import write_csv, TorchAdamClamp, batches_forever, build, r
 
 
 @torch.no_grad()
-def heldout(model, guide, batches, n_cells, bf16=False, seed=123):
+def heldout(module, batches, n_cells, bf16=False, seed=123):
     tot, cells = 0.0, 0
-    with amp(model, guide, torch.bfloat16, enabled=bf16):
+    with amp(module, torch.bfloat16, enabled=bf16):
         for i, b in enumerate(batches):
             pyro.set_rng_seed(seed + i)
-            tot += float(plain_loss(model, guide, b.x, b.u, b.x_ctrl, 1.0, 0.2, n_cells=n_cells)) * b.x.shape[0]
+            tot += float(plain_loss(module, b.x, b.u, b.x_ctrl, 1.0, 0.2, n_cells=n_cells)) * b.x.shape[0]
             cells += b.x.shape[0]
     return tot / cells / n_cells
 
@@ -63,39 +63,37 @@ def main(argv=None):
     vb = D.CellBatcher(adata, val_idx, vocab, ctrl, args.batch, device=dev, seed=1, shuffle=False)
     val_batches = list(vb)
     N = len(train_idx)
-    model0, guide0 = build(args.genes, len(vocab), dev)
+    module0 = build(args.genes, len(vocab), dev)
     rows = []
-    e32 = heldout(model0, guide0, val_batches, N)
-    e16 = heldout(model0, guide0, val_batches, N, bf16=True)
+    e32 = heldout(module0, val_batches, N)
+    e16 = heldout(module0, val_batches, N, bf16=True)
     rows.append({"what": "init_same_params", "fp32_loss_per_cell": e32, "bf16_loss_per_cell": e16,
                  "diff": e16 - e32, "rel_diff": (e16 - e32) / abs(e32)})
     trained = {}
     for bf16 in (False, True):
-        model, guide = copy.deepcopy(model0), copy.deepcopy(guide0)
-        guide.attach(model)
-        model._inv_encoder[0] = guide.inv_encoder
-        opt = TorchAdamClamp(list(model.parameters()) + list(guide.parameters()), 3e-3)
+        module = copy.deepcopy(module0)
+        opt = TorchAdamClamp(list(module.parameters()), 3e-3)
         it = batches_forever(tb)
         pyro.set_rng_seed(0)
-        with amp(model, guide, torch.bfloat16, enabled=bf16):
+        with amp(module, torch.bfloat16, enabled=bf16):
             for s in range(args.steps):
                 if s == 10:
                     sync(dev)
                     t0 = time.perf_counter()
                 b = next(it)
                 kl = min(1.0, s / max(1, args.steps // 3))
-                loss = plain_loss(model, guide, b.x, b.u, b.x_ctrl, kl, 0.5, n_cells=N)
+                loss = plain_loss(module, b.x, b.u, b.x_ctrl, kl, 0.5, n_cells=N)
                 loss.backward()
                 opt.step()
             sync(dev)
             dt = time.perf_counter() - t0
-        trained[bf16] = (model, guide, (args.steps - 10) * args.batch / dt)
-    m32, g32, v32 = trained[False]
-    m16, g16, v16 = trained[True]
-    a, b = heldout(m32, g32, val_batches, N), heldout(m16, g16, val_batches, N)
+        trained[bf16] = (module, (args.steps - 10) * args.batch / dt)
+    m32, v32 = trained[False]
+    m16, v16 = trained[True]
+    a, b = heldout(m32, val_batches, N), heldout(m16, val_batches, N)
     rows.append({"what": f"after_{args.steps}_steps_eval_fp32", "fp32_loss_per_cell": a, "bf16_loss_per_cell": b,
                  "diff": b - a, "rel_diff": (b - a) / abs(a), "fp32_cells_per_s": v32, "bf16_cells_per_s": v16})
-    a2 = heldout(m32, g32, val_batches, N, bf16=True)
+    a2 = heldout(m32, val_batches, N, bf16=True)
     rows.append({"what": "trained_fp32_params_eval_bf16_vs_fp32", "fp32_loss_per_cell": a, "bf16_loss_per_cell": a2,
                  "diff": a2 - a, "rel_diff": (a2 - a) / abs(a)})
     for r in rows:

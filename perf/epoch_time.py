@@ -3,9 +3,9 @@
 (default 60k cells x 5,000 genes, 100 perturbation genes with singles and doubles).
 
     python perf/epoch_time.py [--device cuda] [--cells 60000] [--genes 5000]
-                                    [--runs 512:0,512:1,4096:0] [--epochs 2] [--out CSV]
+                                    [--batches 512,4096] [--epochs 2] [--out CSV]
 
-``--runs`` lists ``BATCH:JIT`` pairs. Seconds per epoch come from the Trainer's history
+``--batches`` lists the batch sizes. Seconds per epoch come from the Trainer's history
 (they include the validation pass and the per-epoch ELBO split).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main(argv=None):
     ap.add_argument("--density", type=float, default=0.15)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--runs", default="512:0,512:1,4096:0")
+    ap.add_argument("--batches", default="512,4096")
     ap.add_argument("--out", default="perf/epoch_time.csv")
     args = ap.parse_args(argv)
     from pyro_pvae.api import PerturbedVAE
@@ -41,32 +41,30 @@ def main(argv=None):
     print(f"data {args.cells} x {args.genes}, {adata.X.nnz / args.cells:.0f} nnz/cell, made in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
-    for spec in args.runs.split(","):
-        B, jit = spec.split(":")
-        B, jit = int(B), bool(int(jit))
+    for B in map(int, args.batches.split(",")):
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         vae = PerturbedVAE(adata, split=None, model={"hidden": args.hidden, "latent_inv": 10, "latent_pert": 10},
-                           train={"epochs": args.epochs, "batch_size": B, "device": args.device, "jit": jit,
+                           train={"epochs": args.epochs, "batch_size": B, "device": args.device,
                                   "progress": False, "kl_warmup_epochs": 1})
         t0 = time.perf_counter()
         try:
             vae.fit()
         except Exception as e:
-            print(f"B={B} jit={jit}: ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
-            rows.append({"batch": B, "jit": jit, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            print(f"B={B}: ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
+            rows.append({"batch": B, "error": f"{type(e).__name__}: {str(e)[:200]}"})
             continue
         total = time.perf_counter() - t0
         gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else float("nan")
         for h in vae.history:
             r = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
-                 "cells": args.cells, "genes": args.genes, "batch": B, "jit": jit, "epoch": h["epoch"],
+                 "cells": args.cells, "genes": args.genes, "batch": B, "epoch": h["epoch"],
                  "seconds": h["seconds"], "cells_per_s": h["cells_per_s"], "train_loss": h["train_loss"],
                  "val_loss": h["val_loss"], "fit_seconds_total": total, "gpu_peak_mb": gpu,
                  "peak_rss_mb": peak_rss_mb()}
             rows.append(r)
-            print(f"B={B:5d} jit={int(jit)} epoch {h['epoch']}: {h['seconds']:.2f} s/epoch, "
+            print(f"B={B:5d} epoch {h['epoch']}: {h['seconds']:.2f} s/epoch, "
                   f"{h['cells_per_s']:.0f} cells/s, val -ELBO/cell {h['val_loss']:.1f}, GPU peak {gpu:.0f} MB",
                   flush=True)
     write_csv(rows, args.out)

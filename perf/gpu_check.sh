@@ -21,17 +21,17 @@ LOG=$OUT/gpu_check.log
   $PY -c "import torch, pyro, anndata, numpy, pandas; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'pyro', pyro.__version__, 'anndata', anndata.__version__, 'numpy', numpy.__version__, 'pandas', pandas.__version__)" || exit 1
 } 2>&1 | tee "$LOG"
 if [ "${TINY:-0}" = 1 ]; then
-  A=(--sizes 1000x200:64); A2=(--sizes 1000x200:128); E=(--cells 1500 --genes 200 --runs 128:0 --epochs 1); C=(--cells 1500 --genes 200 --batch 128 --steps 15)
+  A=(--sizes 1000x200:64); A2=(--sizes 1000x200:128); E=(--cells 1500 --genes 200 --batches 128 --epochs 1); C=(--cells 1500 --genes 200 --batch 128 --steps 15)
   V=pyro_svi,pyro_jit,pyro_module,plain,plain_bf16,data; W=(--warmup 1 --steps 2)
 else
   A=(--sizes 100000x5000:512,1024,4096 10000x2000:64,512 100000x10000:1024); A2=(--sizes 100000x5000:1024)
-  E=(--cells 60000 --genes 5000 --runs 512:0,4096:0 --epochs 2); C=(--cells 60000 --genes 5000 --batch 1024 --steps 200)
+  E=(--cells 60000 --genes 5000 --batches 512,4096 --epochs 2); C=(--cells 60000 --genes 5000 --batch 1024 --steps 200)
   V=pyro_svi,pyro_module,plain,plain_dedupe,pyro_module_bf16,plain_bf16,data; W=(--warmup 8 --steps 25)
 fi
 # quick overrides (a tight device budget): A_SIZES="100000x5000:512,1024" VARIANTS=... E_EPOCHS=1 C_STEPS=100 SKIP_JIT=1
 [ -n "${A_SIZES:-}" ] && A=(--sizes $A_SIZES)
 [ -n "${VARIANTS:-}" ] && V=$VARIANTS
-[ -n "${E_RUNS:-}" ] && E=(--cells 60000 --genes 5000 --runs $E_RUNS --epochs ${E_EPOCHS:-1})
+[ -n "${E_RUNS:-}" ] && E=(--cells 60000 --genes 5000 --batches $E_RUNS --epochs ${E_EPOCHS:-1})
 [ -n "${C_STEPS:-}" ] && C=(--cells 60000 --genes 5000 --batch 1024 --steps $C_STEPS)
 step() { echo; echo "=== $1 ($(date +%T))"; }
 {

@@ -60,8 +60,8 @@ def main(argv=None):
         for rule in args.rules.split(","):
             f = {"const": 1.0, "sqrt": math.sqrt(B / args.base_batch), "linear": B / args.base_batch}[rule]
             lr = args.base_lr * f
-            model, guide = build(adata.n_vars, len(vocab), "cpu", hidden=64, latent=4)
-            opt = TorchAdamClamp(list(model.parameters()) + list(guide.parameters()), lr)
+            module = build(adata.n_vars, len(vocab), "cpu", hidden=64, latent=4)
+            opt = TorchAdamClamp(list(module.parameters()), lr)
             tb = D.CellBatcher(adata, train_idx, vocab, ctrl, B, seed=0)
             epochs = max(args.epochs, math.ceil(args.min_steps / max(len(tb), 1)))
             steps = len(tb) * epochs
@@ -72,14 +72,14 @@ def main(argv=None):
                 for b in tb:
                     kl = min(1.0, s / max(1, steps // 3))
                     temp = 1.0 * (0.2 / 1.0) ** (s / steps)
-                    loss = plain_loss(model, guide, b.x, b.u, b.x_ctrl, kl, temp, n_cells=N)
+                    loss = plain_loss(module, b.x, b.u, b.x_ctrl, kl, temp, n_cells=N)
                     loss.backward()
                     opt.step()
                     if e == epochs - 1:
                         last.append(float(loss) / N)
                     s += 1
             r = {"batch": B, "rule": rule, "lr": lr, "epochs": epochs, "steps": steps, "train_loss_last_epoch": float(np.mean(last)),
-                 "heldout_loss": heldout(model, guide, val, N), "seconds": time.perf_counter() - t0}
+                 "heldout_loss": heldout(module, val, N), "seconds": time.perf_counter() - t0}
             rows.append(r)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
     out = Path(args.out)

@@ -1,5 +1,7 @@
 """Plain-PyTorch yardstick: the SAME ELBO as ``TraceMeanField_ELBO`` on
-``PerturbedVAEModel.model`` / ``PerturbedVAEGuide.guide``, written by hand.
+``PerturbedVAEModule.model`` / ``PerturbedVAEModule.guide``, written by hand (for the model
+without the composition extras: ``learn_composition=False``, ``pair_effects=False``, a
+nonlinear or linear decoder, see :func:`check_supported`).
 
 Used only as a reference for speed (``perf/throughput.py`` reports the Pyro/plain
 ratio) and checked for correctness in ``tests/test_plain_elbo.py``: for the same parameters
@@ -24,7 +26,7 @@ What it mirrors, site by site (``s = n_cells / B`` is the subsample scale, ``w``
 factor instead of running the invariant encoder on ``x`` a second time (same value and
 gradient; shows what removing the duplicate costs/saves).
 
-``amp(model, guide, dtype)`` runs the three MLPs under ``torch.autocast`` (bf16) and hands
+``amp(module, dtype)`` runs the three MLPs under ``torch.autocast`` (bf16) and hands
 back float32 outputs, so the distributions, KLs and the NB log-likelihood stay in float32.
 It patches the modules, so Pyro's ELBO and this one both see it.
 """
@@ -42,12 +44,21 @@ def _lognorm(x: torch.Tensor) -> torch.Tensor:
     return torch.log1p(x / x.sum(-1, keepdim=True).clamp(min=1.0) * 1e4)
 
 
-def plain_loss(model, guide, x, u, x_ctrl=None, kl_weight=1.0, temperature=0.5, *, n_cells: int,
+def check_supported(cfg) -> None:
+    """The yardstick covers the model without the composition extras (c2 site, pair effects,
+    hybrid decoder): speed comparisons use that configuration for both."""
+    if cfg.learn_composition or cfg.pair_effects or cfg.decoder == "hybrid":
+        raise ValueError("plain_loss needs learn_composition=False, pair_effects=False and a nonlinear or "
+                         "linear decoder")
+
+
+def plain_loss(module, x, u, x_ctrl=None, kl_weight=1.0, temperature=0.5, *, n_cells: int,
                dedupe: bool = False, return_parts: bool = False):
     """-ELBO of one batch (a scalar tensor with a graph), like TraceMeanField_ELBO's loss."""
-    cfg = model.cfg
-    g = guide
-    P, K, D, G = cfg.n_perts, cfg.latent_pert, cfg.latent_inv, cfg.n_genes
+    cfg = module.cfg
+    check_supported(cfg)
+    model = g = module
+    P, K, D, G = module.n_perts, cfg.latent_pert, cfg.latent_inv, module.n_genes
     B = x.shape[0]
     s = n_cells / B
     dev, dt = x.device, x.dtype
@@ -91,7 +102,8 @@ def plain_loss(model, guide, x, u, x_ctrl=None, kl_weight=1.0, temperature=0.5, 
     kl_global = kl_global + torch.where(mask.bool(), kl_w, zero).sum()
     q_t = td.LogNormal(g.theta_loc, softplus(g.theta_raw_scale) + 1e-4)
     theta = q_t.rsample()
-    kl_global = kl_global + td.kl_divergence(
+    kl_effects = kl_global
+    kl_theta = td.kl_divergence(
         q_t, td.LogNormal(zero.expand(G) + cfg.theta_prior[0], cfg.theta_prior[1])).sum()
 
     # ---------------- local sites -------------------------------------------------------
@@ -99,14 +111,14 @@ def plain_loss(model, guide, x, u, x_ctrl=None, kl_weight=1.0, temperature=0.5, 
     inv_loc, inv_scale = g.inv_encoder(xn)
     q_z = td.Normal(inv_loc, inv_scale)
     z_inv = q_z.rsample()
-    n_t = u.sum(-1, keepdim=True)
-    shift = torch.where(n_t > 1, model.log_multi_scale.exp(), torch.ones_like(n_t)) * (u @ delta)
+    shift = u @ delta
     A = torch.eye(K, dtype=dt, device=dev) - W
     z_loc, e_scale = g.pert_encoder(torch.cat([xn, u], dim=-1))
     if g.training and x_ctrl is not None:  # z_pert measured from the paired controls' mean location
         center = g.pert_encoder(torch.cat([_lognorm(x_ctrl), torch.zeros_like(u)], -1))[0].mean(0)
     else:
         center = g.running_control_center
+    e_scale = (e_scale.pow(2) @ g.eps_rotation.pow(2).T).sqrt()
     q_e = td.Normal((z_loc - center) @ A.T - shift, e_scale)
     eps = q_e.rsample()
     kl_local = (td.kl_divergence(q_z, td.Normal(zero, 1.0)).sum()
@@ -127,16 +139,18 @@ def plain_loss(model, guide, x, u, x_ctrl=None, kl_weight=1.0, temperature=0.5, 
         if cfg.alignment == "pairwise":
             perturbed = (u.sum(-1) > 0).to(dt)
             penalty = (perturbed * (m - m_ctrl).pow(2).sum(-1)).sum()
-        else:  # group_mean
+        else:  # group_mean, unbiased
             counts = u.sum(0)
             group_means = (u.T @ m) / counts.clamp(min=1).unsqueeze(-1)
-            penalty = (counts * (group_means - m_ctrl.mean(0)).pow(2).sum(-1)).sum()
+            bias = m_ctrl.var(0).sum() * (1 / counts.clamp(min=1) + 1 / m_ctrl.shape[0])
+            penalty = (counts * ((group_means - m_ctrl.mean(0)).pow(2).sum(-1) - bias)).sum()
         align = -cfg.alpha * penalty
 
-    elbo = s * (recon + align) - kl_weight * s * kl_local - kl_global
+    # the effect and DAG sites sit under the same kl_weight as the local latents; theta does not
+    elbo = s * (recon + align) - kl_weight * s * kl_local - kl_weight * kl_effects - kl_theta
     if return_parts:
         return -elbo, {"recon": s * recon, "align": s * align, "kl_local": kl_weight * s * kl_local,
-                       "kl_global": kl_global}
+                       "kl_global": kl_weight * kl_effects + kl_theta}
     return -elbo
 
 
@@ -144,18 +158,18 @@ def plain_loss(model, guide, x, u, x_ctrl=None, kl_weight=1.0, temperature=0.5, 
 # bf16 autocast of the networks (both this ELBO and Pyro's see it: the modules are patched)
 # ---------------------------------------------------------------------------------------
 
-def _networks(model, guide):
-    return [guide.inv_encoder.net, guide.pert_encoder.net, model.decoder.net]
+def _networks(module):
+    return [module.inv_encoder.net, module.pert_encoder.net, module.decoder.net]
 
 
 @contextlib.contextmanager
-def amp(model, guide, dtype=torch.bfloat16, enabled: bool = True):
+def amp(module, dtype=torch.bfloat16, enabled: bool = True):
     """Within the block, the encoders' and decoder's MLPs run under ``torch.autocast(dtype)``
     and return float32."""
     if not enabled or dtype is None:
         yield
         return
-    nets = _networks(model, guide)
+    nets = _networks(module)
     originals = [n.forward for n in nets]
 
     def wrap(fwd, device_type):
@@ -180,7 +194,7 @@ def amp(model, guide, dtype=torch.bfloat16, enabled: bool = True):
 # counts of the floor
 # ---------------------------------------------------------------------------------------
 
-def flops_per_cell(model) -> dict:
+def flops_per_cell(module) -> dict:
     """Matrix FLOPs per cell of one training step (forward + backward) of the networks.
 
     Linear n_in -> n_out costs 2*n_in*n_out forward, 2x that backward (input and weight
@@ -188,8 +202,8 @@ def flops_per_cell(model) -> dict:
     Encoders: invariant on x (guide), again on x and on x_ctrl (alignment; only the loc half
     is used but the layer is computed whole), perturbation encoder on [x, u]; decoder.
     """
-    cfg = model.cfg
-    G, P, H, D, K, L = cfg.n_genes, cfg.n_perts, cfg.hidden, cfg.latent_inv, cfg.latent_pert, cfg.n_layers
+    cfg = module.cfg
+    G, P, H, D, K, L = module.n_genes, module.n_perts, cfg.hidden, cfg.latent_inv, cfg.latent_pert, cfg.n_layers
 
     def mlp(n_in, n_out, first_needs_grad):
         dims = [n_in] + [H] * max(L, 1) + [n_out]
@@ -217,13 +231,13 @@ def flops_per_cell(model) -> dict:
             "parts": {k: v[0] + v[1] for k, v in parts.items()}}
 
 
-def bytes_per_cell(model, nnz_per_cell: float, dense_passes: int = 0) -> dict:
+def bytes_per_cell(module, nnz_per_cell: float, dense_passes: int = 0) -> dict:
     """Lower bound of device-memory bytes per cell: the sparse rows of x and x_ctrl read once
     (float32 value + int32 column), the dense (B, G) float32 inputs written and read back by
     the first layers, and the decoder's (B, G) output written and read once each forward
     and backward (logits, their gradient). ``dense_passes`` adds more full (B, G) float32
     passes (the unfused elementwise chain of log_softmax + NB log-prob and their backward)."""
-    G = model.cfg.n_genes
+    G = module.n_genes
     sparse = 2 * nnz_per_cell * 8
     dense_in = 2 * 2 * G * 4            # x and x_ctrl densified: written once, read once
     dec_out = 4 * G * 4                  # logits written + read, grad written + read

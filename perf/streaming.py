@@ -83,8 +83,8 @@ def train(path, steps, batch, device, chunk_size, buffer_chunks, threads=None):
                         chunk_size=chunk_size, buffer_chunks=buffer_chunks)
     t_init = time.perf_counter() - t_init
     rss_batcher = rss_mb()
-    model, guide = build(g, len(vocab), device)
-    step = make_stepper("pyro_module", model, guide, n)
+    module = build(g, len(vocab), device)
+    step = make_stepper("pyro_module", module, n)
     it = iter(b)
     t0 = None
     for s in range(steps):

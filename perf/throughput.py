@@ -11,7 +11,7 @@ not by the simulator: gene-specific detection rates, geometric counts) held by
 * ``pyro_svi``     Pyro ``SVI.step`` with ``TraceMeanField_ELBO`` and ``ClippedAdam`` (what
                    ``train.Trainer`` runs, incl. the per-step float loss);
 * ``pyro_jit``     the same with ``JitTraceMeanField_ELBO`` (``train.jit=true``);
-* ``pyro_module``  Pyro's ``ELBOModule`` (``TraceMeanField_ELBO()(model, guide)``) with a plain
+* ``pyro_module``  Pyro's ``ELBOModule`` (``TraceMeanField_ELBO()(module.model, module.guide)``) with a plain
                    torch Adam (fused on CUDA) and ClippedAdam's element-wise gradient clamp;
 * ``plain``        the hand-written ELBO of ``perf/plain_elbo.py`` with the same optimiser;
 * ``plain_dedupe`` plain without the duplicated invariant-encoder pass of the alignment term;
@@ -119,17 +119,14 @@ def random_adata(n_cells, n_genes, n_perts=100, density=0.15, seed=0):
 # ---------------------------------------------------------------------------------------
 
 def build(n_genes, n_perts, device, hidden=128, latent=10, seed=0, **model_kw):
-    from pyro_pvae.guides import PerturbedVAEGuide
+    """The PerturbedVAE module without the composition extras (what ``plain_loss`` mirrors)."""
     from pyro_pvae.config import ModelConfig
-    from pyro_pvae.model import PerturbedVAEModel
+    from pyro_pvae.model import PerturbedVAEModule
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(n_genes=n_genes, n_perts=n_perts, latent_inv=latent, latent_pert=latent,
-                      hidden=hidden, **model_kw)
-    guide = PerturbedVAEGuide(cfg)
-    model = PerturbedVAEModel(cfg, guide.inv_encoder)
-    guide.attach(model)
-    return model.to(device), guide.to(device)
+    model_kw = {"learn_composition": False, "pair_effects": False, "decoder": "nonlinear", **model_kw}
+    cfg = ModelConfig(latent_inv=latent, latent_pert=latent, hidden=hidden, **model_kw)
+    return PerturbedVAEModule(cfg, n_genes=n_genes, n_perts=n_perts).to(device)
 
 
 class TorchAdamClamp:
@@ -149,7 +146,7 @@ class TorchAdamClamp:
         self.opt.zero_grad(set_to_none=True)
 
 
-def make_stepper(variant, model, guide, n_cells, lr=3e-3):
+def make_stepper(variant, module, n_cells, lr=3e-3):
     """A function batch_args -> loss (float or 0-dim tensor) that does one training step."""
     import pyro
     from pyro.infer import SVI, JitTraceMeanField_ELBO, TraceMeanField_ELBO
@@ -159,7 +156,7 @@ def make_stepper(variant, model, guide, n_cells, lr=3e-3):
     pyro.clear_param_store()
     if base in ("pyro_svi", "pyro_jit"):
         elbo = JitTraceMeanField_ELBO(ignore_jit_warnings=True) if base == "pyro_jit" else TraceMeanField_ELBO()
-        svi = SVI(model.model, guide.guide, ClippedAdam({"lr": lr, "clip_norm": 10.0, "lrd": 1.0}), elbo)
+        svi = SVI(module.model, module.guide, ClippedAdam({"lr": lr, "clip_norm": 10.0, "lrd": 1.0}), elbo)
 
         def step(args):
             loss = svi.step(*args, n_cells=n_cells)
@@ -167,10 +164,10 @@ def make_stepper(variant, model, guide, n_cells, lr=3e-3):
                 raise RuntimeError("non-finite loss")
             return loss
         return step
-    params = list(model.parameters()) + list(guide.parameters())
+    params = list(module.parameters())
     opt = TorchAdamClamp(params, lr)
     if base == "pyro_module":
-        loss_module = TraceMeanField_ELBO(max_plate_nesting=2)(model.model, guide.guide)
+        loss_module = TraceMeanField_ELBO(max_plate_nesting=2)(module.model, module.guide)
 
         def step(args):
             loss = loss_module(*args, n_cells=n_cells)
@@ -182,7 +179,7 @@ def make_stepper(variant, model, guide, n_cells, lr=3e-3):
         dedupe = base == "plain_dedupe"
 
         def step(args):
-            loss = plain_loss(model, guide, *args, n_cells=n_cells, dedupe=dedupe)
+            loss = plain_loss(module, *args, n_cells=n_cells, dedupe=dedupe)
             loss.backward()
             opt.step()
             return loss.detach()
@@ -222,18 +219,18 @@ def batches_forever(batcher):
 
 
 def time_variant(variant, batcher, n_genes, n_perts, n_cells, device, warmup, steps, hidden, latent):
-    model, guide = build(n_genes, n_perts, device, hidden, latent)
+    module = build(n_genes, n_perts, device, hidden, latent)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     it = batches_forever(batcher)
     bf16 = variant.endswith("_bf16")
     losses = []
-    with amp(model, guide, torch.bfloat16, enabled=bf16):
+    with amp(module, torch.bfloat16, enabled=bf16):
         if variant == "data":
             step = lambda args: float("nan")  # noqa: E731
         else:
-            step = make_stepper(variant, model, guide, n_cells)
+            step = make_stepper(variant, module, n_cells)
         for _ in range(warmup):
             step(batch_args(next(it), device))
         sync(device)
@@ -247,7 +244,7 @@ def time_variant(variant, batcher, n_genes, n_perts, n_cells, device, warmup, st
         dt = time.perf_counter() - t0
     loss = float(np.mean([float(v) for v in losses])) / n_cells if variant != "data" else float("nan")
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
-    del model, guide
+    del module
     return {"variant": variant, "cells_per_s": cells / dt, "ms_per_step": 1000 * dt / steps,
             "loss_per_cell": loss, "gpu_peak_mb": gpu_peak, "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}
 
@@ -412,7 +409,7 @@ def print_table(rows, args, device):
     # floor per gene count
     print("\nfloor (matrix FLOPs and minimal bytes per cell; H100: ~800 TFLOP/s bf16 dense, ~3.0 TB/s measured copy)")
     for g in sorted({r["genes"] for r in rows}):
-        m, _ = build(g, args.perts, "cpu", args.hidden, args.latent)
+        m = build(g, args.perts, "cpu", args.hidden, args.latent)
         f = flops_per_cell(m)
         nnz = np.mean([r["nnz_per_cell"] for r in rows if r["genes"] == g])
         b = bytes_per_cell(m, nnz, dense_passes=40)

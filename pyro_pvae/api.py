@@ -23,8 +23,8 @@ import torch
 from . import data as D
 from .config import ModelConfig, TrainConfig
 from .model import PerturbedVAEModule, sample_globals, sparse_rotation
-from .train import Trainer, TrainingError, atomic_torch_save, load_checkpoint, plot_training_curves, resolve_device
-from .utils import lognormalize
+from .train import Trainer, TrainingError, load_checkpoint, plot_training_curves, resolve_device
+from .utils import atomic_torch_save, lognormalize, to_dense
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ class PerturbedVAE:
         z_inv, z_pert = [], []
         for start in range(0, len(idx), 4096):
             rows = idx[start:start + 4096]
-            x = torch.as_tensor(_dense(adata.X[rows]), device=self.device)
+            x = torch.as_tensor(to_dense(adata.X[rows]), device=self.device)
             u = torch.as_tensor(U[start:start + 4096], device=self.device)
             zi, zp = self.module.latent_means(x, u)
             z_inv.append(zi.cpu().numpy())
@@ -373,10 +373,6 @@ def _check_positive(**values) -> None:
 
 def _as_list(x):
     return [x] if isinstance(x, str) else list(x)
-
-
-def _dense(X) -> np.ndarray:
-    return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
 
 
 def _all_cells_split(adata, seed):

@@ -633,7 +633,7 @@ def run(name: str, overrides: Sequence[str]):
     from omegaconf import OmegaConf
 
     from .config import compose, load_dataset, make_run_dir, resolve_split
-    from .train import atomic_write_text
+    from .utils import atomic_write_text
 
     t_start = time.perf_counter()
     overrides = list(overrides)

@@ -19,7 +19,7 @@ PROG = "pyro_pvae.fit"
 def run(name: str, overrides: list[str]):
     from .api import PerturbedVAE
     from .config import compose, load_dataset, make_run_dir, resolve_split
-    from .train import atomic_write, atomic_write_text
+    from .utils import atomic_write, atomic_write_text
 
     cfg = compose(name, overrides)
     adata = load_dataset(cfg)

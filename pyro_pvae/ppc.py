@@ -48,7 +48,7 @@ import torch
 
 from . import data as D
 from .model import GLOBAL_SITES, sample_globals
-from .utils import lognormalize
+from .utils import atomic_write, lognormalize
 
 log = logging.getLogger(__name__)
 
@@ -504,19 +504,6 @@ def plot_ppc_figures(result: PPCResult, summary: dict | None = None) -> dict[str
 # One call
 # ---------------------------------------------------------------------------------------------
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _json_default(o):
     if isinstance(o, (np.integer,)):
         return int(o)
@@ -545,12 +532,12 @@ def ppc(run_dir_or_model, adata=None, out_dir: str | os.PathLike | None = None, 
     if plots:
         for name, fig in plot_ppc_figures(result, summary).items():
             path = out_dir / f"{name}.png"
-            _atomic_write_bytes(path, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=110))
+            atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=110))
             files.append(path.name)
     summary["out_dir"] = str(out_dir)
     summary["files"] = files + ["ppc_summary.json"]
     text = json.dumps(summary, indent=2, default=_json_default, allow_nan=True)
-    _atomic_write_bytes(out_dir / "ppc_summary.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(out_dir / "ppc_summary.json", lambda tmp: Path(tmp).write_text(text))
     return summary
 
 

@@ -9,7 +9,6 @@ that a resumed run follows the same trajectory:
 """
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .model import LOCAL_SITES
+from .utils import atomic_torch_save, atomic_write, atomic_write_csv
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +41,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError(f"train.device={device!r} but CUDA is not available; use device=auto or cpu")
     return torch.device(device)
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` to a temporary file in the same folder, then rename: a kill never
-    leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 @contextmanager
@@ -403,13 +386,9 @@ class Trainer:
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for row in history for k in row))
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
+    import pandas as pd
+
+    atomic_write_csv(path, pd.DataFrame(history))
 
 
 def plot_training_curves(history: list[dict], path: Path) -> None:

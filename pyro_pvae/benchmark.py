@@ -108,31 +108,6 @@ class BenchmarkError(ValueError):
 
 
 # ----------------------------------------------------------------------------- config
-def _benchmark_keys() -> dict:
-    from omegaconf import OmegaConf
-
-    from .config import CONFIG_DIR
-
-    base = OmegaConf.load(CONFIG_DIR / "base.yaml")
-    b = base.get("benchmark")
-    return OmegaConf.to_container(b) if OmegaConf.is_config(b) else {}
-
-
-def check_overrides(overrides: Sequence[str]) -> None:
-    """Clear error for an unknown ``benchmark.*`` key (config.compose does not know the
-    section and would give a misleading message)."""
-    from .config import ConfigError
-
-    known = _benchmark_keys()
-    for ov in overrides:
-        key = ov.lstrip("+~").split("=", 1)[0]
-        parts = key.split(".")
-        if parts[0] != "benchmark" or len(parts) < 2:
-            continue
-        if parts[1] not in known:
-            raise ConfigError(f"unknown config key {key!r}; keys under benchmark: {', '.join(sorted(known))}")
-
-
 def hydra_overrides(overrides: Sequence[str]) -> list[str]:
     """``benchmark.train.KEY=V`` -> ``++benchmark.train.KEY=V`` (the group is an open dict,
     empty by default, so Hydra needs the add-or-override form)."""
@@ -637,7 +612,6 @@ def run(name: str, overrides: Sequence[str]):
 
     t_start = time.perf_counter()
     overrides = list(overrides)
-    check_overrides(overrides)
     cfg = compose(name, hydra_overrides(overrides))
     b = cfg.get("benchmark") or {}
     methods = parse_methods(b.get("methods"))

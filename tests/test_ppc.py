@@ -44,7 +44,7 @@ def poisson_model(nb_run):
     from pyro_pvae.api import PerturbedVAE
 
     _, nb = nb_run
-    cfg = {**nb.model_config.to_dict(), "likelihood": "poisson", "n_genes": 0, "n_perts": 0}
+    cfg = {**nb.model_config.to_dict(), "likelihood": "poisson"}
     vae = PerturbedVAE(nb.adata, split=nb.split, model=cfg,
                        train=dict(epochs=30, lr=0.01, batch_size=128, progress=False, device="cpu",
                                   early_stopping_patience=100))

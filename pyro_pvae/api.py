@@ -58,9 +58,10 @@ class PerturbedVAE:
 
     # ---- setup -------------------------------------------------------------------------
     def _prepare(self, adata, split, split_kwargs):
-        if "condition" not in adata.obs:
-            raise D.DataError("the AnnData has no obs['condition']; read it with pyro_pvae.data.read_perturbseq "
-                              "or convert it with pyro_pvae.data.to_canonical first")
+        # the readers' checks and messages; cells with zero counts are dropped (logged) unless a
+        # ready-made Split's positions refer to them
+        adata = D.validate_canonical(adata, drop_empty=not isinstance(split, D.Split))
+        self.adata = adata
         seed = self.train_config.seed
         if isinstance(split, str):
             split = D.make_split(adata, split, seed, **split_kwargs)
@@ -72,6 +73,9 @@ class PerturbedVAE:
         cond = adata.obs["condition"].astype(str).to_numpy()
         train_idx = np.asarray(split.train_idx)
         self.control_idx = train_idx[cond[train_idx] == D.CONTROL]
+        #: targets seen alone in training (a double of others is predicted from doubles only)
+        self.trained_singles = sorted({c for c in set(cond[train_idx]) if len(D.parse_condition(c)) == 1}
+                                      - {D.CONTROL})
         if len(self.control_idx) == 0:
             raise D.DataError("the training split has no control cells; they are needed for alignment and prediction")
         index = {p: i for i, p in enumerate(self.vocabulary)}
@@ -222,6 +226,7 @@ class PerturbedVAE:
             raise ValueError("predict() needs at least one condition, e.g. ['KLF1'] or ['KLF1+MAP2K6']")
         _check_positive(n_cells=n_cells)
         self.perturbation_matrix(conditions, unknown=unknown)  # unknown genes fail before any work
+        self._warn_about_unseen_singles(conditions)
         rng = np.random.default_rng(seed)
         self.module.eval()
         blocks, obs = [], []
@@ -239,6 +244,16 @@ class PerturbedVAE:
         obs["condition"] = obs["condition"].astype("category")
         return ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=self.gene_names),
                           layers={"lognorm": sp.csr_matrix(lognormalize(torch.as_tensor(X)).numpy())})
+
+    def _warn_about_unseen_singles(self, conditions) -> list[str]:
+        """Log which conditions have a target never seen alone in training (its effect was
+        learned only inside other doubles, or not at all); returns those conditions."""
+        singles = set(getattr(self, "trained_singles", self.vocabulary))
+        odd = [c for c in conditions if c != D.CONTROL and not set(D.parse_condition(c)) <= singles]
+        if odd:
+            log.warning("predicting %d condition(s) with a target never seen alone in training (its effect "
+                        "comes only from doubles, or is absent): %s", len(odd), ", ".join(odd[:10]))
+        return odd
 
     @torch.no_grad()
     def predict_change_samples(self, condition: str, n_draws: int = 100, n_cells: int = 100, seed: int = 0,
@@ -314,6 +329,7 @@ class PerturbedVAE:
             "module": self.module.state_dict(),
             "vocabulary": self.vocabulary,
             "training_pairs": self.training_pairs,
+            "trained_singles": getattr(self, "trained_singles", None),
             "gene_names": self.gene_names,
             "reference_controls": self.reference_controls,
             "history": self.history,
@@ -333,6 +349,7 @@ class PerturbedVAE:
         self = cls(model=ModelConfig.from_dict(state["model_config"]), train=TrainConfig.from_dict(state["train_config"]))
         self.vocabulary, self.gene_names = state["vocabulary"], state["gene_names"]
         self.training_pairs = [tuple(p) for p in state["training_pairs"]]
+        self.trained_singles = state.get("trained_singles") or list(self.vocabulary)
         self.reference_controls, self.history = state["reference_controls"], state["history"]
         self.adata = adata
         if state.get("split") is not None:

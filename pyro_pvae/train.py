@@ -86,7 +86,7 @@ def elbo_parts(module, args, n_cells: int) -> dict[str, float]:
 
 
 #: train settings that may differ when a run is resumed (they do not change its trajectory)
-RESUMABLE_TRAIN_KEYS = ("epochs", "resume", "progress", "checkpoint_every", "device", "early_stopping_patience",
+RESUMABLE_TRAIN_KEYS = ("epochs", "min_steps", "resume", "progress", "checkpoint_every", "device", "early_stopping_patience",
                         "min_epochs")
 
 
@@ -195,7 +195,9 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.n_cells = n_cells if n_cells is not None else train_batcher.n_cells
         self.steps_per_epoch = max(len(train_batcher), 1)
-        self.total_steps = self.steps_per_epoch * cfg.epochs
+        #: epochs to run: ``train.epochs``, or more when ``train.min_steps`` asks for more updates
+        self.epochs = max(cfg.epochs, -(-cfg.min_steps // self.steps_per_epoch))
+        self.total_steps = self.steps_per_epoch * self.epochs
         self.max_steps = self.total_steps if max_steps is None else min(max_steps, self.total_steps)
         lrd = cfg.lr_final_fraction ** (1.0 / max(self.total_steps, 1))
         self.loss_module = elbo_module(module)
@@ -333,8 +335,11 @@ class Trainer:
         else:
             pyro.clear_param_store()
         metrics_path = self.run_dir / "metrics.csv" if self.run_dir else None
-        bar = tqdm(range(self.start_epoch, cfg.epochs), desc="PerturbedVAE", disable=not cfg.progress,
-                   initial=self.start_epoch, total=cfg.epochs, unit="epoch")
+        if self.epochs > cfg.epochs:
+            log.info("train.min_steps=%d: %d epochs of %d steps instead of train.epochs=%d",
+                     cfg.min_steps, self.epochs, self.steps_per_epoch, cfg.epochs)
+        bar = tqdm(range(self.start_epoch, self.epochs), desc="PerturbedVAE", disable=not cfg.progress,
+                   initial=self.start_epoch, total=self.epochs, unit="epoch")
         step = self.start_epoch * self.steps_per_epoch
         for epoch in bar:
             if step >= self.max_steps:
@@ -373,7 +378,7 @@ class Trainer:
                     self.best_state = {n: t.detach().cpu().clone() for n, t in self.module.state_dict().items()}
                 else:
                     self.bad_epochs += 1
-            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == self.epochs:
                 self.save_checkpoint(epoch)
             if self.bad_epochs >= cfg.early_stopping_patience and epoch + 1 >= cfg.min_epochs:
                 log.info("early stopping at epoch %d (no validation improvement for %d epochs)", epoch, self.bad_epochs)

@@ -139,11 +139,17 @@ def plain_loss(module, x, u, x_ctrl=None, kl_weight=1.0, temperature=0.5, *, n_c
         if cfg.alignment == "pairwise":
             perturbed = (u.sum(-1) > 0).to(dt)
             penalty = (perturbed * (m - m_ctrl).pow(2).sum(-1)).sum()
-        else:  # group_mean, unbiased
-            counts = u.sum(0)
-            group_means = (u.T @ m) / counts.clamp(min=1).unsqueeze(-1)
-            bias = m_ctrl.var(0).sum() * (1 / counts.clamp(min=1) + 1 / m_ctrl.shape[0])
-            penalty = (counts * ((group_means - m_ctrl.mean(0)).pow(2).sum(-1) - bias)).sum()
+        else:  # group_mean, unbiased: groups with >= 2 cells, each group's own spread subtracted
+            penalty = zero
+            for p in range(P):
+                rows = u[:, p] > 0
+                n_p = int(rows.sum())
+                if n_p < 2:
+                    continue
+                m_p = m[rows]
+                d2 = (m_p.mean(0) - m_ctrl.mean(0)).pow(2).sum()
+                bias = m_p.var(0).sum() / n_p + m_ctrl.var(0).sum() / m_ctrl.shape[0]
+                penalty = penalty + n_p * (d2 - bias)
         align = -cfg.alpha * penalty
 
     # the effect and DAG sites sit under the same kl_weight as the local latents; theta does not

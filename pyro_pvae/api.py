@@ -318,6 +318,15 @@ class PerturbedVAE:
             z_pert.append(zp.cpu().numpy())
         return {"z_inv": np.concatenate(z_inv), "z_pert": np.concatenate(z_pert)}
 
+    def invariant_spread(self, max_cells: int = 2000, seed: int = 0) -> float:
+        """Mean over the z_inv dimensions of the across-cell sd of the posterior means m(x) of
+        (up to ``max_cells``) training cells: near 0 means the invariant latents collapsed to a
+        point and carry no cell state."""
+        idx = np.asarray(self.split.train_idx)
+        if len(idx) > max_cells:
+            idx = np.sort(np.random.default_rng(seed).choice(idx, max_cells, replace=False))
+        return float(self.latents(self.adata, idx)["z_inv"].std(0).mean())
+
     # ---- persistence ---------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Save modules, configs, vocabulary, genes, split and reference controls (atomic)."""

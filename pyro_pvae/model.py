@@ -135,6 +135,26 @@ def sparse_rotation(effects: torch.Tensor, n_restarts: int = 16, steps: int = 30
     return O[best].detach().to(dtype=effects.dtype, device=effects.device)
 
 
+def group_mean_alignment(m: torch.Tensor, u: torch.Tensor, m_ctrl: torch.Tensor) -> torch.Tensor:
+    """sum_p N_p (||mean_p m - mean_c m||^2 - tr S_p / N_p - tr S_c / N_c) over the
+    perturbations with N_p >= 2 cells in the batch (S: sample covariances): unbiased for
+    sum_p N_p ||E m_p - E m_c||^2 whatever the spreads (see
+    :meth:`PerturbedVAEModule.alignment_penalty`)."""
+    counts = u.sum(0)  # cells of each perturbation in the batch
+    n = counts.clamp(min=2).unsqueeze(-1)
+    group_means = (u.T @ m) / n
+    group_vars = ((u.T @ m.pow(2)) - n * group_means.pow(2)) / (n - 1)  # per perturbation and dimension
+    distance = (group_means - m_ctrl.mean(0)).pow(2).sum(-1)
+    bias = group_vars.sum(-1) / n.squeeze(-1) + m_ctrl.var(0).sum() / m_ctrl.shape[0]
+    return (torch.where(counts >= 2, counts, 0.0) * (distance - bias)).sum()
+
+
+def pairwise_alignment(m: torch.Tensor, u: torch.Tensor, m_ctrl: torch.Tensor) -> torch.Tensor:
+    """sum_n [u_n != 0] ||m_n - m_c(n)||^2, the paper's per-pair form."""
+    perturbed = (u.sum(-1) > 0).to(m.dtype)
+    return (perturbed * (m - m_ctrl).pow(2).sum(-1)).sum()
+
+
 class Decoder(nn.Module):
     """Gene logits (softmax gives proportions rho) from [z_inv, z_pert]:
 
@@ -276,30 +296,24 @@ class PerturbedVAEModule(nn.Module):
     def alignment_penalty(self, x, u, x_ctrl) -> torch.Tensor:
         """Distance between invariant posterior means m(x) of perturbed cells and paired controls.
 
-        ``group_mean`` (default): for each perturbation p with N_p cells in the batch and the
-        batch's N_c paired controls, an unbiased estimate of ||E m(x_p) - E m(x_c)||^2,
+        ``group_mean`` (default): for each perturbation p with N_p >= 2 cells in the batch and
+        the batch's N_c paired controls, an unbiased estimate of ||E m(x_p) - E m(x_c)||^2,
 
-            sum_p N_p (||mean_p m - mean_c m||^2 - tr S_c (1/N_p + 1/N_c)),
+            sum_p N_p (||mean_p m - mean_c m||^2 - tr S_p / N_p - tr S_c / N_c),
 
-        with S_c the controls' sample covariance. Its expectation is 0 when the perturbed
-        cells' z_inv are distributed like the controls', whatever their spread: unlike the
-        plain squared distance of the means (biased upwards by tr Cov (1/N_p + 1/N_c)), it
-        gives no reward for shrinking z_inv to a point.
+        with S the groups' sample covariances. Its expectation is N_p times the squared
+        distance of the true means, whatever the spreads: unlike the plain squared distance of
+        the batch means (biased upwards by tr Cov_p / N_p + tr Cov_c / N_c) it gives no reward
+        for shrinking z_inv to a point, and (each group's own spread being subtracted) none for
+        spreading one group out either.
         ``pairwise`` (the paper's form): sum_n [u_n != 0] ||m(x_n) - m(x_c(n))||^2; its
         optimum shrinks z_inv (it includes twice the between-cell variance)."""
         kept, self.guide_inv_loc = self.guide_inv_loc, None
         m = kept[1] if kept is not None and kept[0] is x else self.inv_encoder(lognormalize(x))[0]
         m_ctrl = self.inv_encoder(lognormalize(x_ctrl))[0]
         if self.cfg.alignment == "pairwise":
-            perturbed = (u.sum(-1) > 0).to(x.dtype)
-            return (perturbed * (m - m_ctrl).pow(2).sum(-1)).sum()
-        counts = u.sum(0)  # cells of each perturbation in the batch
-        n_ctrl = m_ctrl.shape[0]
-        group_means = (u.T @ m) / counts.clamp(min=1).unsqueeze(-1)
-        distance = (group_means - m_ctrl.mean(0)).pow(2).sum(-1)
-        spread = m_ctrl.var(0).sum() if n_ctrl > 1 else m_ctrl.new_zeros(())
-        bias = spread * (1 / counts.clamp(min=1) + 1 / n_ctrl)
-        return (counts * (distance - bias)).sum()
+            return pairwise_alignment(m, u, m_ctrl)
+        return group_mean_alignment(m, u, m_ctrl)
 
     # ---- the generative model -----------------------------------------------------------
     def model(self, x, u, x_ctrl=None, kl_weight=1.0, temperature=None, *, n_cells: int,

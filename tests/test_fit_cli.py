@@ -18,7 +18,7 @@ def test_help_lists_configs_presets_and_main_keys(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--config", "normann"], "unknown config 'normann'; available: norman, "),
-    (["--config", "norman", "train.epocs=3"], "unknown config key 'train.epocs'; keys under train: epochs, batch_size"),
+    (["--config", "norman", "train.epocs=3"], "unknown config key 'train.epocs'; keys under train: epochs, min_steps, batch_size"),
     (["--config", "norman", "modl.hidden=3"], "unknown config section 'modl'"),
     (["--config", "norman", "model=papr"], "unknown model preset 'papr'; available: default, norman, paper"),
     (["--config", "norman", "train.engine=svi"], "unknown config key 'train.engine'"),

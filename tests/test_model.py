@@ -68,11 +68,10 @@ def test_double_shift_is_the_scaled_sum_of_its_singles():
     _, model = small_module()
     delta = torch.randn(5, 4)
     u = torch.tensor([[1.0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [1, 1, 0, 0, 0]])
-    with torch.no_grad():
-        model.log_multi_scale.fill_(np.log(0.7))
-    s = model.shift(u, delta)
+    s = model.shift(u, delta, c2=torch.tensor(0.7))
     torch.testing.assert_close(s[0], delta[0])
     torch.testing.assert_close(s[2], 0.7 * (delta[0] + delta[1]))
+    torch.testing.assert_close(model.shift(u, delta)[2], delta[0] + delta[1])  # no c2: the plain sum
 
 
 @pytest.mark.parametrize("gate_inference", ["marginal", "straight_through"])
@@ -243,36 +242,108 @@ def test_sparse_rotation_undoes_a_rotation_of_sparse_effects():
 
 def test_rotate_to_sparse_effects_keeps_every_posterior_mean_prediction():
     """Re-expressing a model in the sparse basis (DAG folded into the decoder, W <- 0) leaves
-    the decoded mean of every cell and condition unchanged and rotates the latents by M."""
-    vae = PerturbedVAE(simulate("tiny", seed=0), split="iid", model=dict(latent_inv=3, latent_pert=4, hidden=16))
+    the decoded mean of every cell and condition unchanged (singles, a composed double with c2
+    and its pair interaction, the log-linear decoder path), rotates the latents by M, collapses
+    q(W) onto 0 and gives q(eps) the marginal sds of the rotated noise O eps."""
+    from pyro_pvae.model import _positive
+
+    vae = PerturbedVAE(simulate("tiny", seed=0), split="combo_seen",
+                       model=dict(latent_inv=3, latent_pert=4, hidden=16, decoder="hybrid"),
+                       split_kwargs=dict(unseen_gene_fraction=0.0))
     g = m = vae.module
     g.eval()
+    assert g.n_pairs > 0
     torch.manual_seed(0)
-    with torch.no_grad():  # arbitrary parameters, including DAG edges and a control centre
+    with torch.no_grad():  # arbitrary parameters, including DAG edges, a control centre, pairs
         g.w_loc.copy_(torch.randn(4, 4) * 0.5)
         g.slab_loc.copy_(torch.randn_like(g.slab_loc))
+        g.pair_loc.copy_(torch.randn_like(g.pair_loc))
         g.running_control_center.copy_(torch.randn(4))
+        g.decoder.loglinear.weight.copy_(torch.randn_like(g.decoder.loglinear.weight))
     x = torch.as_tensor(vae.reference_controls[:20].toarray())
+    i, j = vae.training_pairs[0]
     u = torch.zeros(20, len(vae.vocabulary))
     u[:10, 0] = 1
-    u[10:, [1, 2]] = 1
+    u[10:, [i, j]] = 1
+    c2 = torch.tensor(0.7)
 
     @torch.no_grad()
     def decoded_means():
         xn = lognormalize(x)
-        W, delta = g.w_mean(), g.effect_mean()
-        eps, _ = g.eps_posterior(xn, torch.zeros_like(u), W, torch.zeros_like(delta), g.running_control_center)
-        z_pert = propagate(eps + m.shift(u, delta), W)
-        return m.gene_log_mean(g.inv_encoder(xn)[0], z_pert, x.sum(-1)), vae.latents(vae.adata, np.arange(30))["z_pert"]
+        W = g.w_mean()
+        eps, scale = g.eps_posterior(xn, torch.zeros_like(u), W, torch.zeros(len(x), 4), g.running_control_center)
+        z_pert = propagate(eps + m.shift(u, g.effect_mean(), c2, g.pair_loc), W)
+        return (m.gene_log_mean(g.inv_encoder(xn)[0], z_pert, x.sum(-1)),
+                vae.latents(vae.adata, np.arange(30))["z_pert"], scale)
 
-    before, z_before = decoded_means()
+    before, z_before, scale_before = decoded_means()
+    W_before = g.w_mean().clone()
     l1_before = g.slab_loc.abs().sum().item()
     M = vae.rotate_to_sparse_effects(n_restarts=4)
-    after, z_after = decoded_means()
+    after, z_after, scale_after = decoded_means()
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(z_after, z_before @ M.T, atol=1e-4)
-    assert g.w_mean().abs().max() == 0
+    assert g.w_mean().abs().max() == 0 and _positive(g.w_raw_scale).max() < 1.01e-4
+    O = torch.as_tensor(M) @ torch.linalg.inv(torch.eye(4) - W_before)
+    torch.testing.assert_close(O @ O.T, torch.eye(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(scale_after, (scale_before ** 2 @ (O ** 2).T).sqrt(), atol=1e-5, rtol=1e-4)
     assert g.slab_loc.abs().sum().item() < l1_before
     vae.model_config.gate_inference = "straight_through"
     with pytest.raises(ValueError, match="gate_inference='marginal'"):
         vae.rotate_to_sparse_effects()
+
+
+def test_group_mean_alignment_is_unbiased_and_gives_no_reward_for_shrinking():
+    """For z_inv distributed alike in perturbed and control cells the penalty averages 0 at any
+    spread (the plain squared distance of the group means grows with the spread, so shrinking
+    z_inv to a point would pay); for shifted groups it averages N_p ||shift||^2."""
+    from pyro_pvae.model import group_mean_alignment
+
+    gen = torch.Generator().manual_seed(0)
+    u = torch.zeros(64, 3)
+    u[:16, 0] = 1
+    u[16:24, 1] = 1  # 40 cells of the batch are controls themselves (u = 0)
+    for spread in (1.0, 0.1):
+        vals, biased = [], []
+        for _ in range(3000):
+            m = spread * torch.randn(64, 5, generator=gen)
+            m_ctrl = spread * torch.randn(64, 5, generator=gen)
+            vals.append(float(group_mean_alignment(m, u, m_ctrl)))
+            gm = (u.T @ m) / u.sum(0).clamp(min=1).unsqueeze(-1)
+            biased.append(float((u.sum(0) * (gm - m_ctrl.mean(0)).pow(2).sum(-1)).sum()))
+        vals = np.array(vals)
+        assert abs(vals.mean()) < 3 * vals.std() / np.sqrt(len(vals)), (spread, vals.mean())
+        # the biased form: sum_p N_p 5 s^2 (1/N_p + 1/64) = 5 s^2 (2 + 24/64)
+        assert np.mean(biased) == pytest.approx(5 * spread ** 2 * (2 + 24 / 64), rel=0.05)
+    # nor for spreading one group out: controls 3x wider than the perturbed cells, same means
+    vals = [float(group_mean_alignment(torch.randn(64, 5, generator=gen), u, 3 * torch.randn(64, 5, generator=gen)))
+            for _ in range(3000)]
+    assert abs(np.mean(vals)) < 3 * np.std(vals) / np.sqrt(len(vals))
+    shift = torch.tensor([0.5, 0, 0, 0, 0])
+    vals = [float(group_mean_alignment(torch.randn(64, 5, generator=gen) + u[:, :1] * shift, u,
+                                       torch.randn(64, 5, generator=gen))) for _ in range(3000)]
+    assert np.mean(vals) == pytest.approx(16 * 0.25, rel=0.1)
+
+
+def test_effects_get_the_same_gradient_direction_whatever_the_kl_weight():
+    """The effects reach the data only through the eps KL; their prior is scaled by the same
+    kl_weight, so the gradient on delta at kl_weight 0.01 is 0.01 times that at 1 (the prior
+    used not to be scaled, and at 0.01 it overruled the data: no effect switched on)."""
+    import pyro
+    from pyro.infer import TraceMeanField_ELBO
+
+    cfg, module = small_module()
+    x = torch.poisson(torch.full((16, 30), 3.0))
+    u = torch.zeros(16, 5)
+    u[:8, 0] = 1
+    u[8:12, [1, 2]] = 1
+    grads = {}
+    for w in (1.0, 0.01):
+        module.zero_grad()
+        pyro.set_rng_seed(0)
+        loss = TraceMeanField_ELBO().differentiable_loss(module.model, module.guide, x, u, x.flip(0),
+                                                         torch.tensor(w), n_cells=100)
+        loss.backward()
+        grads[w] = module.slab_loc.grad.clone()
+    assert grads[1.0].abs().max() > 0
+    torch.testing.assert_close(grads[0.01], 0.01 * grads[1.0], rtol=1e-3, atol=1e-7)

@@ -95,7 +95,7 @@ def test_non_finite_loss_names_the_step_and_term_and_keeps_the_checkpoint(tmp_pa
 
 
 def test_early_stopping_stops_when_validation_does_not_improve():
-    vae = small_vae(lr=0.0, epochs=40, kl_warmup_epochs=0, early_stopping_patience=3, min_epochs=1)
+    vae = small_vae(lr=1e-12, epochs=40, kl_warmup_epochs=0, early_stopping_patience=3, min_epochs=1)
     vae.fit()
     assert len(vae.history) == 4  # the first epoch sets the best, three more without improvement
 
@@ -190,5 +190,5 @@ def test_learning_rate_rule_for_large_batches():
     assert [g["lr"] for g in groups] == pytest.approx([4e-3, 4e-2])
     with pytest.raises(ValueError, match="lr_batch_rule must be"):
         TrainConfig.from_dict({**base, "lr_batch_rule": "cubic"})
-    with pytest.raises(ValueError, match="lr_base_batch must be a positive batch size, got 0"):
+    with pytest.raises(ValueError, match="lr_base_batch must be >= 1, got 0"):
         TrainConfig.from_dict({**base, "lr_base_batch": 0})

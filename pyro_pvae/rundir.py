@@ -162,15 +162,15 @@ class RunDir:
             raise RunDirError(f"run directory {path} is a file, not a directory; set output.run_dir "
                               "to a new or empty directory")
         missing = []
-        for parent in (path, *path.parents):
+        for parent in path.parents:
             if parent.exists():
                 break
             missing.append(parent)
         try:
-            for d in reversed(missing[1:]):
+            for d in reversed(missing):
                 d.mkdir(exist_ok=True)
                 self.created_dirs.append(d)
-            if missing:
+            if not (self.named and path.is_dir()):
                 self._make_leaf()
         except OSError as e:
             self._remove_created_dirs()

@@ -91,6 +91,8 @@ def _read_lock(path: Path, attempts: int = 20) -> dict | None:
             text = path.read_text()
         except FileNotFoundError:
             return None
+        except OSError:
+            break
         try:
             info = json.loads(text)
             if isinstance(info, dict) and "pid" in info:
@@ -236,7 +238,7 @@ class RunDir:
         if _read_lock(aside, attempts=1) != stale:
             try:
                 os.link(aside, self.lock_path)
-            except FileExistsError:
+            except OSError:
                 pass
         aside.unlink(missing_ok=True)
 
@@ -252,7 +254,8 @@ class RunDir:
             raise RunDirError(f"run directory {self.path} holds an unfinished run ({CHECKPOINT}); continue it "
                               f"with train.resume=true {where}, or choose another output.run_dir")
         names = sorted(self.before)
-        raise RunDirError(f"run directory {self.path} is not empty ({len(names)} entries, e.g. "
+        raise RunDirError(f"run directory {self.path} is not empty ({len(names)} "
+                          f"{'entry' if len(names) == 1 else 'entries'}, e.g. "
                           f"{', '.join(names[:3])}); choose a new or empty output.run_dir (nothing is overwritten)")
 
     def _release_lock(self) -> None:

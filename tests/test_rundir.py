@@ -156,7 +156,7 @@ def test_run_dir_file_is_one_line_through_the_cli(tmp_path, capsys):
     ({"model.pt": "", "config.yaml": ""}, "already holds a finished run (model.pt); continue its training with "
                                           "train.resume=true output.run_dir="),
     ({"checkpoint.pt": ""}, "holds an unfinished run (checkpoint.pt); continue it with train.resume=true"),
-    ({"notes.txt": "mine"}, "is not empty (1 entries, e.g. notes.txt); choose a new or empty output.run_dir"),
+    ({"notes.txt": "mine"}, "is not empty (1 entry, e.g. notes.txt); choose a new or empty output.run_dir"),
 ])
 def test_directory_holding_another_run_is_refused_unless_resuming(tmp_path, present, message):
     run_dir = tmp_path / "run"
@@ -242,6 +242,19 @@ def test_failed_fit_through_the_cli_leaves_nothing_behind(tmp_path, monkeypatch,
     root = tmp_path / "runs"
     assert fit_main(TINY + [f"output.root={root}"]) == 2
     assert "error: non-finite loss (nan) at epoch 0" in capsys.readouterr().err
+    assert not root.exists()
+
+
+def test_failed_benchmark_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    from pyro_pvae import benchmark as B
+
+    def failing(*args, **kw):
+        raise B.BenchmarkError("method failed")
+
+    monkeypatch.setattr(B, "cell_benchmark", failing)
+    root = tmp_path / "runs"
+    assert B.main(["--config", "tiny", "benchmark.methods=[control_mean]", f"output.root={root}"]) == 2
+    assert "error: method failed" in capsys.readouterr().err
     assert not root.exists()
 
 

@@ -38,7 +38,7 @@ CHECKPOINT = "checkpoint.pt"
 #: what a failed run keeps when it has a checkpoint: enough for ``train.resume=true``
 RESUMABLE = (CHECKPOINT, "config.yaml", "split.json", "metrics.csv")
 #: the file whose existence means a run of this kind produced its output
-PRODUCTS = {"fit": "model.pt", "benchmark": "results.csv"}
+PRODUCTS = {"fit": "model.pt", "ddp": "model.pt", "benchmark": "results.csv"}
 
 
 class RunDirError(ConfigError):

@@ -607,7 +607,8 @@ def _atomic_csv(path: Path, df: pd.DataFrame) -> None:
 def run(name: str, overrides: Sequence[str]):
     from omegaconf import OmegaConf
 
-    from .config import compose, load_dataset, make_run_dir, resolve_split
+    from .config import compose, load_dataset, resolve_split
+    from .rundir import claim_run_dir
     from .utils import atomic_write_text
 
     t_start = time.perf_counter()
@@ -633,54 +634,55 @@ def run(name: str, overrides: Sequence[str]):
         raise BenchmarkError("split.name=none has no held-out conditions; the benchmark needs a split")
     adata = load_dataset(cfg)
     split = resolve_split(cfg, adata)
-    run_dir = make_run_dir(cfg, "benchmark")  # only once the data and split are known to load
-    log.info("run directory: %s", run_dir)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    split.to_json(run_dir / "split.json")
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    train_cfg = train_settings(cfg, overrides)
-    effects_mode = cfg.data.source == "norman_effects" and not cfg.data.path
-    mode = "effects" if effects_mode else "cells"
-    log.info("benchmark (%s mode): methods %s, %d seed(s), %d predicted cells per condition, %d epochs",
-             mode, ", ".join(methods), seeds, n_pred, train_cfg.get("epochs", -1))
-    if effects_mode:
-        df, extras = effects_benchmark(adata, split, methods, model_cfg, train_cfg, seeds, n_pred)
-    else:
-        df, extras = cell_benchmark(adata, split, methods, model_cfg, train_cfg, seeds, n_pred, n_draws)
-    df = df[RESULT_COLUMNS]
-    _atomic_csv(run_dir / "results.csv", df)
-    if extras.get("timings"):
-        _atomic_csv(run_dir / "timings.csv", pd.DataFrame(extras["timings"]))
-    wall = time.perf_counter() - t_start
-    data_desc = {
-        "norman19_subset": "the shipped REAL Norman 2019 subset (3,375 K562 cells, 500 genes)",
-        "simulation": f"SIMULATED data (preset {cfg.data.simulation.preset}, seed {cfg.data.simulation.seed})",
-        "norman_effects": "SEMI-SYNTHETIC cells whose effects are the real Norman 2019 pseudobulk changes",
-    }.get(cfg.data.source if not cfg.data.path else "file", f"file {cfg.data.path}")
-    header = [f"- data: {data_desc}; {adata.n_obs} cells x {adata.n_vars} genes",
-              f"- split: `{split.name}` (seed {split.seed}, {split.params}), "
-              f"{len(split.train_idx)} training / {len(split.val_idx)} validation / {len(split.test_idx)} test cells",
-              f"- methods: {', '.join(methods)}; seeds 0..{seeds - 1} (train.seed; the split is fixed)",
-              f"- model training: {train_cfg.get('epochs')} epochs, batch {train_cfg.get('batch_size')}, "
-              f"lr {train_cfg.get('lr')}; model: latent_pert {model_cfg.get('latent_pert')}, latent_inv "
-              f"{model_cfg.get('latent_inv')}, hidden {model_cfg.get('hidden')}",
-              f"- predicted cells per condition: {n_pred}; total wall time {wall:.0f} s",
-              f"- command: `python -m {PROG} --config {name} {' '.join(overrides)}`".rstrip() + ""]
-    if effects_mode:
-        header += ["- scale: every change is of pseudobulk log1p(CPM) (counts per million, log of the mean), "
-                   "the scale of the real effects file; the model from its predicted counts (condition minus its "
-                   "predicted control), the baselines fitted on the training conditions' pseudobulk log1p(CPM) "
-                   "profiles. Scored against the REAL changes in uns['truth']['true_delta_log1p_cpm']."]
-    else:
-        header += ["- scale: log1p(counts / total * 1e4) recomputed from counts for observed cells and "
-                   "baselines alike; top-20 DE genes computed once per condition on the observed held-out "
-                   "cells vs the training control cells"]
-    atomic_write_text(run_dir / "summary.md", summary_text(df, name, header, mode, extras))
-    plots = make_plots(df, extras, run_dir, mode, int(b.get("n_plot_conditions", 4)))
+    # claimed only once the data and split are known to load; a failure before results.csv
+    # exists removes what the run wrote (pyro_pvae/rundir.py)
+    with claim_run_dir(cfg, "benchmark") as run_dir_claim:
+        run_dir = run_dir_claim.path
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        split.to_json(run_dir / "split.json")
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        train_cfg = train_settings(cfg, overrides)
+        effects_mode = cfg.data.source == "norman_effects" and not cfg.data.path
+        mode = "effects" if effects_mode else "cells"
+        log.info("benchmark (%s mode): methods %s, %d seed(s), %d predicted cells per condition, %d epochs",
+                 mode, ", ".join(methods), seeds, n_pred, train_cfg.get("epochs", -1))
+        if effects_mode:
+            df, extras = effects_benchmark(adata, split, methods, model_cfg, train_cfg, seeds, n_pred)
+        else:
+            df, extras = cell_benchmark(adata, split, methods, model_cfg, train_cfg, seeds, n_pred, n_draws)
+        df = df[RESULT_COLUMNS]
+        _atomic_csv(run_dir / "results.csv", df)
+        if extras.get("timings"):
+            _atomic_csv(run_dir / "timings.csv", pd.DataFrame(extras["timings"]))
+        wall = time.perf_counter() - t_start
+        data_desc = {
+            "norman19_subset": "the shipped REAL Norman 2019 subset (3,375 K562 cells, 500 genes)",
+            "simulation": f"SIMULATED data (preset {cfg.data.simulation.preset}, seed {cfg.data.simulation.seed})",
+            "norman_effects": "SEMI-SYNTHETIC cells whose effects are the real Norman 2019 pseudobulk changes",
+        }.get(cfg.data.source if not cfg.data.path else "file", f"file {cfg.data.path}")
+        header = [f"- data: {data_desc}; {adata.n_obs} cells x {adata.n_vars} genes",
+                  f"- split: `{split.name}` (seed {split.seed}, {split.params}), "
+                  f"{len(split.train_idx)} training / {len(split.val_idx)} validation / {len(split.test_idx)} test cells",
+                  f"- methods: {', '.join(methods)}; seeds 0..{seeds - 1} (train.seed; the split is fixed)",
+                  f"- model training: {train_cfg.get('epochs')} epochs, batch {train_cfg.get('batch_size')}, "
+                  f"lr {train_cfg.get('lr')}; model: latent_pert {model_cfg.get('latent_pert')}, latent_inv "
+                  f"{model_cfg.get('latent_inv')}, hidden {model_cfg.get('hidden')}",
+                  f"- predicted cells per condition: {n_pred}; total wall time {wall:.0f} s",
+                  f"- command: `python -m {PROG} --config {name} {' '.join(overrides)}`".rstrip() + ""]
+        if effects_mode:
+            header += ["- scale: every change is of pseudobulk log1p(CPM) (counts per million, log of the mean), "
+                       "the scale of the real effects file; the model from its predicted counts (condition minus its "
+                       "predicted control), the baselines fitted on the training conditions' pseudobulk log1p(CPM) "
+                       "profiles. Scored against the REAL changes in uns['truth']['true_delta_log1p_cpm']."]
+        else:
+            header += ["- scale: log1p(counts / total * 1e4) recomputed from counts for observed cells and "
+                       "baselines alike; top-20 DE genes computed once per condition on the observed held-out "
+                       "cells vs the training control cells"]
+        atomic_write_text(run_dir / "summary.md", summary_text(df, name, header, mode, extras))
+        make_plots(df, extras, run_dir, mode, int(b.get("n_plot_conditions", 4)))
     print(f"\nbenchmark of {', '.join(methods)} on {len(set(df.condition))} held-out conditions, "
           f"{seeds} seed(s), in {wall:.0f} s")
-    print(f"outputs in {run_dir}/ : config.yaml split.json results.csv summary.md timings.csv "
-          + " ".join(p.name for p in plots))
+    print(f"outputs in {run_dir}/ : {' '.join(run_dir_claim.files())}")
     return df, run_dir
 
 

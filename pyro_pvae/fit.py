@@ -3,11 +3,14 @@
 The run directory holds the resolved config (``config.yaml``), the split (``split.json``),
 the checkpoint, ``metrics.csv`` and ``training_curves.png``, the fitted model
 (``model.pt``, load with ``pyro_pvae.load_run``) and ``effects.csv`` (posterior of the
-perturbation effects with PIPs).
+perturbation effects with PIPs). While the fit runs, ``.lock`` in the directory names the
+process holding it; a second fit refuses to share the directory, and a fit that fails keeps
+only what ``train.resume=true`` needs (``pyro_pvae/rundir.py``).
 """
 from __future__ import annotations
 
 import logging
+import json
 import sys
 import time
 
@@ -18,30 +21,41 @@ PROG = "pyro_pvae.fit"
 
 def run(name: str, overrides: list[str]):
     from .api import PerturbedVAE
-    from .config import compose, load_dataset, make_run_dir, resolve_split
+    from .config import compose, load_dataset, resolve_split
+    from .rundir import claim_run_dir
     from .utils import atomic_write, atomic_write_text
 
     cfg = compose(name, overrides)
     adata = load_dataset(cfg)
     split = resolve_split(cfg, adata)
-    run_dir = make_run_dir(cfg, "fit")  # only once the data and split are known to load (as benchmark)
-    logging.getLogger("pyro_pvae").info("run directory: %s", run_dir)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    t0 = time.perf_counter()
-    vae = PerturbedVAE(adata, split=split, model=OmegaConf.to_container(cfg.model, resolve=True),
-                       train=OmegaConf.to_container(cfg.train, resolve=True))
-    vae.fit(run_dir=run_dir)
-    seconds = time.perf_counter() - t0
-    effects = vae.effects()
-    atomic_write(run_dir / "effects.csv", lambda tmp: effects.to_csv(tmp, index=False))
+    # claimed only once the data and split are known to load; a failure inside the block
+    # removes what the run wrote, except a checkpoint to resume from (pyro_pvae/rundir.py)
+    with claim_run_dir(cfg, "fit") as run_dir_claim:
+        run_dir = run_dir_claim.path
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        t0 = time.perf_counter()
+        vae = PerturbedVAE(adata, split=split, model=OmegaConf.to_container(cfg.model, resolve=True),
+                           train=OmegaConf.to_container(cfg.train, resolve=True))
+        vae.fit(run_dir=run_dir)
+        seconds = time.perf_counter() - t0
+        effects = vae.effects()
+        atomic_write(run_dir / "effects.csv", lambda tmp: effects.to_csv(tmp, index=False))
+        spread = vae.invariant_spread()
+        summary = {"cells": adata.n_obs, "genes": adata.n_vars, "perturbations": len(vae.vocabulary),
+                   "epochs": len(vae.history), "seconds": round(seconds, 1),
+                   "final_val_loss": vae.history[-1]["val_loss"] if vae.history else None,
+                   "effects_pip_above_0.5": int((effects.pip > 0.5).sum()), "invariant_spread": spread,
+                   "composition_c2": vae.module.composition_mean(), "split_notes": vae.split.notes}
+        atomic_write_text(run_dir / "fit_summary.json", json.dumps(summary, indent=1, default=float))
     last = vae.history[-1] if vae.history else {}
     print(f"\nfitted PerturbedVAE on {adata.n_obs} cells x {adata.n_vars} genes "
           f"({len(vae.vocabulary)} perturbations) in {seconds:.0f} s, {len(vae.history)} epochs; "
           f"final validation -ELBO/cell {last.get('val_loss', float('nan')):.2f}")
     strong = effects[effects.pip > 0.5]
     print(f"{len(strong)} of {len(effects)} perturbation-latent effects have PIP > 0.5")
-    print(f"outputs in {run_dir}/ : config.yaml split.json checkpoint.pt metrics.csv "
-          f"training_curves.png model.pt effects.csv")
+    print(f"invariant latents: mean across-cell sd of the z_inv posterior means {spread:.3f} "
+          "(near 0: collapsed, carrying no cell state)")
+    print(f"outputs in {run_dir}/ : {' '.join(run_dir_claim.files())}")
     print(f"load with: pyro_pvae.load_run('{run_dir}')")
     return vae, run_dir
 

@@ -45,7 +45,8 @@ def main(argv=None):
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        vae = PerturbedVAE(adata, split=None, model={"hidden": args.hidden, "latent_inv": 10, "latent_pert": 10},
+        vae = PerturbedVAE(adata, split=None, model={"hidden": args.hidden, "latent_inv": 10, "latent_pert": 10,
+                                                            "sparse_rotation": False},  # training time only
                            train={"epochs": args.epochs, "batch_size": B, "device": args.device,
                                   "progress": False, "kl_warmup_epochs": 1})
         t0 = time.perf_counter()

@@ -9,8 +9,8 @@ only what ``train.resume=true`` needs (``pyro_pvae/rundir.py``).
 """
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import sys
 import time
 

@@ -3,7 +3,7 @@
     python analyses/identifiability.py --grid small            # CPU, minutes
     python analyses/identifiability.py --grid full --jobs 16   # GPU box / many cores
 
-The grid (``configs/identifiability/<grid>.yaml``, or a path to a YAML file) holds a ``base``
+The grid (``analyses/grids/<grid>.yaml``, or a path to a YAML file) holds a ``base``
 condition (simulation overrides, model and train configs) and a list of conditions, each
 changing one factor around the base (not a full factorial). Every condition is run for
 ``--seeds`` seeds (simulation seed = training seed).
@@ -52,7 +52,7 @@ import pandas as pd
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "configs" / "identifiability"
+CONFIG_DIR = REPO / "analyses" / "grids"
 
 #: scores in table order (higher is better unless listed in LOWER_IS_BETTER)
 SCORES = ["mcc_pert", "r2_pert", "r2_inv", "r2_inv_all", "leak_inv_from_pert", "leak_pert_from_inv",
@@ -66,7 +66,7 @@ LOWER_IS_BETTER = {"leak_inv_from_pert", "leak_pert_from_inv", "shd", "shd_effma
 # Grid
 # --------------------------------------------------------------------------------------------
 def load_grid(grid: str | os.PathLike | dict) -> dict:
-    """The grid as a dict: a name in configs/identifiability/, a YAML path, or a dict."""
+    """The grid as a dict: a name in analyses/grids/, a YAML path, or a dict."""
     if isinstance(grid, dict):
         return copy.deepcopy(grid)
     p = Path(grid)

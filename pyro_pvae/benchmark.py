@@ -78,10 +78,10 @@ GROUPS = ("single", "seen0", "seen1", "seen2")
 RESULT_COLUMNS = ["method", "condition", "group", "metric", "value", "seed", "note"]
 N_TOP = 20
 
-# Published numbers (shared/REFERENCE.md; all computed by the PerturbedVAE authors, arXiv
+# Published numbers (all computed by the PerturbedVAE authors, arXiv
 # 2605.19343) on the full data sets and their protocols. Shown only as a separate reference
 # table for the norman / replogle configs; never mixed with measured rows.
-_SRC = "PerturbedVAE paper (arXiv 2605.19343), via shared/REFERENCE.md"
+_SRC = "PerturbedVAE paper (arXiv 2605.19343)"
 REFERENCE_ROWS: dict[str, list[dict]] = {
     "norman": [
         *[{"method": m, "metric": "nrmse", "value": v, "setting": f"Norman 2019 full data, {g} held out, latent 105"}

@@ -562,25 +562,6 @@ def resolve_split(cfg: DictConfig, adata):
     return D.make_split(adata, cfg.split.name, int(cfg.split.seed), **kwargs)
 
 
-def make_run_dir(cfg: DictConfig, kind: str = "fit") -> Path:
-    """``output.run_dir`` if set; else ``runs/<config>-<kind>-<timestamp>``; with
-    ``train.resume`` and no run_dir: the latest run of this config."""
-    if cfg.output.run_dir:
-        run_dir = Path(cfg.output.run_dir)
-    else:
-        root = Path(cfg.output.root)
-        prefix = f"{cfg.config_name}-{kind}-"
-        if cfg.train.get("resume"):
-            previous = sorted(root.glob(prefix + "*"))
-            if not previous:
-                raise ConfigError(f"train.resume=true but no earlier run {prefix}* under {root}; "
-                                  "give output.run_dir=DIR")
-            return previous[-1]
-        run_dir = root / (prefix + time.strftime("%Y%m%d-%H%M%S"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 def cli_main(run, argv: list[str] | None, prog: str, extra_help: str = "",
              errors: tuple[type[Exception], ...] = ()) -> int:
     """Shared front door of ``python -m pyro_pvae.fit`` / ``.benchmark``: ``--config NAME``

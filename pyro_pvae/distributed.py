@@ -186,7 +186,10 @@ def spawn(fn, world: int, args=(), port: int | None = None):
 def main(argv: list[str] | None = None) -> int:
     from omegaconf import OmegaConf
 
-    from .config import ConfigError, compose, load_dataset, make_run_dir, parse_cli, resolve_split, usage
+    from contextlib import nullcontext
+
+    from .config import ConfigError, compose, load_dataset, parse_cli, resolve_split, usage
+    from .rundir import claim_run_dir
 
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -204,14 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     adata = load_dataset(cfg)
     split = resolve_split(cfg, adata)
     t0 = time.perf_counter()
-    run_dir = make_run_dir(cfg, "ddp") if rank == 0 else None
-    vae, trainer = fit_ddp(rank, world, adata, split, OmegaConf.to_container(cfg.model, resolve=True),
-                           OmegaConf.to_container(cfg.train, resolve=True), run_dir=run_dir)
-    if rank == 0:
-        vae._rotate_if_configured()  # as PerturbedVAE.fit does
-        vae.save(run_dir / "model.pt")
-        print(f"DDP on {world} process(es): {len(vae.history)} epochs in {time.perf_counter() - t0:.0f} s; "
-              f"final train -ELBO/cell {vae.history[-1]['train_loss']:.2f}; outputs in {run_dir}/")
+    with claim_run_dir(cfg, "ddp") if rank == 0 else nullcontext() as claim:  # rank 0 writes
+        run_dir = claim.path if rank == 0 else None
+        vae, trainer = fit_ddp(rank, world, adata, split, OmegaConf.to_container(cfg.model, resolve=True),
+                               OmegaConf.to_container(cfg.train, resolve=True), run_dir=run_dir)
+        if rank == 0:
+            vae._rotate_if_configured()  # as PerturbedVAE.fit does
+            vae.save(run_dir / "model.pt")
+            print(f"DDP on {world} process(es): {len(vae.history)} epochs in {time.perf_counter() - t0:.0f} s; "
+                  f"final train -ELBO/cell {vae.history[-1]['train_loss']:.2f}; outputs in {run_dir}/")
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -31,7 +31,7 @@ def norman19_subset():
 def norman19_effects() -> dict:
     """Norman 2019 pseudobulk effects: dict of numpy arrays with keys lfc_s, lfc_d,
     sing_labels, doub_labels, genes_hvg, hvg_index, comp_idx, comp_ok, Es, Ed, mu_g, sd_g
-    (see shared/data/README.md)."""
+    (source, licence and meaning: pyro_pvae/datasets/SOURCES.md)."""
     with resources.as_file(_path(EFFECTS_FILE)) as p:
         with np.load(p, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}

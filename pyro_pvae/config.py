@@ -20,7 +20,6 @@ import logging
 import math
 import operator
 import re
-import time
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field

@@ -107,16 +107,12 @@ def test_unknown_model_option_is_refused_with_the_known_ones():
 
 
 @pytest.fixture(scope="module")
-def tiny_fit():
-    """The tiny simulation (with its non-additive pairs), fitted once for the tests below."""
-    adata = simulate("tiny", seed=0)
-    split = D.make_split(adata, "combo_seen", 0, unseen_gene_fraction=0.0, train_seen2_fraction=0.5)
-    vae = PerturbedVAE(adata, split=split, model=dict(latent_inv=4, latent_pert=4, hidden=64),
-                       train=dict(epochs=100, batch_size=64, progress=False, early_stopping_patience=100))
-    vae.fit()
-    return adata, split, vae
+def tiny_fit(tiny_adata, tiny_split, tiny_vae):
+    """The tiny simulation (with its non-additive pairs), fitted once per session (conftest)."""
+    return tiny_adata, tiny_split, tiny_vae
 
 
+@pytest.mark.slow  # uses the 100-epoch tiny fit
 def test_fit_recovers_sparse_support_above_chance(tiny_fit):
     from scipy.optimize import linear_sum_assignment
     from sklearn.metrics import average_precision_score
@@ -134,6 +130,7 @@ def test_fit_recovers_sparse_support_above_chance(tiny_fit):
     assert np.median(corr[np.arange(4), match]) > 0.5  # effects recovered up to permutation
 
 
+@pytest.mark.slow  # uses the 100-epoch tiny fit
 def test_held_out_doubles_closer_to_truth_than_additive(tiny_fit):
     adata, split, vae = tiny_fit
     doubles = [c for c, g in split.test_groups.items() if g != "single"]
@@ -149,6 +146,7 @@ def test_held_out_doubles_closer_to_truth_than_additive(tiny_fit):
     assert np.mean(err_model) < np.mean(err_add), (err_model, err_add)
 
 
+@pytest.mark.slow  # uses the 100-epoch tiny fit
 def test_predict_returns_cells_and_clear_errors(tiny_fit):
     adata, _, vae = tiny_fit
     g1, g2 = vae.vocabulary[:2]
@@ -166,6 +164,7 @@ def test_predict_returns_cells_and_clear_errors(tiny_fit):
         vae.predict([g1 + "X"], n_cells=5)
 
 
+@pytest.mark.slow  # uses the 100-epoch tiny fit
 def test_effects_table_and_save_load_round_trip(tiny_fit, tmp_path):
     _, _, vae = tiny_fit
     eff = vae.effects(n_draws=200)

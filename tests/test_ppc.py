@@ -78,6 +78,7 @@ def test_aggregates_poisson_vs_nb():
 
 # ---- the fitted models -------------------------------------------------------------------
 
+@pytest.mark.slow  # fits a model
 def test_fitted_model_passes_its_checks(nb_run):
     run_dir, _ = nb_run
     s = P.ppc(run_dir, n_draws=60, max_cells=1000, seed=0)  # re-reads the data from config.yaml
@@ -102,6 +103,7 @@ def test_fitted_model_passes_its_checks(nb_run):
     print(json.dumps({k: {a: b for a, b in v.items() if a not in ("kind", "unit")} for k, v in st.items()}))
 
 
+@pytest.mark.slow  # fits a model
 def test_wrong_likelihood_fails_variance_and_zero_checks(poisson_model, tmp_path):
     s = P.ppc(poisson_model, out_dir=tmp_path / "ppc", n_draws=60, max_cells=1000, seed=0, plots=False)
     st = s["statistics"]
@@ -115,6 +117,7 @@ def test_wrong_likelihood_fails_variance_and_zero_checks(poisson_model, tmp_path
     assert (tmp_path / "ppc" / "ppc_summary.json").exists()
 
 
+@pytest.mark.slow  # fits a model
 def test_posterior_predictive_shapes_prior_locals_and_rng(nb_run):
     _, vae = nb_run
     torch.manual_seed(123)
@@ -133,6 +136,7 @@ def test_posterior_predictive_shapes_prior_locals_and_rng(nb_run):
     assert r.replicated["mean_change"].shape == (4, n) and len(r.de_pairs) == n
 
 
+@pytest.mark.slow  # fits a model
 def test_errors(nb_run, tmp_path):
     _, vae = nb_run
     with pytest.raises(ValueError, match="out_dir"):
@@ -146,6 +150,7 @@ def test_errors(nb_run, tmp_path):
 
 # ---- ArviZ -------------------------------------------------------------------------------
 
+@pytest.mark.slow  # fits a model
 def test_inference_data_round_trips_netcdf(nb_run, tmp_path):
     import arviz as az
 

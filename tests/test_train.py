@@ -32,6 +32,7 @@ def sim_cache(tmp_path_factory):
     return env
 
 
+@pytest.mark.slow  # subprocess fits
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, sim_cache):
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert run_fit(full, env=sim_cache).returncode == 0
@@ -62,7 +63,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, sim_cache):
 
 def small_vae(**train):
     adata = simulate("tiny", seed=1)
-    return PerturbedVAE(adata, split="iid", model=dict(latent_inv=3, latent_pert=3, hidden=16),
+    return PerturbedVAE(adata, split="iid", model=dict(latent_inv=3, latent_pert=3, hidden=16, sparse_rotation=False),
                         train={"epochs": 3, "batch_size": 128, "progress": False, **train})
 
 

@@ -284,8 +284,9 @@ class TrainConfig(_Section):
 
     SECTION = "train"
     epochs: int = setting(100, ge=1)
-    # at least this many optimiser steps: epochs are raised to ceil(min_steps / steps per epoch), so
-    # that small data sets get enough updates (the norman preset: 8 steps per epoch, min_steps 2000)
+    # at least this many optimiser steps: epochs are raised to ceil(min_steps / steps per epoch) and
+    # early stopping waits for them, so that small data sets get enough updates (the norman preset:
+    # 8 steps per epoch, min_steps 2000)
     min_steps: int = setting(0, ge=0)
     batch_size: int = setting(256, ge=1)
     lr: float = setting(3e-3, gt=0)

@@ -293,14 +293,17 @@ class Trainer:
 
     # ---- loop ------------------------------------------------------------------------
     def validation_loss(self, epoch: int) -> float:
-        """Mean negative ELBO per cell over the validation batches (final KL weight)."""
+        """Mean negative ELBO per cell over the validation batches (final KL weight, no
+        alignment factor)."""
         total, cells = 0.0, 0
         self.val_batcher.set_epoch(0)  # the same validation pairing every epoch
         step = self.total_steps
         # eval mode, fixed Monte-Carlo noise: comparable across epochs, training untouched
         with evaluating(self.module, seed=self.cfg.seed + 12345):
             for batch in self.val_batcher:
-                args = self.batch_args(batch, step, float(self.cfg.kl_warmup_epochs))
+                # without the alignment factor: a noisy batch statistic, not a fit to the cells
+                x, u, _, kl, temp = self.batch_args(batch, step, float(self.cfg.kl_warmup_epochs))
+                args = (x, u, None, kl, temp)
                 # scaled like the training loss: per-cell local terms + global KL / n_cells
                 total += self.evaluate_loss(args) * batch.x.shape[0] / self.n_cells
                 cells += batch.x.shape[0]
@@ -380,7 +383,7 @@ class Trainer:
                     self.bad_epochs += 1
             if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == self.epochs:
                 self.save_checkpoint(epoch)
-            if self.bad_epochs >= cfg.early_stopping_patience and epoch + 1 >= cfg.min_epochs:
+            if self.bad_epochs >= cfg.early_stopping_patience and epoch + 1 >= cfg.min_epochs and step >= cfg.min_steps:
                 log.info("early stopping at epoch %d (no validation improvement for %d epochs)", epoch, self.bad_epochs)
                 self.save_checkpoint(epoch)
                 break

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -331,6 +332,13 @@ class Trainer:
             f"(parts per cell: {parts}). Try a smaller train.lr or check the input counts{kept}.")
 
     def fit(self) -> list[dict]:
+        """Train (or resume); returns the per-epoch history. A non-finite loss raises
+        ``TrainingError`` (Pyro's own NaN warnings are silenced: the error says more)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*(NaN|nan|inf).*", category=UserWarning)
+            return self._fit()
+
+    def _fit(self) -> list[dict]:
         cfg = self.cfg
         pyro.enable_validation(cfg.validate_args)
         if cfg.resume:

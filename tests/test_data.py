@@ -534,9 +534,11 @@ def test_norman_discrepancy_first_96_and_seen_groups():
     assert not set(np.flatnonzero(cond == "MAP2K3")) & te  # not one of the 14
     assert s.test_groups == {"KLF1": "single", "SET": "single", "KLF1+MAP2K3": "seen2",
                              "CEBPE+KLF1": "seen1", "CEBPE+FOXA1": "seen0"}
-    # seeds change val only, never test
+    # seeds change val and the held-out controls only, never the perturbed test cells
     s7 = data.split_norman_discrepancy(c, seed=7)
-    np.testing.assert_array_equal(s7.test_idx, s.test_idx)
+    pert = lambda idx: idx[cond[idx] != "control"]  # noqa: E731
+    np.testing.assert_array_equal(pert(s7.test_idx), pert(s.test_idx))
+    assert not np.array_equal(heldout_control_idx(s7, c), heldout_control_idx(s, c))
     assert not np.array_equal(s7.val_idx, s.val_idx)
 
 
@@ -666,7 +668,7 @@ def test_validation_cells_never_take_a_conditions_last_training_cell():
     cond = np.array(rows)
     picked = set()
     for seed in range(30):
-        s = data.split_iid(c, seed=seed, test_fraction=0.0)
+        s = data.split_iid(c, seed=seed, test_fraction=0.0, control_test_fraction=0.0)
         assert len(s.val_idx) == 1 and set(cond[s.train_idx]) == set(rows)
         picked.add(cond[s.val_idx[0]])
     assert picked == {"control", "B"}

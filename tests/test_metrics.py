@@ -134,7 +134,7 @@ def test_evaluate_condition_keys_and_values():
     expected = {"nrmse", "r2_mean", "mmd", "pearson_delta_all", "pearson_delta_top20de",
                 "pseudobulk_rmse_all", "pseudobulk_rmse_top20de", "l2_mean_all",
                 "l2_mean_top20de", "energy_distance", "direction_acc_top20de",
-                "coverage90_top20de", "delta_rmse_all"}
+                "coverage90_all", "coverage90_top20de", "delta_rmse_all"}
     assert set(res) == expected
     assert all(isinstance(v, float) and math.isfinite(v) for v in res.values())
     assert res["pearson_delta_all"] > 0.9

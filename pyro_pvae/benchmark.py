@@ -109,7 +109,7 @@ MODEL_VARIANTS: dict[str, dict] = {
 BASELINE_METHODS = ("control_mean", "additive", "additive_shrink", "linear")
 ALL_METHODS = tuple(MODEL_VARIANTS) + BASELINE_METHODS
 CELL_METRICS = ("nrmse", "r2_mean", "mmd", "pearson_delta_all", "pearson_delta_top20de",
-                "pseudobulk_rmse_all", "pseudobulk_rmse_top20de", "l2_mean_all",
+                "pseudobulk_rmse_all", "pseudobulk_rmse_top20de", "delta_rmse_all", "l2_mean_all",
                 "energy_distance", "direction_acc_top20de", "coverage90_all", "coverage90_top20de")
 EFFECT_METRICS = ("delta_rmse_all", "pearson_delta_all", "pearson_delta_top20de", "coverage90_all",
                   "coverage90_top20de")
@@ -464,7 +464,7 @@ def score_cells(method: str, pred: Mapping[str, np.ndarray | None], pred_control
     rows = []
     for c in ref.groups:
         p = pred.get(c)
-        if p is None or len(p) == 0:
+        if p is None or p.shape[0] == 0:
             metrics = _missing_metrics([m for m in CELL_METRICS if m not in COVERAGE_METRICS],
                                        f"{method}: no predicted cells for {c} (missing)")
         else:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 from pyro_pvae import benchmark as B
 from pyro_pvae import data as D
@@ -231,7 +232,7 @@ def test_reference_is_disjoint_from_training_and_selection(no_effect):
         B.observed_reference(adata, old)
 
 
-def _write_external(path, conds, blocks, control=None, layer=None):
+def _write_external(path, conds, blocks, control=None, layer=None, genes=None):
     """An .h5ad of predicted cells: ``blocks[i]`` are the cells of ``conds[i]``."""
     import anndata as ad
 
@@ -241,7 +242,7 @@ def _write_external(path, conds, blocks, control=None, layer=None):
     labels = [c for c, b in zip(conds, blocks) for _ in range(b.shape[0])]
     obs = pd.DataFrame({"condition": labels}, index=[f"p{i}" for i in range(len(labels))])
     a = ad.AnnData(X=None if layer else X, obs=obs, layers={layer: X} if layer else None,
-                   var=pd.DataFrame(index=[f"g{i}" for i in range(X.shape[1])]))
+                   var=pd.DataFrame(index=genes if genes is not None else [f"g{i}" for i in range(X.shape[1])]))
     a.write_h5ad(path)
     return f"{path.stem}={path}"
 
@@ -352,3 +353,68 @@ def test_external_override_is_quoted_for_hydra():
     from pyro_pvae.config import compose
 
     assert list(compose("tiny", ov).benchmark.external) == ["a=x/p.h5ad", "b=/tmp/q.h5ad"]
+
+
+# ------------------------------------------------------------------ effects mode: coverage, externals
+def test_score_effects_coverage_by_hand():
+    t = np.array([1.0, -2.0, 0.5, 0.0])
+    draws = np.tile(np.linspace(-1.0, 1.0, 101)[:, None], (1, 4))  # 5%..95%: -0.9..0.9
+    s = B.score_effects(np.zeros(4), t, n_top=2, change_samples=draws)
+    assert s["coverage90_all"] == 0.5  # 0.5 and 0.0 inside
+    assert s["coverage90_top20de"] == 0.0  # the two largest |t|: -2 and 1, both outside
+    assert "coverage90_all" not in B.score_effects(np.zeros(4), t)
+
+
+class _FakeVAE:
+    """``predict`` of a model whose condition cells are its control cells times ``fold``."""
+
+    def __init__(self, base, fold):
+        self.base, self.fold = base, fold
+
+    def predict(self, conditions, n_cells, seed=0, unknown="error"):
+        import anndata as ad
+
+        rng = np.random.default_rng(seed)
+        blocks = [self.base[rng.integers(0, len(self.base), n_cells)] * (1.0 if c == "control" else self.fold)
+                  for c in conditions]
+        return ad.AnnData(X=np.vstack(blocks), obs=pd.DataFrame({"condition": np.repeat(conditions, n_cells)},
+                                                               index=[str(i) for i in range(n_cells * len(conditions))]))
+
+
+def test_effects_change_draws_pair_condition_and_control_blocks():
+    base = np.random.default_rng(0).poisson(5.0, (40, 6)).astype(float) + 1
+    fold = np.array([4.0, 1, 1, 1, 1, 0.25])
+    draws = B.effects_change_draws(_FakeVAE(base, fold), "A", n_draws=7, n_cells=30, seed=3)
+    assert draws.shape == (7, 6)
+    # each draw: the same control cells with and without the shift
+    fake = _FakeVAE(base, fold).predict(["A"] * 7, 30, seed=3).X
+    for k in range(7):
+        ctrl = fake[30 * k: 30 * (k + 1)] / fold
+        want = _pb(sp.csr_matrix(fake[30 * k: 30 * (k + 1)])) - _pb(sp.csr_matrix(ctrl))
+        np.testing.assert_allclose(draws[k], want, atol=1e-9)
+
+
+def test_effects_external_counts_and_missing(effects_instance, tmp_path):
+    """An external file holding the held-out cells' own counts (and the held-out controls as
+    its control) scores exactly the noise floor; a log-normalised-only file cannot be scored
+    on the log1p(CPM) scale and says so; a condition it lacks is missing."""
+    from pyro_pvae.data.splits import heldout_control_idx
+
+    adata, split = effects_instance
+    cond = adata.obs["condition"].astype(str).to_numpy()
+    te = split.test_idx
+    held = [c for c in split.test_groups if c in set(cond[te])]
+    rev = np.arange(adata.n_vars)[::-1]  # the file's genes in another order
+    genes = list(adata.var_names[rev])
+    blocks = [adata.X[te[cond[te] == c]][:, rev] for c in held[1:]]
+    ctrl = adata.X[heldout_control_idx(split, adata)][:, rev]
+    own = _write_external(tmp_path / "own.h5ad", held[1:], blocks, ctrl, genes=genes)
+    logn = _write_external(tmp_path / "logn.h5ad", held, [np.log1p(b.toarray()) for b in [blocks[0]] * len(held)],
+                           layer="lognorm", genes=genes)
+    df, extras = B.effects_benchmark(adata, split, ["additive"], external=B.read_external([own, logn]))
+    for c in held[1:]:
+        assert _value(df, "own", c, "delta_rmse_all") == pytest.approx(extras["noise_floor"][c], rel=1e-9)
+    assert np.isnan(_value(df, "own", held[0], "delta_rmse_all"))
+    assert extras["missing"]["own"] == [held[0]]
+    notes = df[df.method == "logn"]["note"]
+    assert df[df.method == "logn"]["value"].isna().all() and notes.str.contains("needs predicted counts").all()

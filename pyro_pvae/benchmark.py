@@ -41,18 +41,19 @@ Norman subset; see ``pyro_pvae/data/splits.py``); no method ever trains on them.
   controls they were fitted on; for an external file its ``'control'`` cells, else the
   training controls (noted).
 * Top-20 DE genes of c (scanpy t-test, :func:`metrics.top_de_genes`, vs the training
-  controls) are chosen on cells that are never scored: the training cells of c when it has at
-  least ``MIN_SELECT_CELLS`` of them (held-out singles; all their held-out cells are then
-  scored), else a seeded half (``split.seed``) of its held-out cells, the other half scored
-  (held-out doubles). Genes chosen on the scored cells are those whose observed change is
-  extreme by chance, so scores on them are biased (a perfect predictive distribution covers
-  them well under 90%); chosen on independent cells they are not. Using the training cells
-  where they exist keeps every held-out cell for scoring. The genes are chosen once per
-  condition and used by every method and seed.
+  controls) are chosen on cells the ``*_top20de`` metrics do not score: the training cells of
+  c when it has at least ``MIN_SELECT_CELLS`` of them (held-out singles; the top-20 metrics
+  then score all held-out cells), else a seeded half (``split.seed``) of its held-out cells,
+  the top-20 metrics scoring the other half (held-out doubles). Genes chosen on the scored
+  cells are those whose observed change is extreme by chance, so scores on them are biased (a
+  perfect predictive distribution covers them well under 90%); chosen on independent cells
+  they are not. Using the training cells where they exist keeps every held-out cell for
+  scoring. The genes are chosen once per condition and used by every method and seed. The
+  all-gene and cell metrics involve no gene selection and score all held-out cells of c.
 * ``coverage90_all`` and ``coverage90_top20de`` (model rows): share of all genes / of the
   top-20 DE genes whose observed change lies in the central 90% of
-  :meth:`PerturbedVAE.predict_change_samples` (``n_cells`` = the condition's number of
-  scored cells).
+  :meth:`PerturbedVAE.predict_change_samples`, drawn with ``n_cells`` = the number of cells
+  that observed change was measured on.
 
 External predictions: ``benchmark.external=[NAME=path/pred.h5ad, ...]`` adds one row NAME
 per file: predicted cells with ``obs['condition']`` in canonical labels and counts in ``X``
@@ -254,10 +255,12 @@ MIN_SELECT_CELLS = 10
 @dataclass
 class CellReference:
     """What every method is scored against in cells mode (positions index ``adata``):
-    ``control_idx`` the held-out reference controls, ``score_idx[c]`` the scored cells of
-    condition c, ``select_idx[c]`` the disjoint cells its top-DE genes were chosen on (vs the
-    training controls ``train_control_idx``), ``select_source[c]`` which ones, ``top_de[c]``
-    the gene names (None when too few cells), ``observed[c]`` / ``control`` /
+    ``control_idx`` the held-out reference controls, ``score_idx[c]`` all held-out cells of
+    condition c (scored by the all-gene and cell metrics), ``select_idx[c]`` the cells its
+    top-DE genes were chosen on (vs the training controls ``train_control_idx``),
+    ``top_score_idx[c]`` the cells the ``*_top20de`` metrics are scored on (disjoint from
+    ``select_idx[c]``), ``select_source[c]`` which cells were used, ``top_de[c]`` the gene
+    names (None when too few cells), ``observed[c]`` / ``observed_top[c]`` / ``control`` /
     ``train_control`` dense log-normalised cells, ``obs_delta[c]`` the observed change."""
 
     genes: list
@@ -265,12 +268,14 @@ class CellReference:
     control_idx: np.ndarray
     train_control_idx: np.ndarray
     score_idx: dict
+    top_score_idx: dict
     select_idx: dict
     select_source: dict
     top_de: dict
     control: np.ndarray
     train_control: np.ndarray
     observed: dict
+    observed_top: dict
     obs_delta: dict
 
 
@@ -278,10 +283,10 @@ def observed_reference(adata, split, n_top: int = N_TOP, min_select_cells: int =
                        ) -> CellReference:
     """The observed side of the cells-mode protocol (module docstring, *Protocol*).
 
-    Observed change of c = mean(scored cells of c) - mean(held-out controls). Top-DE genes of c
-    (scanpy t-test vs the training controls): on the training cells of c when it has at least
-    ``min_select_cells`` of them (all held-out cells are then scored), else on a seeded half
-    (``split.seed``) of its held-out cells, the other half being scored.
+    Observed change of c = mean(held-out cells of c) - mean(held-out controls). Top-DE genes of
+    c (scanpy t-test vs the training controls): on the training cells of c when it has at least
+    ``min_select_cells`` of them (the top-20 metrics then score all held-out cells), else on a
+    seeded half (``split.seed``) of its held-out cells, the top-20 metrics scoring the other half.
     """
     from . import data as D
     from .data.splits import heldout_control_idx
@@ -307,16 +312,16 @@ def observed_reference(adata, split, n_top: int = N_TOP, min_select_cells: int =
         raise BenchmarkError(f"split {split.name!r} holds out no perturbation condition; nothing to evaluate")
     rng = np.random.default_rng([int(split.seed), 15485863])
     ctrl_train_L = _dense(L[train_ctrl])
-    score, select, source, top = {}, {}, {}, {}
+    score, top_score, select, source, top = {}, {}, {}, {}, {}
     for c in sorted(groups):
-        held = test_idx[cond[test_idx] == c]
+        score[c] = held = test_idx[cond[test_idx] == c]
         trained = train_idx[cond[train_idx] == c]
         if len(trained) >= min_select_cells:
-            select[c], score[c], source[c] = trained, held, "training cells"
+            select[c], top_score[c], source[c] = trained, held, "training cells"
         else:
             perm = rng.permutation(held)
             k = len(held) // 2
-            select[c], score[c] = np.sort(perm[:k]), np.sort(perm[k:])
+            select[c], top_score[c] = np.sort(perm[:k]), np.sort(perm[k:])
             source[c] = "half of the held-out cells"
         try:
             top[c] = top_de_genes(_dense(L[select[c]]), ctrl_train_L, genes, n=n_top)
@@ -325,9 +330,11 @@ def observed_reference(adata, split, n_top: int = N_TOP, min_select_cells: int =
             top[c] = None
     control = _dense(L[ref_ctrl])
     observed = {c: _dense(L[score[c]]) for c in groups}
+    observed_top = {c: observed[c] if top_score[c] is score[c] else _dense(L[top_score[c]]) for c in groups}
     return CellReference(genes=genes, groups=groups, control_idx=ref_ctrl, train_control_idx=train_ctrl,
-                         score_idx=score, select_idx=select, select_source=source, top_de=top,
-                         control=control, train_control=ctrl_train_L, observed=observed,
+                         score_idx=score, top_score_idx=top_score, select_idx=select, select_source=source,
+                         top_de=top, control=control, train_control=ctrl_train_L, observed=observed,
+                         observed_top=observed_top,
                          obs_delta={c: observed[c].mean(0) - control.mean(0) for c in groups})
 
 
@@ -455,7 +462,8 @@ def score_cells(method: str, pred: Mapping[str, np.ndarray | None], pred_control
     """Result rows of one method: for every held-out condition c, its predicted cells
     ``pred[c]`` (log-normalised; None: missing) against ``ref`` (module docstring,
     *Protocol*), its predicted change measured from ``pred_control`` (its own control
-    prediction). ``change_samples[c]``: draws of the change for the coverage metrics.
+    prediction). ``change_samples[c]``: (draws of the change for ``ref.observed[c]``'s number
+    of cells, draws for ``ref.observed_top[c]``'s) for the coverage metrics.
     ``deltas`` (optional) receives the predicted changes."""
     from .metrics import evaluate_condition
 
@@ -469,9 +477,10 @@ def score_cells(method: str, pred: Mapping[str, np.ndarray | None], pred_control
                                        f"{method}: no predicted cells for {c} (missing)")
         else:
             p = _dense(p)
-            samples = (change_samples or {}).get(c)
+            samples, top_samples = (change_samples or {}).get(c, (None, None))
             m = evaluate_condition(p, ref.observed[c], ref.control, ref.genes, top_de=ref.top_de[c] or [],
-                                   pred_change_samples=samples, seed=seed, pred_ctrl_lognorm=pred_control)
+                                   pred_change_samples=samples, seed=seed, pred_ctrl_lognorm=pred_control,
+                                   obs_top_lognorm=ref.observed_top[c], top_change_samples=top_samples)
             metrics = {k: m[k] for k in CELL_METRICS if k in m}
             if deltas is not None:
                 deltas[(method, c)] = p.mean(0) - ctrl_mean
@@ -512,9 +521,12 @@ def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_
                 pred_control = _dense(vae.predict([D.CONTROL], n_cells=max(n_pred_cells, 1000),
                                                   seed=seed + 7777).layers["lognorm"])
                 notes = {c: _unknown_note(vocab, c) for c in conds}
-                samples = {c: vae.predict_change_samples(c, n_draws=n_change_draws, n_cells=len(ref.observed[c]),
-                                                         seed=seed * 100003 + i, unknown="ignore")
-                           for i, c in enumerate(conds)}
+                samples = {}
+                for i, c in enumerate(conds):
+                    draws = [vae.predict_change_samples(c, n_draws=n_change_draws, n_cells=n, seed=seed * 100003 + i,
+                                                        unknown="ignore")
+                             for n in dict.fromkeys([len(ref.observed[c]), len(ref.observed_top[c])])]
+                    samples[c] = (draws[0], draws[-1])
             else:
                 b = _fit_baseline(method, adata, split, seed)
                 t_fit = time.perf_counter() - t0
@@ -558,19 +570,20 @@ def protocol_lines(ref: CellReference, external: Sequence[ExternalPrediction] = 
     src = pd.Series(ref.select_source).value_counts()
     n_score = [len(v) for v in ref.observed.values()]
     lines = [
-        f"- Observed change of a held-out condition = mean of its scored cells - mean of the {len(ref.control_idx)} "
+        f"- Observed change of a held-out condition = mean of its held-out cells - mean of the {len(ref.control_idx)} "
         f"held-out control cells (never used in training; {len(ref.train_control_idx)} training controls).",
         "- Predicted change = mean of the method's predicted cells - mean of the method's own control prediction: "
         "the model's predicted control cells (same training control cells as starting points, no shift), the "
         "baselines' training controls, an external file's 'control' cells (else the training controls). No "
         "control mean is shared between the observed and any predicted change.",
-        f"- Top-{N_TOP} DE genes (t-test vs the training controls) on cells that are never scored: "
+        f"- Top-{N_TOP} DE genes (t-test vs the training controls) on cells the top-{N_TOP} metrics do not score: "
         + "; ".join(f"{n} condition(s) on {s}" for s, n in src.items())
         + f" (training cells when a condition has >= {MIN_SELECT_CELLS}; otherwise a seeded half of its held-out "
-        f"cells, the other half scored). Scored cells per condition: {min(n_score)}-{max(n_score)}.",
+        f"cells, the *_top20de metrics scoring the other half). The all-gene and cell metrics score all held-out "
+        f"cells: {min(n_score)}-{max(n_score)} per condition.",
         "- coverage90_all / coverage90_top20de: share of genes (all / top-DE) whose observed change lies in the "
         "central 90% of the model's posterior-predictive draws of the change, each draw of as many cells as "
-        "the condition's scored cells.",
+        "the observed change it is compared with.",
     ]
     for e in external:
         lines.append(f"- external `{e.name}`: predicted cells from `{e.path}`, scored like the built-in methods "

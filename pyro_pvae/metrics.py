@@ -321,8 +321,8 @@ def top_de_genes(observed_condition_cells, control_cells, gene_names: Sequence[s
 def evaluate_condition(pred_lognorm, obs_lognorm, ctrl_lognorm, gene_names: Sequence[str],
                        top_de: Sequence[str] | Sequence[int] | None = None,
                        pred_change_samples=None, seed: int = 0, batch_size: int = BATCH_SIZE,
-                       max_cells_energy: int = 500, mmd_bandwidths=None, pred_ctrl_lognorm=None
-                       ) -> dict[str, float | str]:
+                       max_cells_energy: int = 500, mmd_bandwidths=None, pred_ctrl_lognorm=None,
+                       obs_top_lognorm=None, top_change_samples=None) -> dict[str, float | str]:
     """All metrics for one condition (log-normalised predicted, observed, control cells).
 
     ``ctrl_lognorm``: the reference controls the observed change is measured from.
@@ -330,8 +330,10 @@ def evaluate_condition(pred_lognorm, obs_lognorm, ctrl_lognorm, gene_names: Sequ
     change is measured from (default: ``ctrl_lognorm``). ``top_de``: gene names or positions
     (default: :func:`top_de_genes` on observed vs control, which selects on the scored cells).
     ``pred_change_samples``: S x G posterior predictive samples of the change, enables
-    ``coverage90_all`` and ``coverage90_top20de``. Undefined metrics are :class:`MetricNote`
-    strings.
+    ``coverage90_all`` and ``coverage90_top20de``. ``obs_top_lognorm``: the observed cells the
+    ``*_top20de`` metrics are scored on (default ``obs_lognorm``; pass the cells other than
+    those ``top_de`` was chosen on), with ``top_change_samples`` drawn for their number of
+    cells (default ``pred_change_samples``). Undefined metrics are :class:`MetricNote` strings.
     """
     pred, obs, ctrl = _cells(pred_lognorm), _cells(obs_lognorm), _cells(ctrl_lognorm)
     pred_ctrl = ctrl if pred_ctrl_lognorm is None else _cells(pred_ctrl_lognorm)
@@ -345,6 +347,8 @@ def evaluate_condition(pred_lognorm, obs_lognorm, ctrl_lognorm, gene_names: Sequ
 
     obs_mean, pred_mean = obs.mean(0), pred.mean(0)
     obs_delta, pred_delta = obs_mean - ctrl.mean(0), pred_mean - pred_ctrl.mean(0)
+    top_mean = obs_mean if obs_top_lognorm is None else _cells(obs_top_lognorm).mean(0)
+    top_delta = top_mean - ctrl.mean(0)
 
     de_idx: np.ndarray | MetricNote
     if top_de is None:
@@ -366,10 +370,10 @@ def evaluate_condition(pred_lognorm, obs_lognorm, ctrl_lognorm, gene_names: Sequ
                   "direction_acc_top20de"):
             out[k] = de_idx
     else:
-        out["pearson_delta_top20de"] = pearson(pred_delta[de_idx], obs_delta[de_idx])
-        out["pseudobulk_rmse_top20de"] = rmse(pred_mean[de_idx], obs_mean[de_idx])
-        out["l2_mean_top20de"] = l2(pred_mean[de_idx], obs_mean[de_idx])
-        out["direction_acc_top20de"] = direction_accuracy(pred_delta[de_idx], obs_delta[de_idx])
+        out["pearson_delta_top20de"] = pearson(pred_delta[de_idx], top_delta[de_idx])
+        out["pseudobulk_rmse_top20de"] = rmse(pred_mean[de_idx], top_mean[de_idx])
+        out["l2_mean_top20de"] = l2(pred_mean[de_idx], top_mean[de_idx])
+        out["direction_acc_top20de"] = direction_accuracy(pred_delta[de_idx], top_delta[de_idx])
     if len(pred) < 1 or len(obs) < 1:
         out["energy_distance"] = MetricNote("energy distance undefined: an empty cell set")
     else:
@@ -378,9 +382,10 @@ def evaluate_condition(pred_lognorm, obs_lognorm, ctrl_lognorm, gene_names: Sequ
         samples = _cells(pred_change_samples)
         if samples.shape[1] != n_genes:
             raise DataError(f"pred_change_samples has {samples.shape[1]} genes, expected {n_genes}")
+        top_samples = samples if top_change_samples is None else _cells(top_change_samples)
         out["coverage90_all"] = coverage(samples, obs_delta, 0.9)
         out["coverage90_top20de"] = (de_idx if is_note(de_idx)
-                                     else coverage(samples[:, de_idx], obs_delta[de_idx], 0.9))
+                                     else coverage(top_samples[:, de_idx], top_delta[de_idx], 0.9))
     return out
 
 

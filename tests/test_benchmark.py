@@ -214,17 +214,19 @@ def test_reference_is_disjoint_from_training_and_selection(no_effect):
     L = adata.layers["lognorm"]
     for c, g in ref.groups.items():
         held = split.test_idx[cond[split.test_idx] == c]
-        sel, sco = ref.select_idx[c], ref.score_idx[c]
-        assert not np.isin(sel, sco).any(), c  # DE genes chosen on cells that are not scored
+        sel, sco = ref.select_idx[c], ref.top_score_idx[c]
+        assert not np.isin(sel, sco).any(), c  # DE genes chosen on cells the top-20 metrics do not score
+        assert np.array_equal(ref.score_idx[c], held)  # the all-gene metrics score every held-out cell
         if g == "single":  # 39 training cells: select on them, score every held-out cell
             assert ref.select_source[c] == "training cells"
             assert np.isin(sel, split.train_idx).all() and np.array_equal(sco, held)
         else:  # doubles: no training cell; halves of the held-out cells
             assert ref.select_source[c] == "half of the held-out cells"
             assert len(sel) == len(sco) == 50 and np.array_equal(np.sort(np.concatenate([sel, sco])), held)
+            np.testing.assert_allclose(ref.observed_top[c], L[sco].toarray())
         assert ref.top_de[c] == top_de_genes(L[sel].toarray(), L[ref.train_control_idx].toarray(),
                                              ref.genes)
-        want = L[sco].toarray().mean(0, dtype=float) - L[ref.control_idx].toarray().mean(0, dtype=float)
+        want = L[held].toarray().mean(0, dtype=float) - L[ref.control_idx].toarray().mean(0, dtype=float)
         np.testing.assert_allclose(ref.obs_delta[c], want, rtol=1e-6, atol=1e-9)
     # a split without held-out controls is refused with the fix in the message
     old = D.make_split(adata, "complete_doubles", 0, control_test_fraction=0.0)
@@ -305,6 +307,7 @@ def test_external_file_scores_like_the_builtin_method(no_effect, tmp_path):
                              X[ref.control_idx])
     counts = _write_external(tmp_path / "counts_layer.h5ad", conds[1:], [X[ref.score_idx[c]] for c in conds[1:]],
                              X[ref.control_idx], layer="counts")
+    singles = [c for c in conds[1:] if ref.groups[c] == "single"]
     ext = B.read_external([add, oracle, counts])
     df, extras = B.cell_benchmark(adata, split, ["additive"], {}, {}, n_pred_cells=60, external=ext)
     a = df[df.method == "additive"].set_index(["condition", "metric"])["value"]
@@ -316,6 +319,8 @@ def test_external_file_scores_like_the_builtin_method(no_effect, tmp_path):
             assert _value(df, name, c, "pearson_delta_all") == pytest.approx(1.0, abs=1e-6)
             assert _value(df, name, c, "delta_rmse_all") == pytest.approx(0.0, abs=1e-6)
             assert _value(df, name, c, "pseudobulk_rmse_all") == pytest.approx(0.0, abs=1e-6)
+        for c in singles:  # top-20 metrics scored on the same (all held-out) cells
+            assert _value(df, name, c, "pearson_delta_top20de") == pytest.approx(1.0, abs=1e-6)
         assert np.isnan(_value(df, name, conds[0], "pearson_delta_all"))
     assert extras["missing"] == {"mine": [], "oracle": [conds[0]], "counts_layer": [conds[0]]}
     text = B.summary_text(df, "x", [], "cells", extras)

@@ -266,3 +266,16 @@ def test_predicted_change_uses_the_methods_own_controls():
     assert res["delta_rmse_all"] == pytest.approx(np.sqrt(np.mean(want ** 2)))
     assert res["delta_rmse_all"] < 0.05 and res["pearson_delta_all"] > 0.99
     assert res["pseudobulk_rmse_all"] > 0.45  # the means themselves are off by 0.5
+
+
+def test_top20_metrics_score_the_cells_they_are_given():
+    obs, ctrl, genes, shift = _toy_condition()
+    pred = ctrl + shift
+    other = obs[:20] + 1.0  # the cells the top-DE metrics score (disjoint from the selection)
+    res = M.evaluate_condition(pred, obs, ctrl, genes, top_de=[0, 1, 2], obs_top_lognorm=other,
+                               pred_change_samples=np.tile(shift, (50, 1)) + np.linspace(-0.05, 0.05, 50)[:, None],
+                               top_change_samples=np.tile(shift + 1.0, (50, 1)) + np.linspace(-0.5, 0.5, 50)[:, None])
+    top = [0, 1, 2]
+    assert res["pseudobulk_rmse_top20de"] == pytest.approx(M.rmse(pred.mean(0)[top], other.mean(0)[top]))
+    assert res["pseudobulk_rmse_all"] == pytest.approx(M.rmse(pred.mean(0), obs.mean(0)))
+    assert res["coverage90_top20de"] == 1.0  # the top draws (around shift + 1) fit the top cells' change

@@ -78,7 +78,7 @@ def test_summary_has_methods_and_no_reference(tiny_run):
     assert "## Group `single`" in text
     # the protocol, with this run's numbers: the tiny simulation has 300 controls, 150 held out
     assert "## Protocol" in text and "mean of the 150 held-out control cells" in text
-    assert "never scored" in text
+    assert "on cells the top-20 metrics do not score" in text
 
 
 def test_reference_rows_only_for_published_configs():

@@ -25,11 +25,44 @@ Two scoring modes
 -----------------
 *Cells* (every config but norman_effects). All expression is ``log1p(counts / total * 1e4)``
 recomputed from the counts (``data.lognormalize``), the scale the model predicts on, for the
-observed cells and for the baselines alike. Control cells for the changes are the training
-control cells. The top-20 DE genes of a condition are computed ONCE (observed held-out cells
-vs training controls, :func:`metrics.top_de_genes`) and used by every method and seed.
-``coverage90_top20de`` (model rows only) uses :meth:`PerturbedVAE.predict_change_samples`
-with ``n_cells`` = the observed number of cells of the condition.
+observed cells and for the baselines alike.
+
+Protocol (cells mode). Every split holds out a share of the control cells
+(``split.kwargs.control_test_fraction``, default 0.5: 50 of the 100 controls of the shipped
+Norman subset; see ``pyro_pvae/data/splits.py``); no method ever trains on them.
+
+* Observed change of a held-out condition c = mean(scored cells of c) - mean(held-out
+  controls). Subtracting the *training* control mean instead shares that mean's noise with
+  every method that subtracts it too: a constant vector (the mean change of the training
+  singles) then correlates with every observed change although it knows nothing of c.
+* Predicted change = mean(the method's predicted cells of c) - mean(its own control
+  prediction): for the model its predicted control cells (``predict(['control'])``, the same
+  training control cells as starting points, no shift); for the baselines the training
+  controls they were fitted on; for an external file its ``'control'`` cells, else the
+  training controls (noted).
+* Top-20 DE genes of c (scanpy t-test, :func:`metrics.top_de_genes`, vs the training
+  controls) are chosen on cells the ``*_top20de`` metrics do not score: the training cells of
+  c when it has at least ``MIN_SELECT_CELLS`` of them (held-out singles; the top-20 metrics
+  then score all held-out cells), else a seeded half (``split.seed``) of its held-out cells,
+  the top-20 metrics scoring the other half (held-out doubles). Genes chosen on the scored
+  cells are those whose observed change is extreme by chance, so scores on them are biased (a
+  perfect predictive distribution covers them well under 90%); chosen on independent cells
+  they are not. Using the training cells where they exist keeps every held-out cell for
+  scoring. The genes are chosen once per condition and used by every method and seed. The
+  all-gene and cell metrics involve no gene selection and score all held-out cells of c.
+* ``coverage90_all`` and ``coverage90_top20de`` (model rows): share of all genes / of the
+  top-20 DE genes whose observed change lies in the central 90% of
+  :meth:`PerturbedVAE.predict_change_samples`, drawn with ``n_cells`` = the number of cells
+  that observed change was measured on.
+
+External predictions: ``benchmark.external=[NAME=path/pred.h5ad, ...]`` adds one row NAME
+per file: predicted cells with ``obs['condition']`` in canonical labels and counts in ``X``
+or ``layers['counts']`` (log-normalised like everything else; already log-normalised values,
+``log1p(counts/total*1e4)`` in ``X`` or ``layers['lognorm']``, are used as they are). Scored
+exactly like the built-in methods, once (seed 0). A held-out condition without predicted
+cells is reported as missing (value NaN and a note in results.csv, a line in summary.md). A
+file that is missing, unreadable, without ``obs['condition']`` or without the data's genes
+stops the benchmark before any fit.
 
 *Effects* (data.source=norman_effects, the semi-synthetic cells whose effects are the real
 Norman 2019 pseudobulk changes, :func:`simulate.simulate_norman_effects`). Held-out
@@ -46,7 +79,12 @@ mean). So every method's change is computed on that scale here:
 
 Metrics: ``delta_rmse_all`` (RMSE over genes of predicted vs real change),
 ``pearson_delta_all`` and ``pearson_delta_top20de`` (the condition's 20 genes with the largest
-``|real change|``).
+``|real change|``, chosen on the truth, so not on noisy scored cells); for the model also
+``coverage90_all`` / ``coverage90_top20de``: each of ``benchmark.n_change_draws`` draws is one
+posterior draw of the globals and the pseudobulk change of as many predicted cells (and as
+many predicted control cells) as the condition has held-out cells, so the intervals include
+that cell-sampling noise. An external file's change is computed from its counts like the
+model's. The noise floor is measured from the held-out controls.
 """
 from __future__ import annotations
 
@@ -54,6 +92,7 @@ import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -71,9 +110,10 @@ MODEL_VARIANTS: dict[str, dict] = {
 BASELINE_METHODS = ("control_mean", "additive", "additive_shrink", "linear")
 ALL_METHODS = tuple(MODEL_VARIANTS) + BASELINE_METHODS
 CELL_METRICS = ("nrmse", "r2_mean", "mmd", "pearson_delta_all", "pearson_delta_top20de",
-                "pseudobulk_rmse_all", "pseudobulk_rmse_top20de", "l2_mean_all",
-                "energy_distance", "direction_acc_top20de", "coverage90_top20de")
-EFFECT_METRICS = ("delta_rmse_all", "pearson_delta_all", "pearson_delta_top20de")
+                "pseudobulk_rmse_all", "pseudobulk_rmse_top20de", "delta_rmse_all", "l2_mean_all",
+                "energy_distance", "direction_acc_top20de", "coverage90_all", "coverage90_top20de")
+EFFECT_METRICS = ("delta_rmse_all", "pearson_delta_all", "pearson_delta_top20de", "coverage90_all",
+                  "coverage90_top20de")
 GROUPS = ("single", "seen0", "seen1", "seen2")
 RESULT_COLUMNS = ["method", "condition", "group", "metric", "value", "seed", "note"]
 N_TOP = 20
@@ -110,8 +150,19 @@ class BenchmarkError(ValueError):
 # ----------------------------------------------------------------------------- config
 def hydra_overrides(overrides: Sequence[str]) -> list[str]:
     """``benchmark.train.KEY=V`` -> ``++benchmark.train.KEY=V`` (the group is an open dict,
-    empty by default, so Hydra needs the add-or-override form)."""
-    return ["++" + ov if ov.startswith("benchmark.train.") else ov for ov in overrides]
+    empty by default, so Hydra needs the add-or-override form); ``benchmark.external=[A=a.h5ad,
+    B=b.h5ad]`` (or one unbracketed entry) -> its entries quoted, since Hydra reads no bare
+    ``=`` inside a value."""
+    out = []
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        if key.lstrip("+") == "benchmark.external" and sep and "=" in value:
+            items = value.strip()
+            items = items[1:-1] if items.startswith("[") and items.endswith("]") else items
+            quoted = [x.strip().strip("'\"") for x in items.split(",") if x.strip()]
+            ov = key + "=[" + ",".join("'" + x.replace("'", "\\'") + "'" for x in quoted) + "]"
+        out.append("++" + ov if ov.startswith("benchmark.train.") else ov)
+    return out
 
 
 def parse_methods(methods) -> list[str]:
@@ -197,102 +248,382 @@ def _unknown_note(vocab: set[str], cond: str) -> str:
 
 
 # ----------------------------------------------------------------------------- cells mode
-def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_cfg: dict,
-                   seeds: int = 1, n_pred_cells: int = 200, n_change_draws: int = 50,
-                   keep_deltas: bool = True):
-    """Cell-level benchmark. Returns (long results frame, extras) where extras holds
-    ``timings`` (list of dicts), ``deltas`` {(method, condition): predicted change, seed 0},
-    ``obs_delta`` {condition: observed change}, ``top_de`` {condition: gene positions}."""
-    from . import data as D
-    from .metrics import DataError, evaluate_condition, top_de_genes
+#: a condition's top-DE genes are chosen on its training cells when it has at least this many
+MIN_SELECT_CELLS = 10
 
-    D.lognormalize(adata)  # the scale the model predicts on; recomputed from counts
+
+@dataclass
+class CellReference:
+    """What every method is scored against in cells mode (positions index ``adata``):
+    ``control_idx`` the held-out reference controls, ``score_idx[c]`` all held-out cells of
+    condition c (scored by the all-gene and cell metrics), ``select_idx[c]`` the cells its
+    top-DE genes were chosen on (vs the training controls ``train_control_idx``),
+    ``top_score_idx[c]`` the cells the ``*_top20de`` metrics are scored on (disjoint from
+    ``select_idx[c]``), ``select_source[c]`` which cells were used, ``top_de[c]`` the gene
+    names (None when too few cells), ``observed[c]`` / ``observed_top[c]`` / ``control`` /
+    ``train_control`` dense log-normalised cells, ``obs_delta[c]`` the observed change."""
+
+    genes: list
+    groups: dict
+    control_idx: np.ndarray
+    train_control_idx: np.ndarray
+    score_idx: dict
+    top_score_idx: dict
+    select_idx: dict
+    select_source: dict
+    top_de: dict
+    control: np.ndarray
+    train_control: np.ndarray
+    observed: dict
+    observed_top: dict
+    obs_delta: dict
+
+
+def observed_reference(adata, split, n_top: int = N_TOP, min_select_cells: int = MIN_SELECT_CELLS
+                       ) -> CellReference:
+    """The observed side of the cells-mode protocol (module docstring, *Protocol*).
+
+    Observed change of c = mean(held-out cells of c) - mean(held-out controls). Top-DE genes of
+    c (scanpy t-test vs the training controls): on the training cells of c when it has at least
+    ``min_select_cells`` of them (the top-20 metrics then score all held-out cells), else on a
+    seeded half (``split.seed``) of its held-out cells, the top-20 metrics scoring the other half.
+    """
+    from . import data as D
+    from .data.splits import heldout_control_idx
+    from .metrics import DataError, top_de_genes
+
+    if "lognorm" not in adata.layers:
+        D.lognormalize(adata)
     L = adata.layers["lognorm"]
     cond = _conditions(adata)
     genes = [str(g) for g in adata.var_names]
-    gpos = {g: i for i, g in enumerate(genes)}
     train_idx = np.asarray(split.train_idx)
-    ctrl_rows = train_idx[cond[train_idx] == D.CONTROL]
-    if len(ctrl_rows) == 0:
+    train_ctrl = train_idx[cond[train_idx] == D.CONTROL]
+    if len(train_ctrl) == 0:
         raise BenchmarkError("no control cells among the training cells")
-    ctrl = _dense(L[ctrl_rows])
+    ref_ctrl = heldout_control_idx(split, adata)
+    if len(ref_ctrl) < 2:
+        raise BenchmarkError(
+            f"split {split.name!r} holds out {len(ref_ctrl)} control cell(s); observed changes are measured "
+            "from held-out controls: set split.kwargs.control_test_fraction > 0 (default 0.5)")
     test_idx = np.asarray(split.test_idx)
-    groups = {c: g for c, g in split.test_groups.items() if c != D.CONTROL}
-    conds = [c for c in groups if np.any(cond[test_idx] == c)]
-    if not conds:
+    groups = {c: g for c, g in split.test_groups.items() if c != D.CONTROL and np.any(cond[test_idx] == c)}
+    if not groups:
         raise BenchmarkError(f"split {split.name!r} holds out no perturbation condition; nothing to evaluate")
-    obs = {c: _dense(L[test_idx[cond[test_idx] == c]]) for c in conds}
-    # top-DE genes once per condition, on observed data, shared by every method and seed
-    top_de: dict[str, list | None] = {}
-    for c in conds:
+    rng = np.random.default_rng([int(split.seed), 15485863])
+    ctrl_train_L = _dense(L[train_ctrl])
+    score, top_score, select, source, top = {}, {}, {}, {}, {}
+    for c in sorted(groups):
+        score[c] = held = test_idx[cond[test_idx] == c]
+        trained = train_idx[cond[train_idx] == c]
+        if len(trained) >= min_select_cells:
+            select[c], top_score[c], source[c] = trained, held, "training cells"
+        else:
+            perm = rng.permutation(held)
+            k = len(held) // 2
+            select[c], top_score[c] = np.sort(perm[:k]), np.sort(perm[k:])
+            source[c] = "half of the held-out cells"
         try:
-            top_de[c] = top_de_genes(obs[c], ctrl, genes, n=N_TOP)
+            top[c] = top_de_genes(_dense(L[select[c]]), ctrl_train_L, genes, n=n_top)
         except DataError as e:
             log.warning("condition %s: no top-DE genes (%s)", c, e)
-            top_de[c] = None
-    obs_delta = {c: obs[c].mean(0) - ctrl.mean(0) for c in conds}
+            top[c] = None
+    control = _dense(L[ref_ctrl])
+    observed = {c: _dense(L[score[c]]) for c in groups}
+    observed_top = {c: observed[c] if top_score[c] is score[c] else _dense(L[top_score[c]]) for c in groups}
+    return CellReference(genes=genes, groups=groups, control_idx=ref_ctrl, train_control_idx=train_ctrl,
+                         score_idx=score, top_score_idx=top_score, select_idx=select, select_source=source,
+                         top_de=top, control=control, train_control=ctrl_train_L, observed=observed,
+                         observed_top=observed_top,
+                         obs_delta={c: observed[c].mean(0) - control.mean(0) for c in groups})
 
+
+@dataclass
+class ExternalPrediction:
+    """Predicted cells of another tool (``benchmark.external`` entry ``name=path``):
+    canonical ``condition`` per cell, ``genes`` (the file's), ``counts`` (None when the file
+    holds only log-normalised values) and ``lognorm`` cells. :meth:`on_genes` puts them on
+    the data's genes."""
+
+    name: str
+    path: str
+    condition: np.ndarray
+    genes: pd.Index
+    counts: object | None
+    lognorm: object | None
+
+    def on_genes(self, genes) -> "ExternalPrediction":
+        """The same predictions on ``genes`` (in that order), ``lognorm`` computed from the
+        counts when there are counts; BenchmarkError when a gene is missing."""
+        import scipy.sparse as sp
+
+        from .utils import lognormalize
+
+        genes = [str(g) for g in genes]
+        missing = [g for g in genes if g not in self.genes]
+        if missing:
+            raise BenchmarkError(f"benchmark.external {self.name}: {len(missing)} of the data's {len(genes)} genes "
+                                 f"are not in {self.path!r} var_names (e.g. {', '.join(missing[:5])})")
+        cols = self.genes.get_indexer(genes)
+        pick = lambda X: None if X is None else (sp.csr_matrix(X)[:, cols] if sp.issparse(X)  # noqa: E731
+                                                  else np.asarray(X)[:, cols])
+        counts = pick(self.counts)
+        lognorm = lognormalize(counts) if counts is not None else pick(self.lognorm)
+        return ExternalPrediction(self.name, self.path, self.condition, pd.Index(genes), counts, lognorm)
+
+    def cells(self, condition: str, counts: bool = False):
+        """This condition's predicted cells (log-normalised, or counts); None if it has none."""
+        rows = np.flatnonzero(self.condition == condition)
+        X = self.counts if counts else self.lognorm
+        return None if X is None or not len(rows) else X[rows]
+
+
+def _looks_lognormalised(X) -> bool:
+    """True when ``X`` holds non-integer values whose cells are ``log1p(counts/total*1e4)``
+    (expm1 of every checked cell sums to 1e4)."""
+    import scipy.sparse as sp
+
+    v = X.data if sp.issparse(X) else np.asarray(X)
+    if v.size == 0 or np.all(v == np.round(v)):
+        return False
+    rows = _dense(X[: min(X.shape[0], 100)])
+    return bool(np.allclose(np.expm1(rows).sum(1), 1e4, rtol=1e-3))
+
+
+def read_external(entries: Sequence[str] | None) -> list[ExternalPrediction]:
+    """Parse and read ``benchmark.external`` (``NAME=path.h5ad`` each) before anything is fitted;
+    BenchmarkError (one line) for a bad entry, a missing or unreadable file, no
+    ``obs['condition']`` or no usable expression.
+
+    Expression: ``layers['counts']``, else ``X``, as counts (log-normalised like every method);
+    values that are already ``log1p(counts/total*1e4)`` (in ``X`` or ``layers['lognorm']``,
+    e.g. the baselines' predictions) are used as they are.
+    """
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from .data import format_condition, parse_condition
+
+    out, names = [], set()
+    for entry in entries or []:
+        name, sep, path = str(entry).partition("=")
+        name, path = name.strip(), path.strip()
+        where = f"benchmark.external entry {str(entry)!r}"
+        if not sep or not name or not path:
+            raise BenchmarkError(f"{where}: expected NAME=path/pred.h5ad")
+        if name in ALL_METHODS or name in names:
+            raise BenchmarkError(f"{where}: method name {name!r} is already taken; choose another NAME")
+        names.add(name)
+        if not Path(path).is_file():
+            raise BenchmarkError(f"{where}: file {path!r} does not exist")
+        try:
+            a = ad.read_h5ad(path)
+        except Exception as e:  # any reader failure is the same problem for the user
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise BenchmarkError(f"{where}: cannot read {path!r} as an .h5ad AnnData ({first})") from None
+        if "condition" not in a.obs:
+            raise BenchmarkError(f"{where}: {path!r} has no obs['condition'] column (columns: "
+                                 f"{', '.join(map(str, a.obs.columns)) or 'none'}); expected canonical labels "
+                                 "such as 'control', 'KLF1', 'KLF1+MAP2K6'")
+        try:
+            cond = np.array([format_condition(parse_condition(str(c))) for c in a.obs["condition"]])
+        except Exception as e:
+            raise BenchmarkError(f"{where}: unreadable condition label in {path!r} ({e})") from None
+        counts = a.layers["counts"] if "counts" in a.layers else a.X
+        lognorm = a.layers["lognorm"] if "lognorm" in a.layers else None
+        if counts is not None and _looks_lognormalised(counts):
+            counts, lognorm = None, counts
+        if counts is not None:
+            vals = counts.data if sp.issparse(counts) else np.asarray(counts)
+            if not np.all(np.isfinite(vals)) or np.any(vals < 0):
+                if lognorm is None:
+                    raise BenchmarkError(f"{where}: {path!r} holds negative or non-finite values; expected "
+                                         "counts in X or layers['counts'] (or layers['lognorm'])")
+                counts = None
+        if counts is None and lognorm is None:
+            raise BenchmarkError(f"{where}: {path!r} has no expression (X is empty, no layers['counts'] "
+                                 "or layers['lognorm'])")
+        log.info("external %s: %d predicted cells, %d conditions, %s, from %s", name, a.n_obs,
+                 len(set(cond.tolist())), "counts" if counts is not None else "log-normalised values", path)
+        out.append(ExternalPrediction(name, path, cond, pd.Index(a.var_names.astype(str)), counts, lognorm))
+    return out
+
+
+def _missing_metrics(metrics: Sequence[str], reason: str) -> dict:
+    from .metrics import MetricNote
+
+    return {k: MetricNote(reason) for k in metrics}
+
+
+def score_cells(method: str, pred: Mapping[str, np.ndarray | None], pred_control: np.ndarray,
+                ref: CellReference, seed: int, notes: Mapping[str, str] | None = None,
+                change_samples: Mapping[str, np.ndarray] | None = None, deltas: dict | None = None,
+                on_condition=None) -> list[dict]:
+    """Result rows of one method: for every held-out condition c, its predicted cells
+    ``pred[c]`` (log-normalised; None: missing) against ``ref`` (module docstring,
+    *Protocol*), its predicted change measured from ``pred_control`` (its own control
+    prediction). ``change_samples[c]``: (draws of the change for ``ref.observed[c]``'s number
+    of cells, draws for ``ref.observed_top[c]``'s) for the coverage metrics.
+    ``deltas`` (optional) receives the predicted changes."""
+    from .metrics import evaluate_condition
+
+    notes = dict(notes or {})
+    ctrl_mean = pred_control.mean(0)
+    rows = []
+    for c in ref.groups:
+        p = pred.get(c)
+        if p is None or p.shape[0] == 0:
+            metrics = _missing_metrics([m for m in CELL_METRICS if m not in COVERAGE_METRICS],
+                                       f"{method}: no predicted cells for {c} (missing)")
+        else:
+            p = _dense(p)
+            samples, top_samples = (change_samples or {}).get(c, (None, None))
+            m = evaluate_condition(p, ref.observed[c], ref.control, ref.genes, top_de=ref.top_de[c] or [],
+                                   pred_change_samples=samples, seed=seed, pred_ctrl_lognorm=pred_control,
+                                   obs_top_lognorm=ref.observed_top[c], top_change_samples=top_samples)
+            metrics = {k: m[k] for k in CELL_METRICS if k in m}
+            if deltas is not None:
+                deltas[(method, c)] = p.mean(0) - ctrl_mean
+        rows.append({"method": method, "condition": c, "group": ref.groups[c], "seed": seed,
+                     "note": notes.get(c, ""), "metrics": metrics})
+        if on_condition:
+            on_condition()
+    return rows
+
+
+def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_cfg: dict,
+                   seeds: int = 1, n_pred_cells: int = 200, n_change_draws: int = 50,
+                   keep_deltas: bool = True, external: Sequence[ExternalPrediction] = ()):
+    """Cell-level benchmark (module docstring, *Protocol*). Returns (long results frame,
+    extras) where extras holds ``timings`` (list of dicts), ``deltas`` {(method, condition):
+    predicted change, seed 0}, ``obs_delta`` {condition: observed change}, ``top_de``
+    {condition: gene positions}, ``reference`` (the :class:`CellReference`), ``missing``
+    {external name: conditions it lacks}."""
+    from . import data as D
+    from .metrics import results_frame
+
+    D.lognormalize(adata)  # the scale the model predicts on; recomputed from counts
+    external = [e.on_genes(adata.var_names) for e in external]
+    ref = observed_reference(adata, split)
+    conds = list(ref.groups)
     rows, timings, deltas, shrink = [], [], {}, None
-    bar = _progress(seeds * len(methods) * len(conds), "benchmark")
+    bar = _progress((seeds * len(methods) + len(external)) * len(conds), "benchmark")
     for seed in range(seeds):
         for method in methods:
             bar.set_description(f"seed {seed} {method}: fit")
             t0 = time.perf_counter()
-            notes: dict[str, str] = {}
+            samples = None
             if method in MODEL_VARIANTS:
                 vae = _fit_model(adata, split, model_cfg, train_cfg, method, seed)
                 t_fit = time.perf_counter() - t0
                 vocab = set(vae.vocabulary)
                 pred = vae.predict(conds, n_cells=n_pred_cells, seed=seed, unknown="ignore")
+                pred_control = _dense(vae.predict([D.CONTROL], n_cells=max(n_pred_cells, 1000),
+                                                  seed=seed + 7777).layers["lognorm"])
                 notes = {c: _unknown_note(vocab, c) for c in conds}
+                samples = {}
+                for i, c in enumerate(conds):
+                    draws = [vae.predict_change_samples(c, n_draws=n_change_draws, n_cells=n, seed=seed * 100003 + i,
+                                                        unknown="ignore")
+                             for n in dict.fromkeys([len(ref.observed[c]), len(ref.observed_top[c])])]
+                    samples[c] = (draws[0], draws[-1])
             else:
                 b = _fit_baseline(method, adata, split, seed)
                 t_fit = time.perf_counter() - t0
                 if method == "additive_shrink":
                     shrink = (b.c_, len(b.shrink_doubles_))
                 pred = b.predict(conds, n_cells=n_pred_cells, seed=seed)
+                pred_control = ref.train_control  # the training controls the baseline was fitted on
                 notes = dict(b.notes)
             pcond = _conditions(pred)
             PL = pred.layers["lognorm"]
             bar.set_description(f"seed {seed} {method}: evaluate")
-            for i, c in enumerate(conds):
-                p = _dense(PL[pcond == c])
-                samples = None
-                if method in MODEL_VARIANTS:
-                    samples = vae.predict_change_samples(c, n_draws=n_change_draws, n_cells=len(obs[c]),
-                                                         seed=seed * 100003 + i, unknown="ignore")
-                m = evaluate_condition(p, obs[c], ctrl, genes, top_de=top_de[c],
-                                       pred_change_samples=samples, seed=seed)
-                m = {k: m[k] for k in CELL_METRICS if k in m}
-                rows.append({"method": method, "condition": c, "group": groups[c], "seed": seed,
-                             "note": notes.get(c, ""), "metrics": m})
-                if keep_deltas and seed == 0:
-                    deltas[(method, c)] = p.mean(0) - ctrl.mean(0)
-                bar.update(1)
+            rows += score_cells(method, {c: PL[pcond == c] for c in conds}, pred_control, ref, seed, notes,
+                                samples, deltas if keep_deltas and seed == 0 else None, lambda: bar.update(1))
             timings.append({"method": method, "seed": seed, "fit_seconds": t_fit,
                             "total_seconds": time.perf_counter() - t0})
             log.info("seed %d %s: fit %.1f s, fit+evaluate %.1f s", seed, method, t_fit,
                      time.perf_counter() - t0)
+    missing = {}
+    for ext in external:
+        bar.set_description(f"{ext.name}: evaluate")
+        own = ext.cells(D.CONTROL)
+        pred_control = ref.train_control if own is None else _dense(own)
+        pred = {c: ext.cells(c) for c in conds}
+        missing[ext.name] = [c for c in conds if pred[c] is None]
+        note = "" if own is not None else f"{ext.name}: no 'control' cells in the file; change measured from the training controls"
+        rows += score_cells(ext.name, pred, pred_control, ref, 0, {c: note for c in conds}, None,
+                            deltas if keep_deltas else None, lambda: bar.update(1))
     bar.close()
-    from .metrics import results_frame
-
     df = results_frame(rows)
-    de_pos = {c: ([gpos[g] for g in top_de[c]] if top_de[c] else []) for c in conds}
-    return df, {"timings": timings, "deltas": deltas, "obs_delta": obs_delta, "top_de": de_pos,
-                "n_obs": {c: len(obs[c]) for c in conds}, "n_control": len(ctrl_rows), "shrink": shrink}
+    gpos = {g: i for i, g in enumerate(ref.genes)}
+    de_pos = {c: ([gpos[g] for g in ref.top_de[c]] if ref.top_de[c] else []) for c in conds}
+    return df, {"timings": timings, "deltas": deltas, "obs_delta": ref.obs_delta, "top_de": de_pos,
+                "n_obs": {c: len(ref.observed[c]) for c in conds}, "n_control": len(ref.control_idx),
+                "n_train_control": len(ref.train_control_idx), "shrink": shrink, "reference": ref,
+                "missing": missing, "external": {e.name: e.path for e in external},
+                "protocol": protocol_lines(ref, external)}
+
+
+def protocol_lines(ref: CellReference, external: Sequence[ExternalPrediction] = ()) -> list[str]:
+    """The cells-mode protocol in words, with this run's numbers (for summary.md)."""
+    src = pd.Series(ref.select_source).value_counts()
+    n_score = [len(v) for v in ref.observed.values()]
+    lines = [
+        f"- Observed change of a held-out condition = mean of its held-out cells - mean of the {len(ref.control_idx)} "
+        f"held-out control cells (never used in training; {len(ref.train_control_idx)} training controls).",
+        "- Predicted change = mean of the method's predicted cells - mean of the method's own control prediction: "
+        "the model's predicted control cells (same training control cells as starting points, no shift), the "
+        "baselines' training controls, an external file's 'control' cells (else the training controls). No "
+        "control mean is shared between the observed and any predicted change.",
+        f"- Top-{N_TOP} DE genes (t-test vs the training controls) on cells the top-{N_TOP} metrics do not score: "
+        + "; ".join(f"{n} condition(s) on {s}" for s, n in src.items())
+        + f" (training cells when a condition has >= {MIN_SELECT_CELLS}; otherwise a seeded half of its held-out "
+        f"cells, the *_top20de metrics scoring the other half). The all-gene and cell metrics score all held-out "
+        f"cells: {min(n_score)}-{max(n_score)} per condition.",
+        "- coverage90_all / coverage90_top20de: share of genes (all / top-DE) whose observed change lies in the "
+        "central 90% of the model's posterior-predictive draws of the change, each draw of as many cells as "
+        "the observed change it is compared with.",
+    ]
+    for e in external:
+        lines.append(f"- external `{e.name}`: predicted cells from `{e.path}`, scored like the built-in methods "
+                     "(seed 0 only).")
+    return lines
+
+
+COVERAGE_METRICS = ("coverage90_all", "coverage90_top20de")
 
 
 # ----------------------------------------------------------------------------- effects mode
-def score_effects(pred_change, true_change, n_top: int = N_TOP) -> dict:
+def score_effects(pred_change, true_change, n_top: int = N_TOP, change_samples=None) -> dict:
     """Scores of one condition's predicted change against the real change (log1p-CPM scale):
     ``delta_rmse_all``, ``pearson_delta_all``, ``pearson_delta_top20de`` (the ``n_top`` genes
-    with the largest ``|true change|``)."""
-    from .metrics import pearson, rmse
+    with the largest ``|true change|``); with ``change_samples`` (draws x genes) also
+    ``coverage90_all`` and ``coverage90_top20de``."""
+    from .metrics import coverage, pearson, rmse
 
     p, t = np.asarray(pred_change, float).ravel(), np.asarray(true_change, float).ravel()
     top = np.argsort(-np.abs(t), kind="stable")[:n_top]
-    return {"delta_rmse_all": rmse(p, t), "pearson_delta_all": pearson(p, t),
-            "pearson_delta_top20de": pearson(p[top], t[top])}
+    out = {"delta_rmse_all": rmse(p, t), "pearson_delta_all": pearson(p, t),
+           "pearson_delta_top20de": pearson(p[top], t[top])}
+    if change_samples is not None:
+        draws = np.asarray(change_samples, float)
+        out["coverage90_all"] = coverage(draws, t, 0.9)
+        out["coverage90_top20de"] = coverage(draws[:, top], t[top], 0.9)
+    return out
+
+
+def effects_change_draws(vae, condition: str, n_draws: int, n_cells: int, seed: int) -> np.ndarray:
+    """``n_draws`` x genes posterior-predictive draws of the pseudobulk log1p(CPM) change of
+    ``n_cells`` predicted cells of ``condition`` from as many predicted control cells; each
+    draw is one posterior draw of the globals (``predict`` draws one per listed condition) and
+    the same seed for both calls, so the condition and control blocks start alike."""
+    from . import data as D
+
+    pc = vae.predict([condition] * n_draws, n_cells=n_cells, seed=seed, unknown="ignore").X
+    p0 = vae.predict([D.CONTROL] * n_draws, n_cells=n_cells, seed=seed).X
+    blocks = [slice(k * n_cells, (k + 1) * n_cells) for k in range(n_draws)]
+    return np.stack([pseudobulk_log1p_cpm(pc[b]) - pseudobulk_log1p_cpm(p0[b]) for b in blocks])
 
 
 def pseudobulk_adata(adata, idx) -> "object":
@@ -311,11 +642,13 @@ def pseudobulk_adata(adata, idx) -> "object":
 
 
 def effects_benchmark(adata, split, methods: Sequence[str], model_cfg: dict | None = None,
-                      train_cfg: dict | None = None, seeds: int = 1, n_pred_cells: int = 500):
+                      train_cfg: dict | None = None, seeds: int = 1, n_pred_cells: int = 500,
+                      n_change_draws: int = 50, external: Sequence[ExternalPrediction] = ()):
     """Semi-synthetic Norman-effects benchmark (see module docstring). Returns (frame, extras)."""
     from . import data as D
     from .metrics import results_frame
 
+    external = [e.on_genes(adata.var_names) for e in external]
     truth = adata.uns.get("truth", {})
     if "true_delta_log1p_cpm" not in truth:
         raise BenchmarkError("effects scoring needs uns['truth']['true_delta_log1p_cpm'] "
@@ -332,9 +665,15 @@ def effects_benchmark(adata, split, methods: Sequence[str], model_cfg: dict | No
     if not np.any(cond[train_idx] == D.CONTROL):
         raise BenchmarkError("no control cells among the training cells")
     pb = pseudobulk_adata(adata, train_idx)
-    # noise floor: the observed held-out cells' own pseudobulk change vs the real change
+    # noise floor: the observed held-out cells' own pseudobulk change (from the held-out
+    # controls, else the training ones) vs the real change
+    from .data.splits import heldout_control_idx
+
     test_idx = np.asarray(split.test_idx)
-    ctrl_pb = pseudobulk_log1p_cpm(adata.X[train_idx[cond[train_idx] == D.CONTROL]])
+    ref_ctrl = heldout_control_idx(split, adata)
+    ctrl_pb = pseudobulk_log1p_cpm(adata.X[ref_ctrl if len(ref_ctrl) >= 2
+                                           else train_idx[cond[train_idx] == D.CONTROL]])
+    n_held = {c: int(np.sum(cond[test_idx] == c)) for c in conds}
     floor = {c: score_effects(pseudobulk_log1p_cpm(adata.X[test_idx[cond[test_idx] == c]]) - ctrl_pb,
                               true_of[c])["delta_rmse_all"] for c in conds}
     # context: the plain sum of the REAL single changes (no sampling noise at all)
@@ -352,6 +691,7 @@ def effects_benchmark(adata, split, methods: Sequence[str], model_cfg: dict | No
         for method in methods:
             bar.set_description(f"seed {seed} {method}: fit")
             t0 = time.perf_counter()
+            draws = {}
             if method in MODEL_VARIANTS:
                 vae = _fit_model(adata, split, model_cfg or {}, train_cfg or {}, method, seed)
                 t_fit = time.perf_counter() - t0
@@ -362,6 +702,9 @@ def effects_benchmark(adata, split, methods: Sequence[str], model_cfg: dict | No
                 pred = vae.predict(conds, n_cells=n_pred_cells, seed=seed, unknown="ignore")
                 pcond = _conditions(pred)
                 change = {c: pseudobulk_log1p_cpm(pred.X[np.flatnonzero(pcond == c)]) - base for c in conds}
+                if n_change_draws >= 2:
+                    draws = {c: effects_change_draws(vae, c, n_change_draws, max(n_held[c], 2), seed * 100003 + i)
+                             for i, c in enumerate(conds)}
             else:
                 b = _fit_baseline(method, pb, None, seed)
                 t_fit = time.perf_counter() - t0
@@ -371,7 +714,8 @@ def effects_benchmark(adata, split, methods: Sequence[str], model_cfg: dict | No
                 notes = dict(b.notes)
             for c in conds:
                 rows.append({"method": method, "condition": c, "group": groups[c], "seed": seed,
-                             "note": notes.get(c, ""), "metrics": score_effects(change[c], true_of[c])})
+                             "note": notes.get(c, ""),
+                             "metrics": score_effects(change[c], true_of[c], change_samples=draws.get(c))})
                 if seed == 0:
                     deltas[(method, c)] = change[c]
                 bar.update(1)
@@ -379,11 +723,31 @@ def effects_benchmark(adata, split, methods: Sequence[str], model_cfg: dict | No
                             "total_seconds": time.perf_counter() - t0})
             log.info("seed %d %s: fit %.1f s, total %.1f s", seed, method, t_fit, time.perf_counter() - t0)
     bar.close()
+    missing = {}
+    for ext in external:  # the model's recipe: pseudobulk of predicted counts minus predicted control
+        own = ext.cells(D.CONTROL, counts=True)
+        base = pseudobulk_log1p_cpm(own) if own is not None else pseudobulk_log1p_cpm(
+            adata.X[train_idx[cond[train_idx] == D.CONTROL]])
+        missing[ext.name] = [c for c in conds if ext.cells(c) is None]
+        for c in conds:
+            x = ext.cells(c, counts=True)
+            if ext.counts is None:
+                m = _missing_metrics(EFFECT_METRICS[:3], f"{ext.name}: effects scoring needs predicted counts; "
+                                                     "the file holds log-normalised values only")
+            elif x is None:
+                m = _missing_metrics(EFFECT_METRICS[:3], f"{ext.name}: no predicted cells for {c} (missing)")
+            else:
+                m = score_effects(pseudobulk_log1p_cpm(x) - base, true_of[c])
+                deltas[(ext.name, c)] = pseudobulk_log1p_cpm(x) - base
+            note = "" if own is not None else f"{ext.name}: no 'control' cells; change from the training controls"
+            rows.append({"method": ext.name, "condition": c, "group": groups[c], "seed": 0, "note": note,
+                         "metrics": m})
     df = results_frame(rows)
     top = {c: list(np.argsort(-np.abs(true_of[c]), kind="stable")[:N_TOP]) for c in conds}
     return df, {"timings": timings, "deltas": deltas, "obs_delta": {c: true_of[c] for c in conds},
                 "top_de": top, "noise_floor": floor, "shrink": shrink,
-                "oracle_additive": oracle, "closure_gap": gap}
+                "oracle_additive": oracle, "closure_gap": gap, "missing": missing,
+                "external": {e.name: e.path for e in external}}
 
 
 # ----------------------------------------------------------------------------- summary
@@ -447,6 +811,14 @@ def summary_text(df: pd.DataFrame, config_name: str, header: Sequence[str], mode
     metrics = [m for m in metric_order if m in set(df["metric"])]
     n_seeds = df["seed"].nunique()
     lines = [f"# Benchmark: config `{config_name}`", "", *header, ""]
+    if extras.get("protocol"):
+        lines += ["## Protocol", "", *extras["protocol"], ""]
+    for name, miss in (extras.get("missing") or {}).items():
+        if miss:
+            lines += [f"**Missing predictions**: `{name}` has no predicted cells for {len(miss)} of the "
+                      f"{df['condition'].nunique()} held-out conditions ({', '.join(miss[:20])}"
+                      f"{', ...' if len(miss) > 20 else ''}); its averages are over the other conditions "
+                      "(a note on each of these rows in results.csv).", ""]
     cond_groups = df.drop_duplicates("condition").set_index("condition")["group"]
     counts = cond_groups.value_counts()
     small = [g for g in GROUPS if 0 < counts.get(g, 0) < 10]
@@ -497,8 +869,8 @@ def summary_text(df: pd.DataFrame, config_name: str, header: Sequence[str], mode
         lines += ["", f"additive_shrink: global factor {c:.3f}, fitted on {n} training double(s) "
                       "(the sum of the singles' changes times this factor)."]
     conds = list(dict.fromkeys(df.sort_values(["group", "condition"])["condition"]))
-    key_metrics = ([m for m in ("pearson_delta_all", "pseudobulk_rmse_all", "nrmse", "coverage90_top20de")
-                    if m in metrics] if mode == "cells" else metrics)
+    key_metrics = ([m for m in ("pearson_delta_all", "pseudobulk_rmse_all", "nrmse", "coverage90_all",
+                                "coverage90_top20de") if m in metrics] if mode == "cells" else metrics)
     lines += ["", "## Per condition", ""]
     if len(conds) > max_condition_rows:
         lines += [f"{len(conds)} conditions: the per-condition values are in results.csv "
@@ -623,6 +995,7 @@ def run(name: str, overrides: Sequence[str]):
     if n_pred < 2:
         raise BenchmarkError(f"benchmark.n_pred_cells must be >= 2, got {n_pred}")
     n_draws = int(b.get("n_change_draws", 50))
+    external = read_external(b.get("external"))  # a bad file fails here, before any fit
     threads = b.get("torch_threads")
     if threads:
         import torch
@@ -647,9 +1020,11 @@ def run(name: str, overrides: Sequence[str]):
         log.info("benchmark (%s mode): methods %s, %d seed(s), %d predicted cells per condition, %d epochs",
                  mode, ", ".join(methods), seeds, n_pred, train_cfg.get("epochs", -1))
         if effects_mode:
-            df, extras = effects_benchmark(adata, split, methods, model_cfg, train_cfg, seeds, n_pred)
+            df, extras = effects_benchmark(adata, split, methods, model_cfg, train_cfg, seeds, n_pred, n_draws,
+                                           external=external)
         else:
-            df, extras = cell_benchmark(adata, split, methods, model_cfg, train_cfg, seeds, n_pred, n_draws)
+            df, extras = cell_benchmark(adata, split, methods, model_cfg, train_cfg, seeds, n_pred, n_draws,
+                                        external=external)
         df = df[RESULT_COLUMNS]
         _atomic_csv(run_dir / "results.csv", df)
         if extras.get("timings"):
@@ -676,8 +1051,7 @@ def run(name: str, overrides: Sequence[str]):
                        "profiles. Scored against the REAL changes in uns['truth']['true_delta_log1p_cpm']."]
         else:
             header += ["- scale: log1p(counts / total * 1e4) recomputed from counts for observed cells and "
-                       "baselines alike; top-20 DE genes computed once per condition on the observed held-out "
-                       "cells vs the training control cells"]
+                       "baselines alike; changes and top-20 DE genes as in *Protocol* below"]
         atomic_write_text(run_dir / "summary.md", summary_text(df, name, header, mode, extras))
         make_plots(df, extras, run_dir, mode, int(b.get("n_plot_conditions", 4)))
     print(f"\nbenchmark of {', '.join(methods)} on {len(set(df.condition))} held-out conditions, "
@@ -692,7 +1066,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     extra = ("\n\nbenchmark keys: benchmark.seeds=N (fits with train.seed 0..N-1), "
              "benchmark.methods=[" + ",".join(ALL_METHODS) + "], benchmark.n_pred_cells=N, "
              "benchmark.n_change_draws=N, benchmark.train.KEY=VALUE (train overrides for the "
-             "benchmark's fits; explicit train.KEY=VALUE wins)")
+             "benchmark's fits; explicit train.KEY=VALUE wins), "
+             "benchmark.external=[NAME=path/pred.h5ad,...] (other tools' predicted cells, one row each)")
     return cli_main(run, argv, prog, extra, errors=(BenchmarkError,))
 
 

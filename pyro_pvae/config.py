@@ -337,7 +337,8 @@ class BenchmarkConfig(_Section):
         "PerturbedVAE", "PerturbedVAE_no_alignment", "PerturbedVAE_dense_prior", "control_mean", "additive",
         "additive_shrink", "linear"])
     n_pred_cells: int = setting(200, ge=2)  # predicted cells per held-out condition
-    n_change_draws: int = setting(50, ge=1)  # posterior predictive draws for coverage90_top20de
+    n_change_draws: int = setting(50, ge=1)  # posterior predictive draws for coverage90_all / _top20de
+    external: List[str] = setting(factory=list)  # NAME=path/pred.h5ad: another tool's predicted cells, one method row each
     n_plot_conditions: int = setting(4, ge=0)  # conditions in the predicted-vs-observed plot
     train: Dict[str, Any] = setting(factory=dict)  # train.* overrides for the benchmark's fits (train.KEY=... wins)
     torch_threads: Optional[int] = setting(1, ge=1)  # torch intra-op CPU threads (null: torch's default)

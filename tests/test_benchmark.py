@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 from pyro_pvae import benchmark as B
 from pyro_pvae import data as D
@@ -15,8 +16,9 @@ EXPECTED_COLUMNS = {"method", "condition", "metric", "value", "seed", "group", "
 MODEL_ROWS = ("PerturbedVAE", "PerturbedVAE_no_alignment", "PerturbedVAE_dense_prior")
 BASELINES = ("control_mean", "additive", "additive_shrink", "linear")
 CELL_METRICS = {"nrmse", "r2_mean", "mmd", "pearson_delta_all", "pearson_delta_top20de",
-                "pseudobulk_rmse_all", "pseudobulk_rmse_top20de", "l2_mean_all", "energy_distance",
+                "pseudobulk_rmse_all", "pseudobulk_rmse_top20de", "delta_rmse_all", "l2_mean_all", "energy_distance",
                 "direction_acc_top20de"}
+COVERAGE = {"coverage90_all", "coverage90_top20de"}
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +43,11 @@ def test_results_columns_methods_metrics(tiny_run):
     df = pd.read_csv(tiny_run / "results.csv", keep_default_na=False, na_values=[""])
     assert set(df.columns) == EXPECTED_COLUMNS
     assert set(df["method"]) == set(MODEL_ROWS) | set(BASELINES)
-    assert set(df["metric"]) == CELL_METRICS | {"coverage90_top20de"}
+    assert set(df["metric"]) == CELL_METRICS | COVERAGE
     # coverage only for model rows
-    cov = df[df["metric"] == "coverage90_top20de"]
+    cov = df[df["metric"].isin(COVERAGE)]
     assert set(cov["method"]) == set(MODEL_ROWS)
+    assert cov[cov.metric == "coverage90_all"]["value"].between(0, 1).all()
     # every held-out condition for every method and every metric of that method
     split = D.Split.from_json(tiny_run / "split.json")
     held = {c for c in split.test_groups if c != D.CONTROL}
@@ -52,7 +55,7 @@ def test_results_columns_methods_metrics(tiny_run):
     for m in set(df["method"]):
         dm = df[df["method"] == m]
         assert set(dm["condition"]) == held, m
-        n_metrics = len(CELL_METRICS) + (1 if m in MODEL_ROWS else 0)
+        n_metrics = len(CELL_METRICS) + (len(COVERAGE) if m in MODEL_ROWS else 0)
         assert len(dm) == len(held) * n_metrics, m
     # groups as in the split, conditions canonical
     groups = df.drop_duplicates("condition").set_index("condition")["group"].to_dict()
@@ -73,6 +76,9 @@ def test_summary_has_methods_and_no_reference(tiny_run):
         assert f"| {m} |" in text, m
     assert "published" not in text.lower()
     assert "## Group `single`" in text
+    # the protocol, with this run's numbers: the tiny simulation has 300 controls, 150 held out
+    assert "## Protocol" in text and "mean of the 150 held-out control cells" in text
+    assert "on cells the top-20 metrics do not score" in text
 
 
 def test_reference_rows_only_for_published_configs():
@@ -134,7 +140,7 @@ def test_effects_additive_matches_hand_rmse(effects_instance):
     change = lambda c: _pb(adata.X[tr[cond[tr] == c]]) - ctrl  # noqa: E731
     held = [c for c in split.test_groups if "+" in c]
     assert held and set(df["condition"]) == set(split.test_groups)
-    assert set(df["metric"]) == set(B.EFFECT_METRICS)
+    assert set(df["metric"]) == set(B.EFFECT_METRICS) - {"coverage90_all", "coverage90_top20de"}  # baselines: no draws
     # training doubles give the shrink factor by least squares
     train_dbl = [c for c in set(cond[tr]) if "+" in c]
     num = sum(float((change(a) + change(b)) @ change(c))
@@ -165,3 +171,255 @@ def test_score_effects_by_hand():
     assert s["delta_rmse_all"] == pytest.approx(math.sqrt((0.25 + 1 + 0 + 1) / 4))
     assert s["pearson_delta_all"] == pytest.approx(np.corrcoef(p, t)[0, 1])
     assert s["pearson_delta_top20de"] == pytest.approx(np.corrcoef(p[[1, 0, 2]], t[[1, 0, 2]])[0, 1])
+
+
+# ------------------------------------------------------------------ cells-mode protocol
+def _no_effect_data(n_genes=300, seed=0):
+    """Counts where no perturbation has any effect: every cell is a draw of the same profile.
+    100 controls (as in the shipped subset), 8 singles of 60 cells, 5 doubles of 100."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    singles = [f"G{i}" for i in range(8)]
+    doubles = ["G0+G1", "G2+G3", "G4+G5", "G6+G7", "G1+G2"]
+    labels = ["control"] * 100 + [g for g in singles for _ in range(60)] + [d for d in doubles for _ in range(100)]
+    rate = rng.gamma(0.6, 2.0, n_genes)
+    X = rng.poisson(rate[None, :] * rng.lognormal(0, 0.2, (len(labels), 1)))
+    a = ad.AnnData(X=sp.csr_matrix(X.astype(np.float32)),
+                   obs=pd.DataFrame({"condition": labels}, index=[f"c{i}" for i in range(len(labels))]),
+                   var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]))
+    return D.to_canonical(a)
+
+
+@pytest.fixture(scope="module")
+def no_effect():
+    adata = _no_effect_data()
+    D.lognormalize(adata)
+    split = D.make_split(adata, "complete_doubles", 0, single_test_fraction=0.35)
+    return adata, split
+
+
+def test_reference_is_disjoint_from_training_and_selection(no_effect):
+    from pyro_pvae.metrics import top_de_genes
+
+    adata, split = no_effect
+    ref = B.observed_reference(adata, split)
+    cond = adata.obs["condition"].astype(str).to_numpy()
+    trainval = np.concatenate([split.train_idx, split.val_idx])
+    # 50 held-out controls: test cells labelled control, never training or validation cells
+    assert len(ref.control_idx) == 50 and set(cond[ref.control_idx]) == {"control"}
+    assert np.isin(ref.control_idx, split.test_idx).all() and not np.isin(ref.control_idx, trainval).any()
+    assert not np.isin(ref.train_control_idx, ref.control_idx).any()
+    L = adata.layers["lognorm"]
+    for c, g in ref.groups.items():
+        held = split.test_idx[cond[split.test_idx] == c]
+        sel, sco = ref.select_idx[c], ref.top_score_idx[c]
+        assert not np.isin(sel, sco).any(), c  # DE genes chosen on cells the top-20 metrics do not score
+        assert np.array_equal(ref.score_idx[c], held)  # the all-gene metrics score every held-out cell
+        if g == "single":  # 39 training cells: select on them, score every held-out cell
+            assert ref.select_source[c] == "training cells"
+            assert np.isin(sel, split.train_idx).all() and np.array_equal(sco, held)
+        else:  # doubles: no training cell; halves of the held-out cells
+            assert ref.select_source[c] == "half of the held-out cells"
+            assert len(sel) == len(sco) == 50 and np.array_equal(np.sort(np.concatenate([sel, sco])), held)
+            np.testing.assert_allclose(ref.observed_top[c], L[sco].toarray())
+        assert ref.top_de[c] == top_de_genes(L[sel].toarray(), L[ref.train_control_idx].toarray(),
+                                             ref.genes)
+        want = L[held].toarray().mean(0, dtype=float) - L[ref.control_idx].toarray().mean(0, dtype=float)
+        np.testing.assert_allclose(ref.obs_delta[c], want, rtol=1e-6, atol=1e-9)
+    # a split without held-out controls is refused with the fix in the message
+    old = D.make_split(adata, "complete_doubles", 0, control_test_fraction=0.0)
+    with pytest.raises(B.BenchmarkError, match="control_test_fraction > 0"):
+        B.observed_reference(adata, old)
+
+
+def _write_external(path, conds, blocks, control=None, layer=None, genes=None):
+    """An .h5ad of predicted cells: ``blocks[i]`` are the cells of ``conds[i]``."""
+    import anndata as ad
+
+    if control is not None:
+        conds, blocks = [*conds, "control"], [*blocks, control]
+    X = np.vstack([np.asarray(b.toarray() if hasattr(b, "toarray") else b, np.float32) for b in blocks])
+    labels = [c for c, b in zip(conds, blocks) for _ in range(b.shape[0])]
+    obs = pd.DataFrame({"condition": labels}, index=[f"p{i}" for i in range(len(labels))])
+    a = ad.AnnData(X=None if layer else X, obs=obs, layers={layer: X} if layer else None,
+                   var=pd.DataFrame(index=genes if genes is not None else [f"g{i}" for i in range(X.shape[1])]))
+    a.write_h5ad(path)
+    return f"{path.stem}={path}"
+
+
+def _value(df, method, cond, metric):
+    v = df[(df.method == method) & (df.condition == cond) & (df.metric == metric)]["value"]
+    assert len(v) == 1, (method, cond, metric)
+    return float(v.iloc[0])
+
+
+def test_constant_vector_and_additive_score_zero_without_effects(no_effect, tmp_path):
+    """No condition has an effect. A method whose predicted change is the mean change of the
+    training singles from the training controls (one constant vector) must not score: the
+    observed changes are measured from held-out controls. Under the old protocol (training
+    controls) the same vector scores high."""
+    from pyro_pvae.metrics import pearson
+
+    adata, split = no_effect
+    cond = adata.obs["condition"].astype(str).to_numpy()
+    L = adata.layers["lognorm"]
+    tr = split.train_idx
+    train_ctrl = L[tr[cond[tr] == "control"]].toarray()
+    single_rows = tr[(cond[tr] != "control") & (np.char.find(cond[tr].astype(str), "+") < 0)]
+    const = L[single_rows].toarray().mean(0) - train_ctrl.mean(0)
+    ref = B.observed_reference(adata, split)
+    doubles = [c for c, g in ref.groups.items() if g == "seen2"]
+    assert len(doubles) == 5 and len(single_rows) > 250  # 8 x 39, less the validation cells
+    ext = B.read_external([_write_external(tmp_path / "constant.h5ad", doubles,
+                                           [train_ctrl + const] * len(doubles), train_ctrl, layer="lognorm")])
+    df, _ = B.cell_benchmark(adata, split, ["additive"], {}, {}, n_pred_cells=100, external=ext)
+    new = [_value(df, "constant", c, "pearson_delta_all") for c in doubles]
+    add = [_value(df, "additive", c, "pearson_delta_all") for c in doubles]
+    old = [pearson(const, ref.observed[c].mean(0) - train_ctrl.mean(0)) for c in doubles]
+    print("constant vector, Pearson delta on the doubles: held-out controls", np.round(new, 3),
+          "training controls", np.round(old, 3), "; additive", np.round(add, 3))
+    assert abs(np.mean(new)) < 0.1 and abs(np.mean(add)) < 0.1
+    assert np.mean(old) > 0.4
+    # the singles it lacks are reported as missing
+    singles_held = [c for c, g in ref.groups.items() if g == "single"]
+    miss = df[(df.method == "constant") & df.condition.isin(singles_held)]
+    assert miss["value"].isna().all() and miss["note"].str.contains("no predicted cells .* \\(missing\\)").all()
+
+
+def test_external_file_scores_like_the_builtin_method(no_effect, tmp_path):
+    """The additive baseline's own predictions saved as .h5ad score exactly like the built-in
+    additive row; an oracle file (the scored cells' counts, held-out controls as its control)
+    scores a perfect change; conditions a file lacks are missing, in results and summary."""
+    from pyro_pvae.baselines import make_baseline
+
+    adata, split = no_effect
+    ref = B.observed_reference(adata, split)
+    conds = list(ref.groups)
+    b = make_baseline("additive").fit(adata, split)
+    pred = b.predict(conds, n_cells=60, seed=0)  # what cell_benchmark asks of it for seed 0
+    pc = pred.obs["condition"].astype(str).to_numpy()
+    add = _write_external(tmp_path / "mine.h5ad", conds, [pred.layers["lognorm"][pc == c] for c in conds],
+                          ref.train_control, layer="lognorm")
+    X = adata.X
+    oracle = _write_external(tmp_path / "oracle.h5ad", conds[1:], [X[ref.score_idx[c]] for c in conds[1:]],
+                             X[ref.control_idx])
+    counts = _write_external(tmp_path / "counts_layer.h5ad", conds[1:], [X[ref.score_idx[c]] for c in conds[1:]],
+                             X[ref.control_idx], layer="counts")
+    singles = [c for c in conds[1:] if ref.groups[c] == "single"]
+    ext = B.read_external([add, oracle, counts])
+    df, extras = B.cell_benchmark(adata, split, ["additive"], {}, {}, n_pred_cells=60, external=ext)
+    a = df[df.method == "additive"].set_index(["condition", "metric"])["value"]
+    m = df[df.method == "mine"].set_index(["condition", "metric"])["value"]
+    assert len(a) == len(conds) * len(B.CELL_METRICS[:-2]) and a.index.equals(m.index)
+    np.testing.assert_allclose(m.to_numpy(), a.to_numpy(), rtol=1e-9, equal_nan=True)
+    for name in ("oracle", "counts_layer"):
+        for c in conds[1:]:
+            assert _value(df, name, c, "pearson_delta_all") == pytest.approx(1.0, abs=1e-6)
+            assert _value(df, name, c, "delta_rmse_all") == pytest.approx(0.0, abs=1e-6)
+            assert _value(df, name, c, "pseudobulk_rmse_all") == pytest.approx(0.0, abs=1e-6)
+        for c in singles:  # top-20 metrics scored on the same (all held-out) cells
+            assert _value(df, name, c, "pearson_delta_top20de") == pytest.approx(1.0, abs=1e-6)
+        assert np.isnan(_value(df, name, conds[0], "pearson_delta_all"))
+    assert extras["missing"] == {"mine": [], "oracle": [conds[0]], "counts_layer": [conds[0]]}
+    text = B.summary_text(df, "x", [], "cells", extras)
+    assert f"`oracle` has no predicted cells for 1 of the {len(conds)} held-out conditions ({conds[0]})" in text
+    assert "| mine |" in text and "external `mine`" in text
+
+
+def test_external_bad_files_fail_before_any_fit(tmp_path, capsys):
+    import anndata as ad
+
+    garbage = tmp_path / "garbage.h5ad"
+    garbage.write_bytes(b"not an h5ad file")
+    nocond = tmp_path / "nocond.h5ad"
+    ad.AnnData(X=np.ones((3, 2), np.float32), obs=pd.DataFrame({"label": ["a"] * 3}, index=list("xyz"))).write_h5ad(nocond)
+    cases = {f"x={tmp_path}/absent.h5ad": "does not exist", f"x={garbage}": "cannot read",
+             f"x={nocond}": "has no obs['condition'] column (columns: label)",
+             f"additive={nocond}": "already taken", str(nocond): "expected NAME=path"}
+    for entry, message in cases.items():
+        run_dir = tmp_path / "run"
+        rc = B.main(["--config", "tiny", f"benchmark.external=[{entry}]", f"output.run_dir={run_dir}"])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err, (entry, err)
+        assert len(err.strip().splitlines()) == 1 and not run_dir.exists()
+    # a file without the data's genes fails before any fit as well
+    ext = B.read_external([f"x={nocond}"[:0] + _write_external(tmp_path / "genes.h5ad", ["G0"], [np.ones((2, 3))])])
+    adata = _no_effect_data(n_genes=20)
+    split = D.make_split(adata, "complete_doubles", 0)
+    with pytest.raises(B.BenchmarkError, match="17 of the data's 20 genes are not in"):
+        B.cell_benchmark(adata, split, ["PerturbedVAE"], {}, {}, external=ext)
+
+
+def test_external_override_is_quoted_for_hydra():
+    ov = B.hydra_overrides(["benchmark.external=[a=x/p.h5ad, b=/tmp/q.h5ad]", "benchmark.train.lr=0.1"])
+    assert ov == ["benchmark.external=['a=x/p.h5ad','b=/tmp/q.h5ad']", "++benchmark.train.lr=0.1"]
+    from pyro_pvae.config import compose
+
+    assert list(compose("tiny", ov).benchmark.external) == ["a=x/p.h5ad", "b=/tmp/q.h5ad"]
+
+
+# ------------------------------------------------------------------ effects mode: coverage, externals
+def test_score_effects_coverage_by_hand():
+    t = np.array([1.0, -2.0, 0.5, 0.0])
+    draws = np.tile(np.linspace(-1.0, 1.0, 101)[:, None], (1, 4))  # 5%..95%: -0.9..0.9
+    s = B.score_effects(np.zeros(4), t, n_top=2, change_samples=draws)
+    assert s["coverage90_all"] == 0.5  # 0.5 and 0.0 inside
+    assert s["coverage90_top20de"] == 0.0  # the two largest |t|: -2 and 1, both outside
+    assert "coverage90_all" not in B.score_effects(np.zeros(4), t)
+
+
+class _FakeVAE:
+    """``predict`` of a model whose condition cells are its control cells times ``fold``."""
+
+    def __init__(self, base, fold):
+        self.base, self.fold = base, fold
+
+    def predict(self, conditions, n_cells, seed=0, unknown="error"):
+        import anndata as ad
+
+        rng = np.random.default_rng(seed)
+        blocks = [self.base[rng.integers(0, len(self.base), n_cells)] * (1.0 if c == "control" else self.fold)
+                  for c in conditions]
+        return ad.AnnData(X=np.vstack(blocks), obs=pd.DataFrame({"condition": np.repeat(conditions, n_cells)},
+                                                               index=[str(i) for i in range(n_cells * len(conditions))]))
+
+
+def test_effects_change_draws_pair_condition_and_control_blocks():
+    base = np.random.default_rng(0).poisson(5.0, (40, 6)).astype(float) + 1
+    fold = np.array([4.0, 1, 1, 1, 1, 0.25])
+    draws = B.effects_change_draws(_FakeVAE(base, fold), "A", n_draws=7, n_cells=30, seed=3)
+    assert draws.shape == (7, 6)
+    # each draw: the same control cells with and without the shift
+    fake = _FakeVAE(base, fold).predict(["A"] * 7, 30, seed=3).X
+    for k in range(7):
+        ctrl = fake[30 * k: 30 * (k + 1)] / fold
+        want = _pb(sp.csr_matrix(fake[30 * k: 30 * (k + 1)])) - _pb(sp.csr_matrix(ctrl))
+        np.testing.assert_allclose(draws[k], want, atol=1e-9)
+
+
+def test_effects_external_counts_and_missing(effects_instance, tmp_path):
+    """An external file holding the held-out cells' own counts (and the held-out controls as
+    its control) scores exactly the noise floor; a log-normalised-only file cannot be scored
+    on the log1p(CPM) scale and says so; a condition it lacks is missing."""
+    from pyro_pvae.data.splits import heldout_control_idx
+
+    adata, split = effects_instance
+    cond = adata.obs["condition"].astype(str).to_numpy()
+    te = split.test_idx
+    held = [c for c in split.test_groups if c in set(cond[te])]
+    rev = np.arange(adata.n_vars)[::-1]  # the file's genes in another order
+    genes = list(adata.var_names[rev])
+    blocks = [adata.X[te[cond[te] == c]][:, rev] for c in held[1:]]
+    ctrl = adata.X[heldout_control_idx(split, adata)][:, rev]
+    own = _write_external(tmp_path / "own.h5ad", held[1:], blocks, ctrl, genes=genes)
+    logn = _write_external(tmp_path / "logn.h5ad", held, [np.log1p(b.toarray()) for b in [blocks[0]] * len(held)],
+                           layer="lognorm", genes=genes)
+    df, extras = B.effects_benchmark(adata, split, ["additive"], external=B.read_external([own, logn]))
+    for c in held[1:]:
+        assert _value(df, "own", c, "delta_rmse_all") == pytest.approx(extras["noise_floor"][c], rel=1e-9)
+    assert np.isnan(_value(df, "own", held[0], "delta_rmse_all"))
+    assert extras["missing"]["own"] == [held[0]]
+    notes = df[df.method == "logn"]["note"]
+    assert df[df.method == "logn"]["value"].isna().all() and notes.str.contains("needs predicted counts").all()

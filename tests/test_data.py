@@ -12,6 +12,7 @@ import scipy.sparse as sp
 import torch
 
 from pyro_pvae import data
+from pyro_pvae.data.splits import heldout_control_idx
 from pyro_pvae.data import DataError
 
 # ---------------------------------------------------------------------------------------
@@ -497,8 +498,11 @@ def test_split_invariants_determinism_json(name, canon, tmp_path):
     assert s.test_groups == s2.test_groups
     cond = canon.obs["condition"].astype(str).to_numpy()
     ctrl = np.flatnonzero(cond == "control")
-    if name != "iid":  # controls always in training (train or val)
-        assert set(ctrl) <= set(s.train_idx) | set(s.val_idx)
+    held = heldout_control_idx(s, canon)
+    # half of the controls are held out (test cells labelled control), the rest train or validate
+    assert len(held) == round(0.5 * len(ctrl)) and set(cond[held]) == {"control"}
+    assert set(ctrl) - set(held) <= set(s.train_idx) | set(s.val_idx)
+    assert "control" not in s.test_groups and s.params["control_test_fraction"] == 0.5
     assert len(s.val_idx) > 0
     p = tmp_path / "sub" / "split.json"
     s.to_json(p)
@@ -530,9 +534,11 @@ def test_norman_discrepancy_first_96_and_seen_groups():
     assert not set(np.flatnonzero(cond == "MAP2K3")) & te  # not one of the 14
     assert s.test_groups == {"KLF1": "single", "SET": "single", "KLF1+MAP2K3": "seen2",
                              "CEBPE+KLF1": "seen1", "CEBPE+FOXA1": "seen0"}
-    # seeds change val only, never test
+    # seeds change val and the held-out controls only, never the perturbed test cells
     s7 = data.split_norman_discrepancy(c, seed=7)
-    np.testing.assert_array_equal(s7.test_idx, s.test_idx)
+    pert = lambda idx: idx[cond[idx] != "control"]  # noqa: E731
+    np.testing.assert_array_equal(pert(s7.test_idx), pert(s.test_idx))
+    assert not np.array_equal(heldout_control_idx(s7, c), heldout_control_idx(s, c))
     assert not np.array_equal(s7.val_idx, s.val_idx)
 
 
@@ -586,11 +592,39 @@ def test_complete_doubles_on_shipped_file():
 
 
 def test_iid_split_fractions(canon):
-    s = data.split_iid(canon, seed=0, test_fraction=0.25)
+    s = data.split_iid(canon, seed=0, test_fraction=0.25, control_test_fraction=0.4)
     cond = canon.obs["condition"].astype(str).to_numpy()
     for c, n in DESIGN.items():
-        assert (cond[s.test_idx] == c).sum() == round(0.25 * n)
+        assert (cond[s.test_idx] == c).sum() == round((0.4 if c == "control" else 0.25) * n)
     assert "control" not in s.test_groups
+
+
+@pytest.mark.parametrize("name", ["norman_discrepancy", "combo_seen", "complete_doubles", "iid"])
+def test_heldout_controls_never_train(name):
+    """The held-out controls are test cells, never training or validation cells; the share is
+    a parameter (0: every control trains) and changing it moves no other cell."""
+    from pyro_pvae.datasets import norman19_subset
+
+    a = norman19_subset()
+    cond = a.obs["condition"].astype(str).to_numpy()
+    ctrl = np.flatnonzero(cond == "control")
+    s = data.make_split(a, name, seed=1, control_test_fraction=0.3)
+    held = heldout_control_idx(s, a)
+    assert len(ctrl) == 100 and len(held) == 30
+    assert np.isin(held, s.test_idx).all()
+    assert not np.isin(held, s.train_idx).any() and not np.isin(held, s.val_idx).any()
+    assert np.array_equal(np.sort(np.concatenate([held, s.train_idx[cond[s.train_idx] == "control"],
+                                                  s.val_idx[cond[s.val_idx] == "control"]])), ctrl)
+    # the default: 50 of the shipped subset's 100 controls held out
+    assert len(heldout_control_idx(data.make_split(a, name, seed=1), a)) == 50
+    none = data.make_split(a, name, seed=1, control_test_fraction=0.0)
+    assert len(heldout_control_idx(none, a)) == 0
+    assert set(ctrl) <= set(none.train_idx) | set(none.val_idx)
+    # other cells: the same test set whatever the control share
+    pert = lambda idx: idx[cond[idx] != "control"]  # noqa: E731
+    np.testing.assert_array_equal(pert(s.test_idx), pert(none.test_idx))
+    with pytest.raises(DataError, match=r"control_test_fraction must be in \[0, 1\), got 1.0"):
+        data.make_split(a, name, seed=1, control_test_fraction=1.0)
 
 
 def test_split_notes_targets_without_training_cells(tmp_path, caplog):
@@ -634,7 +668,7 @@ def test_validation_cells_never_take_a_conditions_last_training_cell():
     cond = np.array(rows)
     picked = set()
     for seed in range(30):
-        s = data.split_iid(c, seed=seed, test_fraction=0.0)
+        s = data.split_iid(c, seed=seed, test_fraction=0.0, control_test_fraction=0.0)
         assert len(s.val_idx) == 1 and set(cond[s.train_idx]) == set(rows)
         picked.add(cond[s.val_idx[0]])
     assert picked == {"control", "B"}

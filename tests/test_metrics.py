@@ -134,7 +134,7 @@ def test_evaluate_condition_keys_and_values():
     expected = {"nrmse", "r2_mean", "mmd", "pearson_delta_all", "pearson_delta_top20de",
                 "pseudobulk_rmse_all", "pseudobulk_rmse_top20de", "l2_mean_all",
                 "l2_mean_top20de", "energy_distance", "direction_acc_top20de",
-                "coverage90_top20de", "delta_rmse_all"}
+                "coverage90_all", "coverage90_top20de", "delta_rmse_all"}
     assert set(res) == expected
     assert all(isinstance(v, float) and math.isfinite(v) for v in res.values())
     assert res["pearson_delta_all"] > 0.9
@@ -199,3 +199,83 @@ def test_summary_markdown_keeps_reference_rows_separate():
     assert "additive" in measured and "0.3500 ± 0.0707" in measured
     assert "additive" not in published
     assert "published" not in M.summary_markdown(M.results_frame(rows))
+
+
+# ------------------------------------------------------------------ protocol: known answers
+def _no_effect_cells(rng, mu, sd):
+    return lambda n: mu + sd * rng.normal(size=(n, len(mu)))  # every condition = control
+
+
+def test_constant_vector_scores_zero_against_disjoint_controls():
+    """A method predicting one constant vector, the mean change of the training singles from
+    the training controls, knows nothing of any condition. On data with no effect at all it
+    correlates with every observed change measured from the SAME training controls (shared
+    noise), and not at all with changes measured from held-out controls."""
+    rng = np.random.default_rng(0)
+    G = 300
+    cells = _no_effect_cells(rng, rng.uniform(0.5, 2.0, G), rng.uniform(0.2, 1.0, G))
+    genes = [f"g{i}" for i in range(G)]
+    new, old = [], []
+    for _ in range(20):
+        train_ctrl, held_ctrl, obs = cells(48), cells(47), cells(100)
+        const = cells(600).mean(0) - train_ctrl.mean(0)
+        pred = train_ctrl[rng.integers(0, 48, 200)] + const
+        kw = dict(top_de=[0, 1, 2], batch_size=200)  # one batch: keeps the cell metrics cheap
+        new.append(M.evaluate_condition(pred, obs, held_ctrl, genes, pred_ctrl_lognorm=train_ctrl,
+                                        **kw)["pearson_delta_all"])
+        old.append(M.evaluate_condition(pred, obs, train_ctrl, genes, **kw)["pearson_delta_all"])
+    assert abs(np.mean(new)) < 0.05 and np.max(np.abs(new)) < 0.25
+    assert np.mean(old) > 0.5  # what the shared control mean hands it
+
+
+def test_perfect_predictive_distribution_covers_90_percent_on_disjointly_chosen_genes():
+    """Draws of the observed change from its true sampling distribution cover ~90% of all
+    genes and of top-20 DE genes chosen on other cells; chosen on the scored cells, far fewer."""
+    rng = np.random.default_rng(1)
+    G, n = 200, 50
+    sd = rng.uniform(0.3, 1.0, G)
+    base = rng.uniform(0.5, 2.0, G)
+    cov_all, cov_disjoint, cov_same = [], [], []
+    for _ in range(30):
+        effect = np.zeros(G)
+        effect[rng.choice(G, 10, replace=False)] = rng.choice([-1, 1], 10) * rng.uniform(0.5, 1.5, 10)
+        cond = _no_effect_cells(rng, base + effect, sd)
+        ctrl = _no_effect_cells(rng, base, sd)
+        select, scored, train_ctrl, held_ctrl = cond(n), cond(n), ctrl(n), ctrl(n)
+        obs_delta = scored.mean(0) - held_ctrl.mean(0)
+        draws = effect + sd * np.sqrt(2.0 / n) * rng.normal(size=(400, G))  # exact sampling distribution
+        genes = [f"g{i}" for i in range(G)]
+        top_disjoint = M._gene_index(M.top_de_genes(select, train_ctrl, genes), genes, G)
+        top_same = M._gene_index(M.top_de_genes(scored, held_ctrl, genes), genes, G)
+        res = M.evaluate_condition(scored, scored, held_ctrl, genes, top_de=top_disjoint,
+                                   pred_change_samples=draws, batch_size=n)
+        cov_all.append(res["coverage90_all"])
+        cov_disjoint.append(res["coverage90_top20de"])
+        cov_same.append(M.coverage(draws[:, top_same], obs_delta[top_same]))
+    assert 0.87 < np.mean(cov_all) < 0.93
+    assert 0.84 < np.mean(cov_disjoint) < 0.96
+    assert np.mean(cov_same) < 0.75
+
+
+def test_predicted_change_uses_the_methods_own_controls():
+    obs, ctrl, genes, shift = _toy_condition()
+    own = ctrl + 0.5  # the method's control prediction is off by 0.5 everywhere ...
+    pred = own + shift  # ... and so is its prediction of the condition: the change is right
+    res = M.evaluate_condition(pred, obs, ctrl, genes, top_de=[0, 1, 2], pred_ctrl_lognorm=own)
+    want = (pred.mean(0) - own.mean(0)) - (obs.mean(0) - ctrl.mean(0))
+    assert res["delta_rmse_all"] == pytest.approx(np.sqrt(np.mean(want ** 2)))
+    assert res["delta_rmse_all"] < 0.05 and res["pearson_delta_all"] > 0.99
+    assert res["pseudobulk_rmse_all"] > 0.45  # the means themselves are off by 0.5
+
+
+def test_top20_metrics_score_the_cells_they_are_given():
+    obs, ctrl, genes, shift = _toy_condition()
+    pred = ctrl + shift
+    other = obs[:20] + 1.0  # the cells the top-DE metrics score (disjoint from the selection)
+    res = M.evaluate_condition(pred, obs, ctrl, genes, top_de=[0, 1, 2], obs_top_lognorm=other,
+                               pred_change_samples=np.tile(shift, (50, 1)) + np.linspace(-0.05, 0.05, 50)[:, None],
+                               top_change_samples=np.tile(shift + 1.0, (50, 1)) + np.linspace(-0.5, 0.5, 50)[:, None])
+    top = [0, 1, 2]
+    assert res["pseudobulk_rmse_top20de"] == pytest.approx(M.rmse(pred.mean(0)[top], other.mean(0)[top]))
+    assert res["pseudobulk_rmse_all"] == pytest.approx(M.rmse(pred.mean(0), obs.mean(0)))
+    assert res["coverage90_top20de"] == 1.0  # the top draws (around shift + 1) fit the top cells' change

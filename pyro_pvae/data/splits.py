@@ -79,6 +79,27 @@ class Split:
                             f"{adata.n_obs}")
 
 
+#: default share of control cells held out as the reference for observed changes: half, so
+#: the held-out control mean is about as precise as the training one
+CONTROL_TEST_FRACTION = 0.5
+
+
+def _hold_out_controls(control: np.ndarray, seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) control positions: a seeded ``fraction`` of ``control`` (own random
+    stream; at least one control cell stays in training)."""
+    if not 0 <= fraction < 1:
+        raise DataError(f"control_test_fraction must be in [0, 1), got {fraction}")
+    k = _n_take(len(control), fraction)
+    pick = np.random.default_rng([int(seed), 104729]).permutation(len(control))
+    return np.sort(control[pick[k:]]), np.sort(control[pick[:k]])
+
+
+def heldout_control_idx(split: "Split", adata) -> np.ndarray:
+    """Positions of the held-out control cells of ``split``: its test cells labelled control."""
+    test = np.asarray(split.test_idx, dtype=np.int64)
+    return test[condition_labels(adata)[test] == CONTROL]
+
+
 def _groups(cond: np.ndarray) -> dict[str, np.ndarray]:
     """condition -> positions (in obs order), conditions sorted."""
     codes, uniq = pd.factorize(cond, sort=True)
@@ -158,14 +179,16 @@ def _kinds(groups: dict[str, np.ndarray]):
 
 def split_norman_discrepancy(adata, seed: int = 0,
                              heldout_singles: Sequence[str] = NORMAN_HELDOUT_SINGLES,
-                             n_heldout: int = 96, val_fraction: float = 0.05) -> Split:
-    """Norman 2019 protocol (Discrepancy-VAE / PerturbedVAE): train on controls and singles;
-    the first ``n_heldout`` cells (obs order) of each named single present go to test
-    (group 'single'); every combination is held out entirely, grouped seen0/1/2 by how many
-    of its genes are seen as singles in training."""
+                             n_heldout: int = 96, val_fraction: float = 0.05,
+                             control_test_fraction: float = CONTROL_TEST_FRACTION) -> Split:
+    """Norman 2019 protocol (Discrepancy-VAE / PerturbedVAE): train on controls (minus the
+    held-out share ``control_test_fraction``) and singles; the first ``n_heldout`` cells (obs
+    order) of each named single present go to test (group 'single'); every combination is held
+    out entirely, grouped seen0/1/2 by how many of its genes are seen as singles in training."""
     cond = condition_labels(adata)
     control, singles, combos = _kinds(_groups(cond))
-    train, test, groups = [control], [], {}
+    control, ctrl_test = _hold_out_controls(control, seed, control_test_fraction)
+    train, test, groups = [control], [ctrl_test], {}
     held = set(heldout_singles)
     for c, pos in singles.items():
         if c in held:
@@ -181,12 +204,14 @@ def split_norman_discrepancy(adata, seed: int = 0,
         groups[c] = _seen_group(parse_condition(c), seen)
     test = np.concatenate(test) if test else np.zeros(0, dtype=np.int64)
     return _finish_split("norman_discrepancy", seed, cond, train, test, groups, val_fraction,
-                         {"heldout_singles": list(heldout_singles), "n_heldout": n_heldout})
+                         {"heldout_singles": list(heldout_singles), "n_heldout": n_heldout,
+                          "control_test_fraction": control_test_fraction})
 
 
 def split_combo_seen(adata, seed: int = 0, unseen_gene_fraction: float = 0.2,
                      train_seen2_fraction: float = 0.5, single_test_fraction: float = 0.2,
-                     val_fraction: float = 0.05) -> Split:
+                     val_fraction: float = 0.05,
+                     control_test_fraction: float = CONTROL_TEST_FRACTION) -> Split:
     """GEARS-style combination split.
 
     A seeded ``unseen_gene_fraction`` of the genes that have a single condition is unseen:
@@ -196,14 +221,15 @@ def split_combo_seen(adata, seed: int = 0, unseen_gene_fraction: float = 0.2,
     a seeded ``train_seen2_fraction`` of the seen2 combinations goes to training, the other
     seen2 and all seen0/seen1 combinations to test. ``train_seen2_fraction=0`` gives the
     harder split with no combinations in training. ``params['unseen_genes']`` records the
-    unseen genes."""
+    unseen genes. A seeded ``control_test_fraction`` of the controls goes to test."""
     cond = condition_labels(adata)
     control, singles, combos = _kinds(_groups(cond))
+    control, ctrl_test = _hold_out_controls(control, seed, control_test_fraction)
     rng = np.random.default_rng(int(seed))
     single_genes = sorted(parse_condition(c)[0] for c in singles)
     n_unseen = int(round(unseen_gene_fraction * len(single_genes)))
     unseen = set(rng.permutation(single_genes)[:n_unseen].tolist()) if n_unseen else set()
-    train, test, groups = [control], [], {}
+    train, test, groups = [control], [ctrl_test], {}
     for c, pos in singles.items():
         if parse_condition(c)[0] in unseen:
             test.append(pos)
@@ -230,19 +256,23 @@ def split_combo_seen(adata, seed: int = 0, unseen_gene_fraction: float = 0.2,
                          val_fraction, {"unseen_gene_fraction": unseen_gene_fraction,
                                         "train_seen2_fraction": train_seen2_fraction,
                                         "single_test_fraction": single_test_fraction,
+                                        "control_test_fraction": control_test_fraction,
                                         "unseen_genes": sorted(unseen)})
 
 
 def split_complete_doubles(adata, seed: int = 0, single_test_fraction: float = 0.2,
-                           val_fraction: float = 0.05) -> Split:
-    """Train on control, singles (minus a seeded fraction of each single's cells, test group
-    'single') and combinations with some gene not present as a single; test on combinations
-    whose genes are all present as singles (group 'seen2')."""
+                           val_fraction: float = 0.05,
+                           control_test_fraction: float = CONTROL_TEST_FRACTION) -> Split:
+    """Train on control (minus a seeded ``control_test_fraction``, held out to test), singles
+    (minus a seeded fraction of each single's cells, test group 'single') and combinations
+    with some gene not present as a single; test on combinations whose genes are all present
+    as singles (group 'seen2')."""
     cond = condition_labels(adata)
     control, singles, combos = _kinds(_groups(cond))
+    control, ctrl_test = _hold_out_controls(control, seed, control_test_fraction)
     rng = np.random.default_rng(int(seed))
     single_genes = {parse_condition(c)[0] for c in singles}
-    train, test, groups = [control], [], {}
+    train, test, groups = [control], [ctrl_test], {}
     for c, pos in singles.items():
         k = _n_take(len(pos), single_test_fraction)
         sel = rng.permutation(len(pos))
@@ -258,27 +288,34 @@ def split_complete_doubles(adata, seed: int = 0, single_test_fraction: float = 0
             train.append(pos)
     test = np.concatenate(test) if test else np.zeros(0, dtype=np.int64)
     return _finish_split("complete_doubles", seed, cond, np.concatenate(train), test, groups,
-                         val_fraction, {"single_test_fraction": single_test_fraction})
+                         val_fraction, {"single_test_fraction": single_test_fraction,
+                                        "control_test_fraction": control_test_fraction})
 
 
 def split_iid(adata, seed: int = 0, test_fraction: float = 0.2,
-              val_fraction: float = 0.05) -> Split:
-    """Random split of the cells of every condition (Replogle protocol), controls included.
-    Control test cells are in ``test_idx`` but 'control' is not a test condition."""
+              val_fraction: float = 0.05,
+              control_test_fraction: float = CONTROL_TEST_FRACTION) -> Split:
+    """Random split of the cells of every perturbation condition (Replogle protocol); a seeded
+    ``control_test_fraction`` of the controls goes to test. Control test cells are in
+    ``test_idx`` but 'control' is not a test condition."""
     cond = condition_labels(adata)
     rng = np.random.default_rng(int(seed))
-    train, test, groups = [], [], {}
+    control, ctrl_test = _hold_out_controls(_groups(cond).get(CONTROL, np.zeros(0, dtype=np.int64)),
+                                            seed, control_test_fraction)
+    train, test, groups = [control], [ctrl_test], {}
     for c, pos in _groups(cond).items():
+        if c == CONTROL:
+            continue
         k = _n_take(len(pos), test_fraction)
         sel = rng.permutation(len(pos))
         test.append(pos[sel[:k]])
         train.append(pos[sel[k:]])
-        if k and c != CONTROL:
+        if k:
             t = parse_condition(c)
             groups[c] = "single" if len(t) == 1 else "seen2"
     test = np.concatenate(test) if test else np.zeros(0, dtype=np.int64)
     return _finish_split("iid", seed, cond, np.concatenate(train), test, groups, val_fraction,
-                         {"test_fraction": test_fraction})
+                         {"test_fraction": test_fraction, "control_test_fraction": control_test_fraction})
 
 
 SPLITS = {

@@ -257,20 +257,30 @@ class PerturbedVAE:
 
     @torch.no_grad()
     def predict_change_samples(self, condition: str, n_draws: int = 100, n_cells: int = 100, seed: int = 0,
-                               unknown: str = "error") -> np.ndarray:
+                               unknown: str = "error", n_control_cells: int | None = None) -> np.ndarray:
         """Posterior predictive draws (n_draws x genes) of the condition's pseudobulk change of
-        log-normalised expression from control, each from a global posterior draw and
-        ``n_cells`` predicted cells (use the observed number of cells for calibrated intervals)."""
+        log-normalised expression from control, each from one global posterior draw, ``n_cells``
+        predicted cells of the condition and the model's own predicted control cells.
+
+        For calibrated intervals of an observed change (mean of ``n`` cells minus the mean of
+        ``m`` reference control cells) pass ``n_cells=n, n_control_cells=m``: the control block
+        is then drawn independently from other starting cells, so both sampling noises are in
+        the draws. ``n_control_cells=None`` uses the same starting cells for both blocks (the
+        change of the same cells, without the reference's noise)."""
         _check_positive(n_draws=n_draws, n_cells=n_cells)
+        if n_control_cells is not None:
+            _check_positive(n_control_cells=n_control_cells)
         u = self._condition_rows(condition, n_cells, unknown)
         rng = np.random.default_rng(seed)
         self.module.eval()
         out = np.empty((n_draws, len(self.gene_names)), dtype=np.float32)
         with _seeded(seed, self.device):
             for s, glob in enumerate(self._global_draws(n_draws)):
-                x_ctrl, _ = self._control_block(n_cells, rng)
-                pert = self.module.sample_cells(x_ctrl, u, glob)
-                ctrl = self.module.sample_cells(x_ctrl, torch.zeros_like(u), glob)
+                x_start, _ = self._control_block(n_cells, rng)
+                pert = self.module.sample_cells(x_start, u, glob)
+                if n_control_cells is not None:
+                    x_start, _ = self._control_block(n_control_cells, rng)
+                ctrl = self.module.sample_cells(x_start, torch.zeros_like(x_start[:, :u.shape[1]]), glob)
                 out[s] = (lognormalize(pert).mean(0) - lognormalize(ctrl).mean(0)).cpu().numpy()
         return out
 

@@ -523,8 +523,10 @@ def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_
                 notes = {c: _unknown_note(vocab, c) for c in conds}
                 samples = {}
                 for i, c in enumerate(conds):
+                    # observed change = mean of n held-out cells - mean of the held-out controls:
+                    # draws with both sampling noises
                     draws = [vae.predict_change_samples(c, n_draws=n_change_draws, n_cells=n, seed=seed * 100003 + i,
-                                                        unknown="ignore")
+                                                        unknown="ignore", n_control_cells=len(ref.control))
                              for n in dict.fromkeys([len(ref.observed[c]), len(ref.observed_top[c])])]
                     samples[c] = (draws[0], draws[-1])
             else:

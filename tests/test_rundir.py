@@ -270,8 +270,8 @@ def test_printed_file_list_is_what_exists(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     assert fit_main(TINY + [f"output.run_dir={run_dir}"]) == 0
     out = capsys.readouterr().out
-    assert f"outputs in {run_dir}/ : config.yaml effects.csv model.pt\n" in out
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "effects.csv", "model.pt"]
+    assert f"outputs in {run_dir}/ : config.yaml effects.csv fit_summary.json model.pt\n" in out
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "effects.csv", "fit_summary.json", "model.pt"]
 
 
 # ---- two real fits on one directory ------------------------------------------------------------

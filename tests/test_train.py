@@ -98,7 +98,12 @@ def test_non_finite_loss_names_the_step_and_term_and_keeps_the_checkpoint(tmp_pa
 def test_early_stopping_stops_when_validation_does_not_improve():
     vae = small_vae(lr=1e-12, epochs=40, kl_warmup_epochs=0, early_stopping_patience=3, min_epochs=1)
     vae.fit()
-    assert len(vae.history) == 4  # the first epoch sets the best, three more without improvement
+    # stops once three epochs in a row do not improve on the best (the running control centre
+    # still settles during the first epochs, so the best may come a few epochs in)
+    val = [r["val_loss"] for r in vae.history]
+    assert len(val) < 15
+    best = min(val[:-3])
+    assert all(v >= best - 1e-4 * abs(best) for v in val[-3:])
 
 
 def test_metrics_csv_and_curves_are_written(tmp_path):

@@ -305,6 +305,9 @@ class TrainConfig(_Section):
     device: str = setting("auto", rule=(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
                                         "'auto', 'cpu', 'cuda' or 'cuda:N'"))
     validate_args: bool = False
+    # keep the module of the best validation epoch at the end (false: the last one; for small data whose
+    # tiny validation share stops improving long before the population-level effects do)
+    restore_best: bool = True
     early_stopping_patience: int = setting(20, ge=1)  # epochs without a better validation loss
     min_epochs: int = setting(10, ge=0)
     checkpoint_every: int = setting(5, ge=1)  # epochs

@@ -396,7 +396,7 @@ class Trainer:
                 self.save_checkpoint(epoch)
                 break
         bar.close()
-        if self.best_state is not None:
+        if self.best_state is not None and cfg.restore_best:
             self.module.load_state_dict(self.best_state)
         return self.history
 

@@ -303,8 +303,8 @@ def test_second_fit_on_the_same_directory_refuses_and_the_first_finishes_intact(
             first.kill()
             first.wait()
     assert first.returncode == 0, err[-2000:]
-    files = ["checkpoint.pt", "config.yaml", "effects.csv", "metrics.csv", "model.pt", "split.json",
-             "training_curves.png"]
+    files = ["checkpoint.pt", "config.yaml", "effects.csv", "fit_summary.json", "metrics.csv", "model.pt",
+             "split.json", "training_curves.png"]
     assert sorted(p.name for p in run_dir.iterdir()) == files
     assert f"outputs in {run_dir}/ : {' '.join(files)}" in out
     from pyro_pvae import load_run

@@ -346,3 +346,22 @@ def test_effects_get_the_same_gradient_direction_whatever_the_kl_weight():
         grads[w] = module.slab_loc.grad.clone()
     assert grads[1.0].abs().max() > 0
     torch.testing.assert_close(grads[0.01], 0.01 * grads[1.0], rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("kw, pairs", [({}, [(0, 1)]), ({}, []), ({"learn_composition": False, "pair_effects": False}, [])])
+def test_every_parameter_gets_a_gradient(kw, pairs):
+    """What a variant does not use is a buffer, not a parameter (DistributedDataParallel fails
+    on a parameter without gradient): e.g. no pair effects when training has no doubles."""
+    import pyro
+    from pyro.infer import TraceMeanField_ELBO
+
+    cfg = ModelConfig(latent_inv=3, latent_pert=4, hidden=16, **kw)
+    module = PerturbedVAEModule(cfg, n_genes=30, n_perts=5, pairs=pairs)
+    x = torch.poisson(torch.full((8, 30), 3.0))
+    u = torch.zeros(8, 5)
+    u[:3, 0] = 1
+    u[3:6, [0, 1]] = 1
+    pyro.set_rng_seed(0)
+    TraceMeanField_ELBO().differentiable_loss(module.model, module.guide, x, u, x.flip(0), n_cells=100).backward()
+    unused = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused

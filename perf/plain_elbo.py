@@ -33,7 +33,6 @@ It patches the modules, so Pyro's ELBO and this one both see it.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.distributions as td

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import resource
 import sys
 import time

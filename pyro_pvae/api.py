@@ -53,6 +53,7 @@ class PerturbedVAE:
         self.history: list[dict] = []
         self.module: PerturbedVAEModule | None = None
         self.training_pairs: list[tuple[int, int]] = []
+        self.trained_singles: list[str] = []
         if adata is not None:
             self._prepare(adata, split, split_kwargs or {})
 
@@ -243,12 +244,12 @@ class PerturbedVAE:
         obs.index = [f"pred_{i}" for i in range(len(obs))]
         obs["condition"] = obs["condition"].astype("category")
         return ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=self.gene_names),
-                          layers={"lognorm": sp.csr_matrix(lognormalize(torch.as_tensor(X)).numpy())})
+                          layers={"lognorm": sp.csr_matrix(lognormalize(X))})
 
     def _warn_about_unseen_singles(self, conditions) -> list[str]:
         """Log which conditions have a target never seen alone in training (its effect was
         learned only inside other doubles, or not at all); returns those conditions."""
-        singles = set(getattr(self, "trained_singles", self.vocabulary))
+        singles = set(self.trained_singles)
         odd = [c for c in conditions if c != D.CONTROL and not set(D.parse_condition(c)) <= singles]
         if odd:
             log.warning("predicting %d condition(s) with a target never seen alone in training (its effect "
@@ -348,7 +349,7 @@ class PerturbedVAE:
             "module": self.module.state_dict(),
             "vocabulary": self.vocabulary,
             "training_pairs": self.training_pairs,
-            "trained_singles": getattr(self, "trained_singles", None),
+            "trained_singles": self.trained_singles,
             "gene_names": self.gene_names,
             "reference_controls": self.reference_controls,
             "history": self.history,
@@ -368,7 +369,7 @@ class PerturbedVAE:
         self = cls(model=ModelConfig.from_dict(state["model_config"]), train=TrainConfig.from_dict(state["train_config"]))
         self.vocabulary, self.gene_names = state["vocabulary"], state["gene_names"]
         self.training_pairs = [tuple(p) for p in state["training_pairs"]]
-        self.trained_singles = state.get("trained_singles") or list(self.vocabulary)
+        self.trained_singles = state["trained_singles"]
         self.reference_controls, self.history = state["reference_controls"], state["history"]
         self.adata = adata
         if state.get("split") is not None:

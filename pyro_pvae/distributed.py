@@ -22,7 +22,6 @@ of the global step; the logged loss is averaged over ranks. Rank 0 writes the ru
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import sys
@@ -58,7 +57,6 @@ class _RankBatches:
 
     def __init__(self, batchers):
         self.parts = list(batchers)
-        self.n_cells = sum(b.n_cells for b in self.parts)
 
     def set_epoch(self, epoch: int) -> None:
         for b in self.parts:

@@ -10,7 +10,6 @@ only what ``train.resume=true`` needs (``pyro_pvae/rundir.py``).
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 

@@ -1,7 +1,6 @@
 """Misuse and bad input through the API: one specific error (what was wrong, what is expected),
 raised before anything is written. The CLI's bad settings are in test_fit_cli.py / test_config.py,
 run directories in test_rundir.py, corrupt files in test_data.py."""
-import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp

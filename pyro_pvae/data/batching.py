@@ -64,6 +64,14 @@ def _check_indices(idx, n: int, what: str) -> np.ndarray:
     return idx
 
 
+def _check_pairing(control_idx: np.ndarray, batch_size: int) -> None:
+    """Both batchers pair every cell with a training control cell, in batches of ``batch_size``."""
+    if control_idx.size == 0:
+        raise DataError("control_idx is empty: pairing needs training control cells")
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+
+
 def _n_batches(n: int, batch_size: int, drop_last: bool) -> int:
     if n == 0:
         return 0
@@ -125,10 +133,7 @@ class CellBatcher:
         self.device = torch.device(device)
         self.cell_idx = _check_indices(cell_idx, N, "cell_idx")
         self.control_idx = _check_indices(control_idx, N, "control_idx")
-        if self.control_idx.size == 0:
-            raise DataError("control_idx is empty: pairing needs training control cells")
-        if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        _check_pairing(self.control_idx, batch_size)
         self.vocabulary = list(vocabulary)
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
@@ -226,10 +231,7 @@ class BackedBatcher:
         self.device = torch.device(device)
         self.cell_idx = np.sort(_check_indices(cell_idx, N, "cell_idx"))
         self.control_idx = np.sort(_check_indices(control_idx, N, "control_idx"))
-        if self.control_idx.size == 0:
-            raise DataError("control_idx is empty: pairing needs training control cells")
-        if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        _check_pairing(self.control_idx, batch_size)
         self.vocabulary = list(vocabulary)
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.chunk_size, self.buffer_chunks = max(int(chunk_size), 1), max(int(buffer_chunks), 1)

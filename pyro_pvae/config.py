@@ -251,7 +251,8 @@ class ModelConfig(_Section):
     # LogNormal(loc, scale) of the NB inverse dispersion
     theta_prior: Tuple[float, float] = setting((2.0, 1.5), rule=(lambda v: v[1] > 0, "[loc, scale] with scale > 0"))
     # alignment weight; 0 turns it off. 2: the unbiased group-mean penalty is a noisy batch estimate whose
-    # noise grows with alpha (tiny simulation, 60 epochs: PPC gene-mean 90% coverage 0.59 at alpha 20, 0.87 at 2)
+    # noise grows with alpha (tiny simulation, 60 epochs: PPC gene-mean 90% coverage 0.59 at alpha 20, 0.87 at 2;
+    # analyses/ppc_check.py)
     alpha: float = setting(2.0, ge=0)
     alignment: str = setting("group_mean", choices=("group_mean", "pairwise"))  # pairwise: the paper's per-pair form
     learn_composition: bool = True  # c_2, the latent composition scale of doubles, a site with a prior (false: 1)

@@ -266,6 +266,8 @@ class ModelConfig(_Section):
     # LogNormal(loc, scale) prior of the interactions' slab scale tau
     pair_scale_prior: Tuple[float, float] = setting((-0.7, 1.0), rule=(lambda v: v[1] > 0,
                                                                         "[loc, scale] with scale > 0"))
+    parameterisation: str = setting("centered", choices=("centered", "noncentered"))
+    learn_eps_scale: bool = False  # z_pert = (I - W)^{-1} (sigma eps + shift) with sigma learned (false: 1)
     sparse_rotation: bool = True  # after fit: re-express z_pert in the basis with the sparsest effects
 
     @property

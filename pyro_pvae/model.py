@@ -65,7 +65,7 @@ from .utils import lognormalize
 #: the guide's global variational parameters (learning rate ``lr * global_lr_multiplier``)
 GLOBAL_PARAMS = ("gate_logits", "slab_loc", "slab_raw_scale", "pi_raw", "w_loc", "w_raw_scale",
                  "theta_loc", "theta_raw_scale", "c2_loc", "c2_raw_scale", "pair_pi_raw", "pair_scale_loc",
-                 "pair_scale_raw_scale", "pair_loc", "pair_raw_scale")
+                 "pair_scale_raw_scale", "pair_loc", "pair_raw_scale", "eps_log_scale")
 #: sample sites of the globals and of the per-cell latents
 GLOBAL_SITES = ("pi", "gate", "slab", "W", "theta", "c2", "pair_pi", "pair_scale", "pair_effect")
 LOCAL_SITES = ("z_inv", "eps")
@@ -226,6 +226,8 @@ class PerturbedVAEModule(nn.Module):
         #: orthogonal O of :meth:`rotate_latents` (identity until then): q(eps) scales are those
         #: of O eps, the square roots of diag(O diag(s^2) O^T)
         self.register_buffer("eps_rotation", torch.eye(K))
+        #: log sigma, the scale of the exogenous noise of z_pert (a model parameter when learned)
+        self._param_or_buffer("eps_log_scale", torch.tensor(0.0), cfg.learn_eps_scale)
         # guide: composition of doubles (c_2, pair interactions)
         learned_pairs = bool(cfg.pair_effects and self.n_pairs)
         self._param_or_buffer("c2_loc", torch.tensor(float(cfg.composition_prior[0])), cfg.learn_composition)
@@ -332,7 +334,7 @@ class PerturbedVAEModule(nn.Module):
         # The effects and the DAG reach the data only through the eps KL (the guide's eps
         # location carries -shift(u, delta)), which kl_weight scales; their priors are scaled
         # alike so that annealing never lets the prior overrule the data.
-        with poutine.scale(scale=kl_weight):
+        with poutine.scale(scale=self.global_prior_scale(kl_weight)):
             # Global perturbation effects delta[p, k].
             if cfg.effect_prior == "spike_slab":
                 pi = pyro.sample("pi", dist.Beta(zeros + cfg.pi_prior[0], zeros + cfg.pi_prior[1]))
@@ -373,7 +375,8 @@ class PerturbedVAEModule(nn.Module):
             with poutine.scale(scale=kl_weight):
                 z_inv = pyro.sample("z_inv", dist.Normal(zeros, 1.0).expand([D]).to_event(1)).squeeze(-2)
                 eps = pyro.sample("eps", dist.Normal(zeros, 1.0).expand([K]).to_event(1)).squeeze(-2)
-            z_pert = propagate(eps + self.shift(u, delta, c2, pair_effect, novel_pair_effect), W)
+            z_pert = propagate(self.eps_log_scale.exp() * eps + self.shift(u, delta, c2, pair_effect,
+                                                                            novel_pair_effect), W)
             log_mu = self.gene_log_mean(z_inv, z_pert, x.sum(-1))
             with genes:
                 counts = pyro.sample("x", self.likelihood(log_mu, theta), obs=x)
@@ -389,7 +392,7 @@ class PerturbedVAEModule(nn.Module):
         P, K, G = self.n_perts, cfg.latent_pert, self.n_genes
         pyro.module("pvae", self)
 
-        with poutine.scale(scale=kl_weight):  # as in the model
+        with poutine.scale(scale=self.global_prior_scale(kl_weight)):  # as in the model
             if cfg.effect_prior == "spike_slab":
                 pyro.sample("pi", dist.Beta(*self.pi_concentrations()))
             with pyro.plate("perts", P, dim=-2), pyro.plate("pert_latents", K, dim=-1):
@@ -428,8 +431,14 @@ class PerturbedVAEModule(nn.Module):
                     self.guide_inv_loc = (x, inv_loc)
                 pyro.sample("z_inv", dist.Normal(inv_loc.unsqueeze(-2), inv_scale.unsqueeze(-2)).to_event(1))
                 center = self.control_center(x_ctrl, u)
-                eps_loc, eps_scale = self.eps_posterior(xn, u, W, self.shift(u, delta, c2, pair_effect), center)
+                shift = self.shift(u, delta, c2, pair_effect) if cfg.parameterisation == "centered" else 0.0
+                eps_loc, eps_scale = self.eps_posterior(xn, u, W, shift, center)
                 pyro.sample("eps", dist.Normal(eps_loc.unsqueeze(-2), eps_scale.unsqueeze(-2)).to_event(1))
+
+    def global_prior_scale(self, kl_weight):
+        """Weight of the effects', composition's and DAG's priors: ``kl_weight`` when their data
+        term is the eps KL (centered), 1 when it is the likelihood (noncentered)."""
+        return kl_weight if self.cfg.parameterisation == "centered" else 1.0
 
     def control_center(self, x_ctrl, u) -> torch.Tensor:
         """Mean encoder location h(x_c, 0) of the batch's paired control cells (training), or
@@ -444,11 +453,12 @@ class PerturbedVAEModule(nn.Module):
         return h
 
     def eps_posterior(self, xn, u, W, shift, center):
-        """loc, scale of q(eps | x, u) = N((I - W)(h(x, u) - center) - shift, s(x, u))."""
+        """loc, scale of q(eps | x, u) = N(((I - W)(h(x, u) - center) - shift) / sigma, s(x, u) / sigma)."""
         z_loc, scale = self.pert_encoder(torch.cat([xn, u], dim=-1))
         scale = (scale.pow(2) @ self.eps_rotation.pow(2).T).sqrt()
         A = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device) - W
-        return (z_loc - center) @ A.T - shift, scale
+        sigma = self.eps_log_scale.exp()
+        return ((z_loc - center) @ A.T - shift) / sigma, scale / sigma
 
     # ---- posterior summaries -------------------------------------------------------------
     def pi_concentrations(self):

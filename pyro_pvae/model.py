@@ -36,10 +36,15 @@ The guide (:meth:`PerturbedVAEModule.guide`) is amortised for the local latents 
 mean-field for the globals:
 
 * ``q(z_inv | x) = N(m(x), s(x))``: the invariant encoder sees only the cell, never its label;
-* ``q(eps | x, u) = N((I - W)(h(x, u) - h_ctrl) - c u delta, s'(x, u))``: the perturbation
-  encoder predicts the cell's ``z_pert`` location ``h``, measured from the mean ``h_ctrl`` of
-  control cells; the guide turns it into the exogenous noise ``eps`` with the *sampled* DAG
-  and effects, so the eps-KL pulls ``u delta`` towards what the encoder sees;
+* ``q(eps | x, u) = N((I - W)(h(x, u) - h_ctrl), s'(x, u))`` (``parameterisation=
+  "noncentered"``, the default): the perturbation encoder's ``h`` is the cell's deviation from
+  the mean ``h_ctrl`` of control cells, turned into exogenous noise with the sampled DAG; the
+  model adds the shift, so the guide's ``z_pert = (I - W)^{-1}(eps + c u delta)`` and the
+  effects, c_2 and the pair effects get the likelihood's gradient directly, while the eps KL
+  keeps each group's deviations centred on zero. ``"centered"``: ``q(eps | x, u) = N((I -
+  W)(h - h_ctrl) - c u delta, s')``, so ``z_pert = h - h_ctrl`` and the effects are learned
+  only through the eps KL (on the shipped Norman cells the model then reproduces the group
+  means of its own training cells poorly: analyses/signal_imbalance.py);
 * straight-through gates ``q(gamma_pk) = Bernoulli(PIP_pk)`` (hard 0/1 forward, Gumbel-sigmoid
   gradient) with slabs ``q(s | gamma)`` = the fitted Normal when on and the prior when off;
   marginal gates: ``q(delta_pk) = N(m, v)``;
@@ -65,7 +70,7 @@ from .utils import lognormalize
 #: the guide's global variational parameters (learning rate ``lr * global_lr_multiplier``)
 GLOBAL_PARAMS = ("gate_logits", "slab_loc", "slab_raw_scale", "pi_raw", "w_loc", "w_raw_scale",
                  "theta_loc", "theta_raw_scale", "c2_loc", "c2_raw_scale", "pair_pi_raw", "pair_scale_loc",
-                 "pair_scale_raw_scale", "pair_loc", "pair_raw_scale", "eps_log_scale")
+                 "pair_scale_raw_scale", "pair_loc", "pair_raw_scale")
 #: sample sites of the globals and of the per-cell latents
 GLOBAL_SITES = ("pi", "gate", "slab", "W", "theta", "c2", "pair_pi", "pair_scale", "pair_effect")
 LOCAL_SITES = ("z_inv", "eps")
@@ -226,8 +231,6 @@ class PerturbedVAEModule(nn.Module):
         #: orthogonal O of :meth:`rotate_latents` (identity until then): q(eps) scales are those
         #: of O eps, the square roots of diag(O diag(s^2) O^T)
         self.register_buffer("eps_rotation", torch.eye(K))
-        #: log sigma, the scale of the exogenous noise of z_pert (a model parameter when learned)
-        self._param_or_buffer("eps_log_scale", torch.tensor(0.0), cfg.learn_eps_scale)
         # guide: composition of doubles (c_2, pair interactions)
         learned_pairs = bool(cfg.pair_effects and self.n_pairs)
         self._param_or_buffer("c2_loc", torch.tensor(float(cfg.composition_prior[0])), cfg.learn_composition)
@@ -331,9 +334,9 @@ class PerturbedVAEModule(nn.Module):
         pyro.module("pvae", self)
         zeros = x.new_zeros(())
 
-        # The effects and the DAG reach the data only through the eps KL (the guide's eps
-        # location carries -shift(u, delta)), which kl_weight scales; their priors are scaled
-        # alike so that annealing never lets the prior overrule the data.
+        # The priors of the effects, composition and DAG are weighted like their data term
+        # (global_prior_scale): the likelihood at full weight (noncentered), or the eps KL
+        # that kl_weight scales (centered), so annealing never lets a prior overrule the data.
         with poutine.scale(scale=self.global_prior_scale(kl_weight)):
             # Global perturbation effects delta[p, k].
             if cfg.effect_prior == "spike_slab":
@@ -375,8 +378,7 @@ class PerturbedVAEModule(nn.Module):
             with poutine.scale(scale=kl_weight):
                 z_inv = pyro.sample("z_inv", dist.Normal(zeros, 1.0).expand([D]).to_event(1)).squeeze(-2)
                 eps = pyro.sample("eps", dist.Normal(zeros, 1.0).expand([K]).to_event(1)).squeeze(-2)
-            z_pert = propagate(self.eps_log_scale.exp() * eps + self.shift(u, delta, c2, pair_effect,
-                                                                            novel_pair_effect), W)
+            z_pert = propagate(eps + self.shift(u, delta, c2, pair_effect, novel_pair_effect), W)
             log_mu = self.gene_log_mean(z_inv, z_pert, x.sum(-1))
             with genes:
                 counts = pyro.sample("x", self.likelihood(log_mu, theta), obs=x)
@@ -453,12 +455,11 @@ class PerturbedVAEModule(nn.Module):
         return h
 
     def eps_posterior(self, xn, u, W, shift, center):
-        """loc, scale of q(eps | x, u) = N(((I - W)(h(x, u) - center) - shift) / sigma, s(x, u) / sigma)."""
+        """loc, scale of q(eps | x, u) = N((I - W)(h(x, u) - center) - shift, s(x, u))."""
         z_loc, scale = self.pert_encoder(torch.cat([xn, u], dim=-1))
         scale = (scale.pow(2) @ self.eps_rotation.pow(2).T).sqrt()
         A = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device) - W
-        sigma = self.eps_log_scale.exp()
-        return ((z_loc - center) @ A.T - shift) / sigma, scale / sigma
+        return (z_loc - center) @ A.T - shift, scale
 
     # ---- posterior summaries -------------------------------------------------------------
     def pi_concentrations(self):
@@ -515,9 +516,13 @@ class PerturbedVAEModule(nn.Module):
 
     @torch.no_grad()
     def latent_means(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior means of z_inv and of z_pert (the encoder location from the control centre)."""
+        """Posterior means of z_inv and of z_pert: the encoder location from the control centre,
+        plus (noncentered) the cell's shift ``(I - W)^{-1} shift(u)`` at the posterior means."""
         xn = lognormalize(x)
         z_pert = self.pert_encoder(torch.cat([xn, u], -1))[0] - self.running_control_center
+        if self.cfg.parameterisation == "noncentered":
+            g = self.global_means()
+            z_pert = z_pert + propagate(self.shift(u, self.effect_mean(), g.get("c2"), g.get("pair_effect")), g["W"])
         return self.inv_encoder(xn)[0], z_pert
 
     # ---- re-expression in another z_pert basis -------------------------------------------

@@ -324,14 +324,18 @@ def test_group_mean_alignment_is_unbiased_and_gives_no_reward_for_shrinking():
     assert np.mean(vals) == pytest.approx(16 * 0.25, rel=0.1)
 
 
-def test_effects_get_the_same_gradient_direction_whatever_the_kl_weight():
-    """The effects reach the data only through the eps KL; their prior is scaled by the same
-    kl_weight, so the gradient on delta at kl_weight 0.01 is 0.01 times that at 1 (the prior
-    used not to be scaled, and at 0.01 it overruled the data: no effect switched on)."""
+@pytest.mark.parametrize("parameterisation, factor", [("noncentered", 1.0), ("centered", 0.01)])
+def test_effects_gradient_and_the_kl_weight(parameterisation, factor):
+    """noncentered (default): the effects reach the data through the likelihood and their prior
+    has full weight, so their gradient does not depend on kl_weight at all. centered: they reach
+    the data only through the eps KL and their prior is scaled alike, so the gradient at
+    kl_weight 0.01 is 0.01 times that at 1 (the prior used not to be scaled, and at 0.01 it
+    overruled the data: no effect switched on)."""
     import pyro
     from pyro.infer import TraceMeanField_ELBO
 
-    cfg, module = small_module()
+    cfg = ModelConfig(latent_inv=3, latent_pert=4, hidden=16, parameterisation=parameterisation)
+    module = PerturbedVAEModule(cfg, n_genes=30, n_perts=5, pairs=[(1, 2)])
     x = torch.poisson(torch.full((16, 30), 3.0))
     u = torch.zeros(16, 5)
     u[:8, 0] = 1
@@ -343,9 +347,10 @@ def test_effects_get_the_same_gradient_direction_whatever_the_kl_weight():
         loss = TraceMeanField_ELBO().differentiable_loss(module.model, module.guide, x, u, x.flip(0),
                                                          torch.tensor(w), n_cells=100)
         loss.backward()
-        grads[w] = module.slab_loc.grad.clone()
-    assert grads[1.0].abs().max() > 0
-    torch.testing.assert_close(grads[0.01], 0.01 * grads[1.0], rtol=1e-3, atol=1e-7)
+        grads[w] = {n: module.get_parameter(n).grad.clone() for n in ("slab_loc", "c2_loc", "pair_loc")}
+    for name, g in grads[1.0].items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(grads[0.01][name], factor * g, rtol=1e-3, atol=1e-7)
 
 
 @pytest.mark.parametrize("kw, pairs", [({}, [(0, 1)]), ({}, []), ({"learn_composition": False, "pair_effects": False}, [])])

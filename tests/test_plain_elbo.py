@@ -36,7 +36,8 @@ def _grads(loss, params):
 
 
 @pytest.mark.parametrize("kw", [{}, {"effect_prior": "dense"}, {"likelihood": "poisson", "alpha": 0.0},
-                                {"decoder": "linear", "learn_composition": False}])
+                                {"decoder": "linear", "learn_composition": False},
+                                {"parameterisation": "centered"}])
 def test_same_value_and_gradients(kw):
     model, guide, args = _setup(**kw)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -37,7 +37,11 @@ Norman subset; see ``pyro_pvae/data/splits.py``); no method ever trains on them.
   singles) then correlates with every observed change although it knows nothing of c.
 * Predicted change = mean(the method's predicted cells of c) - mean(its own control
   prediction): for the model its predicted control cells (``predict(['control'])``, the same
-  training control cells as starting points, no shift); for the baselines the training
+  training control cells as starting points, no shift); the model's predicted cells of a
+  condition are spread over ``benchmark.n_change_draws`` posterior draws of the global sites
+  (``predict(n_draws=...)``), so their mean is its posterior predictive mean, the point
+  prediction a Bayesian model makes (one draw for all cells adds the posterior's spread to
+  the point prediction as noise); for the baselines the training
   controls they were fitted on; for an external file its ``'control'`` cells, else the
   training controls (noted).
 * Top-20 DE genes of c (scanpy t-test, :func:`metrics.top_de_genes`, vs the training
@@ -517,9 +521,9 @@ def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_
                 vae = _fit_model(adata, split, model_cfg, train_cfg, method, seed)
                 t_fit = time.perf_counter() - t0
                 vocab = set(vae.vocabulary)
-                pred = vae.predict(conds, n_cells=n_pred_cells, seed=seed, unknown="ignore")
+                pred = vae.predict(conds, n_cells=n_pred_cells, seed=seed, unknown="ignore", n_draws=n_change_draws)
                 pred_control = _dense(vae.predict([D.CONTROL], n_cells=max(n_pred_cells, 1000),
-                                                  seed=seed + 7777).layers["lognorm"])
+                                                  seed=seed + 7777, n_draws=n_change_draws).layers["lognorm"])
                 notes = {c: _unknown_note(vocab, c) for c in conds}
                 samples = {}
                 for i, c in enumerate(conds):
@@ -699,9 +703,9 @@ def effects_benchmark(adata, split, methods: Sequence[str], model_cfg: dict | No
                 t_fit = time.perf_counter() - t0
                 vocab = set(vae.vocabulary)
                 notes = {c: _unknown_note(vocab, c) for c in conds}
-                pc = vae.predict([D.CONTROL], n_cells=max(n_pred_cells, 1000), seed=seed + 7777)
+                pc = vae.predict([D.CONTROL], n_cells=max(n_pred_cells, 1000), seed=seed + 7777, n_draws=n_change_draws)
                 base = pseudobulk_log1p_cpm(pc.X)
-                pred = vae.predict(conds, n_cells=n_pred_cells, seed=seed, unknown="ignore")
+                pred = vae.predict(conds, n_cells=n_pred_cells, seed=seed, unknown="ignore", n_draws=n_change_draws)
                 pcond = _conditions(pred)
                 change = {c: pseudobulk_log1p_cpm(pred.X[np.flatnonzero(pcond == c)]) - base for c in conds}
                 if n_change_draws >= 2:

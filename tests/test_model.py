@@ -162,6 +162,11 @@ def test_predict_returns_cells_and_clear_errors(tiny_fit):
     np.testing.assert_array_equal(again.X.toarray(), X)
     with pytest.raises(D.DataError, match=g1):
         vae.predict([g1 + "X"], n_cells=5)
+    # cells spread over posterior draws: every cell is there, and the blocks differ from one draw
+    spread = vae.predict([g1], n_cells=25, seed=3, n_draws=4)
+    assert spread.n_obs == 25 and not np.array_equal(spread.X.toarray(), X[:25])
+    with pytest.raises(ValueError, match="n_draws must be 1"):
+        vae.predict([g1], n_cells=5, posterior_mean=True, n_draws=2)
 
 
 @pytest.mark.slow  # uses the 100-epoch tiny fit

@@ -20,8 +20,9 @@ What it mirrors, site by site (``s = n_cells / B`` is the subsample scale, ``w``
 * locals: ``z_inv`` and ``eps`` with analytic KL to N(0, I), scaled by ``w * s``;
 * likelihood: NB(total_count=theta, logits=log mu - log theta) summed, scaled by ``s``;
 * alignment factor ``-alpha * penalty`` (group-mean or pairwise, as the model), scaled by ``s``;
-* the guide's eps location is measured from the paired controls' mean encoder location, and
-  (``parameterisation="centered"``) minus the shift.
+* the guide's eps location is measured from the paired controls' mean encoder location (with
+  ``parameterisation="group"`` from the running centre of the cell's training group), and
+  (``"centered"``) minus the shift.
 
 ``loss = -ELBO``, one particle. ``dedupe=True`` reuses the guide's ``m(x)`` in the alignment
 factor instead of running the invariant encoder on ``x`` a second time (same value and
@@ -119,8 +120,10 @@ def plain_loss(module, x, u, x_ctrl=None, kl_weight=1.0, temperature=0.5, *, n_c
     else:
         center = g.running_control_center
     e_scale = (e_scale.pow(2) @ g.eps_rotation.pow(2).T).sqrt()
-    noncentered = cfg.parameterisation == "noncentered"
-    q_e = td.Normal((z_loc - center) @ A.T - (0.0 if noncentered else shift), e_scale)
+    if cfg.parameterisation == "group":
+        center = g.group_reference(z_loc, u, center)
+    centered = cfg.parameterisation == "centered"
+    q_e = td.Normal((z_loc - center) @ A.T - (shift if centered else 0.0), e_scale)
     eps = q_e.rsample()
     kl_local = (td.kl_divergence(q_z, td.Normal(zero, 1.0)).sum()
                 + td.kl_divergence(q_e, td.Normal(zero, 1.0)).sum())
@@ -155,7 +158,7 @@ def plain_loss(module, x, u, x_ctrl=None, kl_weight=1.0, temperature=0.5, *, n_c
 
     # the effect and DAG sites: full weight (noncentered, their data term is the likelihood) or
     # the local latents' kl_weight (centered, their data term is the eps KL); theta: full weight
-    w_effects = 1.0 if noncentered else kl_weight
+    w_effects = kl_weight if centered else 1.0
     elbo = s * (recon + align) - kl_weight * s * kl_local - w_effects * kl_effects - kl_theta
     if return_parts:
         return -elbo, {"recon": s * recon, "align": s * align, "kl_local": kl_weight * s * kl_local,

@@ -228,6 +228,9 @@ class PerturbedVAEModule(nn.Module):
         self.theta_raw_scale = nn.Parameter(torch.full((G,), -2.0))
         self.register_buffer("tril_mask", torch.ones(K, K).tril(-1))
         self.register_buffer("running_control_center", torch.zeros(K))
+        #: running mean encoder location of each training group (singles, then training pairs)
+        self.register_buffer("group_centers", torch.zeros(P + self.n_pairs, K))
+        self.register_buffer("group_seen", torch.zeros(P + self.n_pairs, dtype=torch.bool))
         #: orthogonal O of :meth:`rotate_latents` (identity until then): q(eps) scales are those
         #: of O eps, the square roots of diag(O diag(s^2) O^T)
         self.register_buffer("eps_rotation", torch.eye(K))
@@ -454,9 +457,36 @@ class PerturbedVAEModule(nn.Module):
             self.running_control_center.mul_(0.95).add_(0.05 * h)
         return h
 
+    def group_ids(self, u: torch.Tensor) -> torch.Tensor:
+        """Per cell: p for a single of perturbation p, P + pair index for a training pair, -1
+        otherwise (controls, pairs unseen in training, more targets)."""
+        n = u.sum(-1)
+        pid = self.pair_ids(u)
+        return torch.where(n == 1, u.argmax(-1), torch.where(pid >= 0, self.n_perts + pid, -1))
+
+    def group_reference(self, z_loc: torch.Tensor, u: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+        """(B, K) origin of each cell's z_pert deviation: the running mean encoder location of
+        its training group (``group_centers``), ``center`` for cells of no training group
+        (controls, pairs unseen in training). Updated from the batch in training."""
+        gid = self.group_ids(u)
+        known = gid >= 0
+        if self.training and known.any():
+            with torch.no_grad():
+                g = gid[known]
+                sums = torch.zeros_like(self.group_centers).index_add_(0, g, z_loc[known].detach())
+                counts = torch.bincount(g, minlength=self.group_centers.shape[0]).unsqueeze(-1)
+                present = counts.squeeze(-1) > 0
+                mean = sums[present] / counts[present]
+                first = ~self.group_seen[present].unsqueeze(-1)
+                self.group_centers[present] = torch.where(first, mean, 0.9 * self.group_centers[present] + 0.1 * mean)
+                self.group_seen[present] = True
+        return torch.where(known.unsqueeze(-1), self.group_centers[gid.clamp(min=0)], center)
+
     def eps_posterior(self, xn, u, W, shift, center):
         """loc, scale of q(eps | x, u) = N((I - W)(h(x, u) - center) - shift, s(x, u))."""
         z_loc, scale = self.pert_encoder(torch.cat([xn, u], dim=-1))
+        if self.cfg.parameterisation == "group":
+            center = self.group_reference(z_loc, u, center)
         scale = (scale.pow(2) @ self.eps_rotation.pow(2).T).sqrt()
         A = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device) - W
         return (z_loc - center) @ A.T - shift, scale
@@ -519,8 +549,10 @@ class PerturbedVAEModule(nn.Module):
         """Posterior means of z_inv and of z_pert: the encoder location from the control centre,
         plus (noncentered) the cell's shift ``(I - W)^{-1} shift(u)`` at the posterior means."""
         xn = lognormalize(x)
-        z_pert = self.pert_encoder(torch.cat([xn, u], -1))[0] - self.running_control_center
-        if self.cfg.parameterisation == "noncentered":
+        z_loc = self.pert_encoder(torch.cat([xn, u], -1))[0]
+        center = self.running_control_center
+        z_pert = z_loc - (self.group_reference(z_loc, u, center) if self.cfg.parameterisation == "group" else center)
+        if self.cfg.parameterisation != "centered":
             g = self.global_means()
             z_pert = z_pert + propagate(self.shift(u, self.effect_mean(), g.get("c2"), g.get("pair_effect")), g["W"])
         return self.inv_encoder(xn)[0], z_pert
@@ -550,6 +582,7 @@ class PerturbedVAEModule(nn.Module):
         last.weight[:K] = M @ last.weight[:K]
         last.bias[:K] = M @ last.bias[:K]
         self.running_control_center.copy_(M @ self.running_control_center)
+        self.group_centers.copy_(self.group_centers @ M.T)
         for loc, raw_scale in ((self.slab_loc, self.slab_raw_scale), (self.pair_loc, self.pair_raw_scale)):
             sd = _positive(raw_scale)
             loc.copy_(loc @ O.T)

@@ -329,9 +329,9 @@ def test_group_mean_alignment_is_unbiased_and_gives_no_reward_for_shrinking():
     assert np.mean(vals) == pytest.approx(16 * 0.25, rel=0.1)
 
 
-@pytest.mark.parametrize("parameterisation, factor", [("noncentered", 1.0), ("centered", 0.01)])
+@pytest.mark.parametrize("parameterisation, factor", [("group", 1.0), ("noncentered", 1.0), ("centered", 0.01)])
 def test_effects_gradient_and_the_kl_weight(parameterisation, factor):
-    """noncentered (default): the effects reach the data through the likelihood and their prior
+    """group (default) and noncentered: the effects reach the data through the likelihood and their prior
     has full weight, so their gradient does not depend on kl_weight at all. centered: they reach
     the data only through the eps KL and their prior is scaled alike, so the gradient at
     kl_weight 0.01 is 0.01 times that at 1 (the prior used not to be scaled, and at 0.01 it
@@ -375,3 +375,29 @@ def test_every_parameter_gets_a_gradient(kw, pairs):
     TraceMeanField_ELBO().differentiable_loss(module.model, module.guide, x, u, x.flip(0), n_cells=100).backward()
     unused = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused, unused
+
+
+def test_group_centers_make_each_training_group_its_own_origin():
+    """With parameterisation="group" the guide measures a cell's z_pert deviation from the running mean
+    encoder location of its training group (single or training pair), so group offsets can
+    only be carried by the effects; controls and pairs unseen in training keep the control
+    centre."""
+    cfg = ModelConfig(latent_inv=3, latent_pert=4, hidden=16, parameterisation="group")
+    module = PerturbedVAEModule(cfg, n_genes=30, n_perts=5, pairs=[(1, 2)])
+    u = torch.zeros(10, 5)
+    u[:4, 0] = 1          # single 0
+    u[4:7, [1, 2]] = 1    # training pair (1, 2)
+    u[7:9, [3, 4]] = 1    # pair unseen in training
+    z = torch.randn(10, 4)
+    center = torch.full((4,), 7.0)
+    module.train()
+    ref = module.group_reference(z, u, center)
+    torch.testing.assert_close(ref[:4], z[:4].mean(0).expand(4, 4))   # first visit: the batch mean
+    torch.testing.assert_close(ref[4:7], z[4:7].mean(0).expand(3, 4))
+    torch.testing.assert_close(ref[7:], center.expand(3, 4))           # unseen pair and control
+    # later visits move the centre by 10% towards the batch mean; evaluation leaves it alone
+    z2 = z + 1.0
+    ref2 = module.group_reference(z2, u, center)
+    torch.testing.assert_close(ref2[0], z[:4].mean(0) + 0.1)
+    module.eval()
+    torch.testing.assert_close(module.group_reference(z2 + 5.0, u, center)[0], ref2[0])

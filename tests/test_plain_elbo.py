@@ -37,7 +37,8 @@ def _grads(loss, params):
 
 @pytest.mark.parametrize("kw", [{}, {"effect_prior": "dense"}, {"likelihood": "poisson", "alpha": 0.0},
                                 {"decoder": "linear", "learn_composition": False},
-                                {"parameterisation": "centered"}])
+                                {"parameterisation": "centered"},
+                                {"parameterisation": "noncentered"}])
 def test_same_value_and_gradients(kw):
     model, guide, args = _setup(**kw)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -66,7 +67,9 @@ def test_same_value_and_gradients(kw):
 
 
 def test_amp_patch_is_scoped_and_close():
-    model, guide, args = _setup()
+    # noncentered: the group centres are running means that each training-mode call moves, so
+    # bf16 and float32 calls in a row would not see the same state
+    model, guide, args = _setup(parameterisation="noncentered")
     pyro.set_rng_seed(5)
     ref = plain_loss(model, *args, n_cells=100)
     with amp(model, torch.bfloat16):

@@ -1,0 +1,145 @@
+"""Compare settings (e.g. ``model.parameterisation``) on real cells and on a simulation with truth.
+
+    python analyses/param_check.py real model.parameterisation=centered train.seed=1
+    python analyses/param_check.py sim model.parameterisation=noncentered
+
+``real``: one fit of ``--config norman`` (shipped Norman subset, ``complete_doubles`` split, one
+thread) with the overrides. For each held-out single whose training cells the model saw, and for
+each held-out double: Pearson correlation of the predicted pseudobulk change of log-normalised
+expression with the observed change (held-out cells minus the held-out reference controls). The
+model's change: singles, the training control cells moved to the single minus the same cells
+as controls (posterior-mean globals, 5 draws of each cell); doubles, the posterior predictive
+mean (10 draws x 300 cells, from its own predicted controls). For the singles also the mean of
+their training cells (minus the training controls), and how well the model reconstructs its own
+training cells' group means (their posterior latents) against that mean.
+
+``sim``: one fit on the identifiability base simulation (``analyses/grids/small.yaml``, seed 0;
+overrides ``model.KEY=VALUE`` / ``train.KEY=VALUE``): RMSE of the predicted change of 8 singles
+and of the held-out doubles against the true change (``simulate.true_condition_means``), the
+additive baseline's, and the ratio of predicted to true change norms.
+
+Prints one JSON line. Single seeds are noisy on the real subset: compare over ``train.seed``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _pearson(a, b) -> float:
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def real(overrides) -> dict:
+    from omegaconf import OmegaConf
+
+    from pyro_pvae import data as D
+    from pyro_pvae.api import PerturbedVAE
+    from pyro_pvae.config import compose, load_dataset, resolve_split
+    from pyro_pvae.data.splits import heldout_control_idx
+    from pyro_pvae.utils import lognormalize, to_dense
+
+    cfg = compose("norman", list(overrides) + ["train.progress=false"])
+    adata = load_dataset(cfg)
+    split = resolve_split(cfg, adata)
+    t0 = time.perf_counter()
+    vae = PerturbedVAE(adata, split=split, model=OmegaConf.to_container(cfg.model),
+                       train=OmegaConf.to_container(cfg.train)).fit()
+    out = {"fit_s": round(time.perf_counter() - t0), "invariant_spread": round(vae.invariant_spread(), 3)}
+    cond = adata.obs["condition"].astype(str).to_numpy()
+    L = to_dense(lognormalize(adata.X), np.float64)
+    X = torch.as_tensor(to_dense(adata.X, np.float32))
+    train, test = np.asarray(split.train_idx), np.asarray(split.test_idx)
+    ref = L[heldout_control_idx(split, adata)].mean(0)
+    train_ctrl_idx = train[cond[train] == D.CONTROL]
+    train_ctrl = L[train_ctrl_idx].mean(0)
+    module = vae.module.eval()
+    means = module.global_means()
+
+    def drawn(idx, condition, local_latents):
+        """mean log-normalised expression of 5 x len(idx) cells drawn from the cells ``idx``
+        (posterior-mean globals): "posterior" = with their own latents, "counterfactual" = control
+        cells moved to ``condition``"""
+        u = torch.as_tensor(vae.perturbation_matrix([condition] * len(idx)), dtype=torch.float32)
+        torch.manual_seed(0)
+        return np.mean([lognormalize(module.sample_cells(X[idx], u, means, local_latents=local_latents)).mean(0).numpy()
+                        for _ in range(5)], 0)
+
+    ctrl_recon = drawn(train_ctrl_idx, D.CONTROL, "posterior")
+    ctrl_pred = drawn(train_ctrl_idx, D.CONTROL, "counterfactual")
+    scores: dict[str, list] = {}
+    for c, group in split.test_groups.items():
+        obs = L[test[cond[test] == c]].mean(0) - ref
+        if group == "single":
+            if not (cond[train] == c).any():
+                continue
+            own = train[cond[train] == c]
+            training_mean = L[own].mean(0) - train_ctrl
+            pred = drawn(train_ctrl_idx, c, "counterfactual") - ctrl_pred
+            scores.setdefault("single_model", []).append(_pearson(pred, obs))
+            scores.setdefault("single_training_mean", []).append(_pearson(training_mean, obs))
+            scores.setdefault("single_reconstruction_vs_training_mean", []).append(
+                _pearson(drawn(own, c, "posterior") - ctrl_recon, training_mean))
+        else:
+            pred = vae.predict_change_samples(c, n_draws=10, n_cells=300, seed=1).mean(0)
+            scores.setdefault("double_model", []).append(_pearson(pred, obs))
+            scores.setdefault("double_model_rmse", []).append(float(np.sqrt(np.mean((pred - obs) ** 2))))
+    return {**out, **{k: round(float(np.mean(v)), 3) for k, v in scores.items()}}
+
+
+def sim(overrides) -> dict:
+    from pyro_pvae.api import PerturbedVAE
+    from pyro_pvae.baselines import make_baseline
+    from pyro_pvae.data import make_split
+    from pyro_pvae.simulate import simulate, true_condition_means
+
+    grid = yaml.safe_load((ROOT / "grids" / "small.yaml").read_text())
+    settings = dict(grid["base"]["sim"])
+    preset = settings.pop("preset")
+    model, train = dict(grid["base"]["model"]), dict(grid["base"]["train"])
+    for kv in overrides:
+        key, value = kv.split("=", 1)
+        section, name = key.split(".", 1)
+        {"model": model, "train": train}[section][name] = yaml.safe_load(value)
+    adata = simulate(preset, 0, **settings)
+    truth = adata.uns["truth"]
+    split = make_split(adata, "norman_discrepancy", 0, heldout_singles=())
+    t0 = time.perf_counter()
+    vae = PerturbedVAE(adata, split=split, model=model, train={"seed": 0, **train}).fit()
+    out = {"fit_s": round(time.perf_counter() - t0)}
+    singles = [str(p) for p in np.asarray(truth["perturbations"])][:8]
+    doubles = [str(d) for d in np.asarray(truth["doubles"])]
+    means = true_condition_means(adata, ["control"] + singles + doubles, n_cells=2000, seed=0)
+    additive = make_baseline("additive").fit(adata, split)
+    scores: dict[str, list] = {}
+    for group, conds in (("single", singles), ("double", doubles)):
+        for c in conds:
+            true_change = means[c] - means["control"]
+            pred = vae.predict_change_samples(c, n_draws=8, n_cells=250, seed=0).mean(0)
+            scores.setdefault(f"{group}_rmse_model", []).append(np.sqrt(np.mean((pred - true_change) ** 2)))
+            scores.setdefault(f"{group}_rmse_additive", []).append(
+                np.sqrt(np.mean((additive.predict_change(c) - true_change) ** 2)))
+            scores.setdefault(f"{group}_norm_ratio", []).append(np.linalg.norm(pred) / np.linalg.norm(true_change))
+    return {**out, **{k: round(float(np.mean(v)), 3) for k, v in scores.items()}}
+
+
+def main(argv) -> None:
+    if not argv or argv[0] not in ("real", "sim"):
+        raise SystemExit("usage: python analyses/param_check.py real|sim [KEY=VALUE ...]")
+    torch.set_num_threads(1)
+    import logging
+    logging.getLogger("pyro_pvae").setLevel(logging.WARNING)
+    result = {"data": argv[0], "overrides": argv[1:], **(real if argv[0] == "real" else sim)(argv[1:])}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -36,15 +36,18 @@ The guide (:meth:`PerturbedVAEModule.guide`) is amortised for the local latents 
 mean-field for the globals:
 
 * ``q(z_inv | x) = N(m(x), s(x))``: the invariant encoder sees only the cell, never its label;
-* ``q(eps | x, u) = N((I - W)(h(x, u) - h_ctrl), s'(x, u))`` (``parameterisation=
-  "noncentered"``, the default): the perturbation encoder's ``h`` is the cell's deviation from
-  the mean ``h_ctrl`` of control cells, turned into exogenous noise with the sampled DAG; the
-  model adds the shift, so the guide's ``z_pert = (I - W)^{-1}(eps + c u delta)`` and the
-  effects, c_2 and the pair effects get the likelihood's gradient directly, while the eps KL
-  keeps each group's deviations centred on zero. ``"centered"``: ``q(eps | x, u) = N((I -
-  W)(h - h_ctrl) - c u delta, s')``, so ``z_pert = h - h_ctrl`` and the effects are learned
-  only through the eps KL (on the shipped Norman cells the model then reproduces the group
-  means of its own training cells poorly: analyses/signal_imbalance.py);
+* ``q(eps | x, u) = N((I - W)(h(x, u) - r_g), s'(x, u))`` (``parameterisation="group"``, the
+  default): the perturbation encoder's location ``h`` is measured from ``r_g``, the running mean
+  location of the cell's training group g (its single, or its training pair; the control
+  centre ``h_ctrl`` for controls and pairs unseen in training), and turned into exogenous
+  noise with the sampled DAG. The model adds the shift, so the guide's ``z_pert = (I -
+  W)^{-1}(eps + c u delta)``: group offsets are carried by the effects alone, and the effects,
+  c_2 and the pair effects get the likelihood's gradient directly. ``"noncentered"``: ``r_g =
+  h_ctrl`` for every cell (the encoder, which sees u, may then carry part of a group's offset
+  and the effects the rest; with large effects it carries most of it). ``"centered"``: ``q(eps
+  | x, u) = N((I - W)(h - h_ctrl) - c u delta, s')``, so ``z_pert = h - h_ctrl`` and the effects
+  are learned only through the eps KL (on the shipped Norman cells the model then reproduces
+  its own training cells' group means poorly; analyses/param_check.py);
 * straight-through gates ``q(gamma_pk) = Bernoulli(PIP_pk)`` (hard 0/1 forward, Gumbel-sigmoid
   gradient) with slabs ``q(s | gamma)`` = the fitted Normal when on and the prior when off;
   marginal gates: ``q(delta_pk) = N(m, v)``;

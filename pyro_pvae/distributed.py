@@ -137,6 +137,8 @@ def fit_ddp(rank: int, world: int, adata, split, model_cfg: dict, train_cfg: dic
                              seed=cfg.seed, shuffle=True, drop_last=True)
     torch.manual_seed(cfg.seed * 1_000_003 + rank)
     dev_ids = [device.index] if device.type == "cuda" else None
+    # the running control and group centres (buffers) are rank 0's: DDP broadcasts buffers at
+    # every forward, and each rank then updates its copy from its own batch
     trainer = Trainer(module, batcher, None, cfg, run_dir if rank == 0 else None,
                       n_cells=(len(train_idx) // world) * world, max_steps=max_steps,
                       wrap=lambda m: nn.parallel.DistributedDataParallel(m, device_ids=dev_ids),

@@ -270,10 +270,12 @@ class ModelConfig(_Section):
     # from its training group's mean encoder location and the model adds the shift, so group offsets are carried
     # by the effects alone, learned through the likelihood; noncentered: the deviation from the control centre
     # (the encoder may carry part of a group's offset); centered: z_pert is the encoder's location and the
-    # effects follow it through the eps KL only. Held-out singles / doubles Pearson delta on the shipped cells,
-    # seeds 0-2, and single / double RMSE on the identifiability base simulation, seed 0 (analyses/param_check.py):
-    # group 0.26 / 0.47 and 0.34 / 0.63; noncentered (2 seeds) 0.28 / 0.52 and 0.80 / 1.12; centered (1 seed)
-    # 0.21 / 0.32 and 0.23 / 0.51
+    # effects follow it through the eps KL only. `python analyses/param_check.py real|sim
+    # model.parameterisation=...`, seed 0: held-out singles / doubles Pearson delta on the shipped cells, group
+    # 0.29 / 0.54, noncentered 0.34 / 0.52, centered 0.21 / 0.32; single / double change RMSE on the
+    # identifiability base simulation, group 0.25 / 0.64, noncentered 0.80 / 1.12, centered 0.23 / 0.51.
+    # group: as good as noncentered on the real cells (their seed-to-seed sd is about 0.06) and near centered on
+    # the simulation, where noncentered's encoder keeps the large offsets and the effects stay small.
     parameterisation: str = setting("group", choices=("group", "noncentered", "centered"))
     sparse_rotation: bool = True  # after fit: re-express z_pert in the basis with the sparsest effects
 

@@ -21,9 +21,11 @@ for step in $STEPS; do
     signal) $PY analyses/signal_imbalance.py --out $R/signal_imbalance ;;
     identifiability) $PY analyses/identifiability.py --grid small --jobs 2 --fresh ;;
     # norman_like (59,500 simulated cells x 5,000 genes): held-out doubles only and fewer predictive
-    # draws, to fit a 2-core CPU (the singles' held-out cells add 100 conditions, about an hour more)
+    # draws and the default model variant only, to fit a 2-core CPU (the singles' held-out cells add 100
+    # conditions, about an hour more; the no-alignment and dense-prior variants about 10 minutes each)
     simulation) rm -rf $R/benchmark_simulation
          $PY -m pyro_pvae.benchmark --config simulation +split.kwargs.single_test_fraction=0.0 \
+           "benchmark.methods=[PerturbedVAE,control_mean,additive,additive_shrink,linear]" \
            benchmark.n_pred_cells=100 benchmark.n_change_draws=20 output.run_dir=$R/benchmark_simulation ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

@@ -325,6 +325,7 @@ class PerturbedVAE:
         idx = np.arange(adata.n_obs) if idx is None else np.asarray(idx)
         cond = adata.obs["condition"].astype(str).to_numpy()[idx]
         U = self.perturbation_matrix(cond, unknown="ignore")
+        self.module.eval()
         z_inv, z_pert = [], []
         for start in range(0, len(idx), 4096):
             rows = idx[start:start + 4096]

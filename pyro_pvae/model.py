@@ -341,7 +341,7 @@ class PerturbedVAEModule(nn.Module):
         zeros = x.new_zeros(())
 
         # The priors of the effects, composition and DAG are weighted like their data term
-        # (global_prior_scale): the likelihood at full weight (noncentered), or the eps KL
+        # (global_prior_scale): the likelihood at full weight (group, noncentered), or the eps KL
         # that kl_weight scales (centered), so annealing never lets a prior overrule the data.
         with poutine.scale(scale=self.global_prior_scale(kl_weight)):
             # Global perturbation effects delta[p, k].
@@ -445,7 +445,7 @@ class PerturbedVAEModule(nn.Module):
 
     def global_prior_scale(self, kl_weight):
         """Weight of the effects', composition's and DAG's priors: ``kl_weight`` when their data
-        term is the eps KL (centered), 1 when it is the likelihood (noncentered)."""
+        term is the eps KL (centered), 1 when it is the likelihood (group, noncentered)."""
         return kl_weight if self.cfg.parameterisation == "centered" else 1.0
 
     def control_center(self, x_ctrl, u) -> torch.Tensor:
@@ -549,8 +549,10 @@ class PerturbedVAEModule(nn.Module):
 
     @torch.no_grad()
     def latent_means(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior means of z_inv and of z_pert: the encoder location from the control centre,
-        plus (noncentered) the cell's shift ``(I - W)^{-1} shift(u)`` at the posterior means."""
+        """Posterior means of z_inv and of z_pert: the encoder location from the control centre
+        (group: from the cell's group centre), plus (group, noncentered) the cell's shift
+        ``(I - W)^{-1} shift(u)`` at the posterior means. Call in eval mode (training mode
+        would move the group centres)."""
         xn = lognormalize(x)
         z_loc = self.pert_encoder(torch.cat([xn, u], -1))[0]
         center = self.running_control_center

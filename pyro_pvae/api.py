@@ -350,7 +350,7 @@ class PerturbedVAE:
         """Save modules, configs, vocabulary, genes, split and reference controls (atomic)."""
         path = Path(path)
         atomic_torch_save({
-            "format": "pyro_pvae/2",
+            "format": "pyro_pvae/3",
             "model_config": self.model_config.to_dict(),
             "train_config": asdict(self.train_config),
             "module": self.module.state_dict(),
@@ -370,9 +370,9 @@ class PerturbedVAE:
         if not path.exists():
             raise FileNotFoundError(f"no saved model at {path}")
         state = load_checkpoint(path)
-        if state.get("format") != "pyro_pvae/2":
+        if state.get("format") != "pyro_pvae/3":
             raise TrainingError(f"{path} is not a pyro_pvae model file of this version (format "
-                                f"{state.get('format')!r}, expected 'pyro_pvae/2'); refit with this version")
+                                f"{state.get('format')!r}, expected 'pyro_pvae/3'); refit with this version")
         self = cls(model=ModelConfig.from_dict(state["model_config"]), train=TrainConfig.from_dict(state["train_config"]))
         self.vocabulary, self.gene_names = state["vocabulary"], state["gene_names"]
         self.training_pairs = [tuple(p) for p in state["training_pairs"]]

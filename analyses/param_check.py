@@ -25,13 +25,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
-
-ROOT = Path(__file__).resolve().parent
 
 
 def _pearson(a, b) -> float:
@@ -39,21 +36,14 @@ def _pearson(a, b) -> float:
 
 
 def real(overrides) -> dict:
-    from omegaconf import OmegaConf
+    from norman_fit import fit_norman
 
     from pyro_pvae import data as D
-    from pyro_pvae.api import PerturbedVAE
-    from pyro_pvae.config import compose, load_dataset, resolve_split
     from pyro_pvae.data.splits import heldout_control_idx
     from pyro_pvae.utils import lognormalize, to_dense
 
-    cfg = compose("norman", list(overrides) + ["train.progress=false"])
-    adata = load_dataset(cfg)
-    split = resolve_split(cfg, adata)
-    t0 = time.perf_counter()
-    vae = PerturbedVAE(adata, split=split, model=OmegaConf.to_container(cfg.model),
-                       train=OmegaConf.to_container(cfg.train)).fit()
-    out = {"fit_s": round(time.perf_counter() - t0), "invariant_spread": round(vae.invariant_spread(), 3)}
+    adata, split, vae, seconds = fit_norman(overrides)
+    out = {"fit_s": round(seconds), "invariant_spread": round(vae.invariant_spread(), 3)}
     cond = adata.obs["condition"].astype(str).to_numpy()
     L = to_dense(lognormalize(adata.X), np.float64)
     X = torch.as_tensor(to_dense(adata.X, np.float32))
@@ -96,15 +86,16 @@ def real(overrides) -> dict:
 
 
 def sim(overrides) -> dict:
+    from identifiability import load_grid, resolve_conditions
+
     from pyro_pvae.api import PerturbedVAE
     from pyro_pvae.baselines import make_baseline
     from pyro_pvae.data import make_split
     from pyro_pvae.simulate import simulate, true_condition_means
 
-    grid = yaml.safe_load((ROOT / "grids" / "small.yaml").read_text())
-    settings = dict(grid["base"]["sim"])
-    preset = settings.pop("preset")
-    model, train = dict(grid["base"]["model"]), dict(grid["base"]["train"])
+    base = next(c for c in resolve_conditions(load_grid("small")) if c["name"] == "base")
+    settings, model, train = base["sim"], base["model"], base["train"]
+    preset = settings.pop("preset", "tiny")
     for kv in overrides:
         key, value = kv.split("=", 1)
         section, name = key.split(".", 1)

@@ -14,29 +14,21 @@ choose ``train.restore_best`` and the decoder default; prints one JSON line.
 """
 import json
 import sys
-import time
 
 import numpy as np
 import torch
 
 
 def main(overrides):
-    from omegaconf import OmegaConf
+    from norman_fit import fit_norman
 
     from pyro_pvae import data as D
-    from pyro_pvae.api import PerturbedVAE
     from pyro_pvae.baselines import Additive
-    from pyro_pvae.config import compose, load_dataset, resolve_split
     from pyro_pvae.utils import lognormalize, to_dense
 
     torch.set_num_threads(1)
-    cfg = compose("norman", list(overrides) + ["train.progress=false"])
-    adata = load_dataset(cfg)
-    split = resolve_split(cfg, adata)
-    t0 = time.perf_counter()
-    vae = PerturbedVAE(adata, split=split, model=OmegaConf.to_container(cfg.model),
-                       train=OmegaConf.to_container(cfg.train)).fit()
-    res = {"overrides": list(overrides), "fit_s": round(time.perf_counter() - t0), "epochs": len(vae.history),
+    adata, split, vae, seconds = fit_norman(overrides)
+    res = {"overrides": list(overrides), "fit_s": round(seconds), "epochs": len(vae.history),
            "pip>0.5": int((vae.pip() > 0.5).sum()), "spread": round(vae.invariant_spread(), 3),
            "c2": round(vae.module.composition_mean(), 3)}
     cond = adata.obs["condition"].astype(str).to_numpy()

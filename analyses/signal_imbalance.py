@@ -60,16 +60,9 @@ def seen_singles(vae, adata, split, n_draws: int = 20) -> dict:
 
 def post_fit_cost(overrides) -> dict:
     """Seconds of a 1-epoch fit beyond its training epoch (one thread)."""
-    from omegaconf import OmegaConf
+    from norman_fit import fit_norman
 
-    from pyro_pvae.api import PerturbedVAE
-    from pyro_pvae.config import compose, load_dataset, resolve_split
-
-    cfg = compose("norman", list(overrides) + ["train.epochs=1", "train.min_steps=0", "train.progress=false"])
-    adata = load_dataset(cfg)
-    split = resolve_split(cfg, adata)
-    vae = PerturbedVAE(adata, split=split, model=OmegaConf.to_container(cfg.model),
-                       train=OmegaConf.to_container(cfg.train))
+    _, _, vae, _ = fit_norman(list(overrides) + ["train.epochs=1", "train.min_steps=0"], fit=False)
     t0 = time.perf_counter()
     vae.fit()
     vae.effects()
@@ -84,10 +77,8 @@ def _markdown(df: pd.DataFrame) -> str:
 
 
 def main(argv=None) -> int:
-    from omegaconf import OmegaConf
+    from norman_fit import fit_norman
 
-    from pyro_pvae.api import PerturbedVAE
-    from pyro_pvae.config import compose, load_dataset, resolve_split
     from pyro_pvae.utils import atomic_write_csv, atomic_write_text
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -99,13 +90,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.presets:
-        cfg = compose("norman", PRESETS[name] + ["train.progress=false"])
-        adata = load_dataset(cfg)
-        split = resolve_split(cfg, adata)
-        t0 = time.perf_counter()
-        vae = PerturbedVAE(adata, split=split, model=OmegaConf.to_container(cfg.model),
-                           train=OmegaConf.to_container(cfg.train)).fit()
-        row = {"preset": name, "fit_seconds": time.perf_counter() - t0, "epochs": len(vae.history),
+        adata, split, vae, seconds = fit_norman(PRESETS[name])
+        row = {"preset": name, "fit_seconds": seconds, "epochs": len(vae.history),
                "invariant_spread": vae.invariant_spread(), "effects_pip_above_0.5": int((vae.pip() > 0.5).sum()),
                "effects": int(vae.pip().size), "c2": vae.module.composition_mean(),
                **seen_singles(vae, adata, split), **post_fit_cost(PRESETS[name])}

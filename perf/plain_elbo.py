@@ -120,8 +120,7 @@ def plain_loss(module, x, u, x_ctrl=None, kl_weight=1.0, temperature=0.5, *, n_c
     else:
         center = g.running_control_center
     e_scale = (e_scale.pow(2) @ g.eps_rotation.pow(2).T).sqrt()
-    if cfg.parameterisation == "group":
-        center = g.group_reference(z_loc, u, center)
+    center = g.group_reference(z_loc, u, center)  # the running centre of a cell's training group (group)
     centered = cfg.parameterisation == "centered"
     q_e = td.Normal((z_loc - center) @ A.T - (shift if centered else 0.0), e_scale)
     eps = q_e.rsample()

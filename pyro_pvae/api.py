@@ -236,13 +236,14 @@ class PerturbedVAE:
         rng = np.random.default_rng(seed)
         self.module.eval()
         blocks, obs = [], []
+        novel = "mean" if posterior_mean else "draw"
+        sizes = np.diff(np.linspace(0, n_cells, min(n_draws, n_cells) + 1).round().astype(int))
         with _seeded(seed, self.device):
             for cond in conditions:
-                for size in np.diff(np.linspace(0, n_cells, min(n_draws, n_cells) + 1).round().astype(int)):
+                for size in sizes:
                     glob = self._global_draws(1, posterior_mean)[0]
                     x_ctrl, rows = self._control_block(int(size), rng)
                     u = self._condition_rows(cond, int(size), unknown)
-                    novel = "mean" if posterior_mean else "draw"
                     blocks.append(self.module.sample_cells(x_ctrl, u, glob, novel_pairs=novel).cpu().numpy())
                     obs.append(pd.DataFrame({"condition": cond, "control_cell": rows}))
         X = np.concatenate(blocks).astype(np.float32)

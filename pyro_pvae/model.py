@@ -468,9 +468,12 @@ class PerturbedVAEModule(nn.Module):
         return torch.where(n == 1, u.argmax(-1), torch.where(pid >= 0, self.n_perts + pid, -1))
 
     def group_reference(self, z_loc: torch.Tensor, u: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-        """(B, K) origin of each cell's z_pert deviation: the running mean encoder location of
-        its training group (``group_centers``), ``center`` for cells of no training group
-        (controls, pairs unseen in training). Updated from the batch in training."""
+        """(B, K) origin of each cell's z_pert deviation. ``parameterisation="group"``: the
+        running mean encoder location of its training group (``group_centers``, updated from
+        the batch in training), ``center`` for cells of no training group (controls, pairs
+        unseen in training); otherwise ``center`` for every cell."""
+        if self.cfg.parameterisation != "group":
+            return center
         gid = self.group_ids(u)
         known = gid >= 0
         if self.training and known.any():
@@ -488,8 +491,7 @@ class PerturbedVAEModule(nn.Module):
     def eps_posterior(self, xn, u, W, shift, center):
         """loc, scale of q(eps | x, u) = N((I - W)(h(x, u) - center) - shift, s(x, u))."""
         z_loc, scale = self.pert_encoder(torch.cat([xn, u], dim=-1))
-        if self.cfg.parameterisation == "group":
-            center = self.group_reference(z_loc, u, center)
+        center = self.group_reference(z_loc, u, center)
         scale = (scale.pow(2) @ self.eps_rotation.pow(2).T).sqrt()
         A = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device) - W
         return (z_loc - center) @ A.T - shift, scale
@@ -555,8 +557,7 @@ class PerturbedVAEModule(nn.Module):
         would move the group centres)."""
         xn = lognormalize(x)
         z_loc = self.pert_encoder(torch.cat([xn, u], -1))[0]
-        center = self.running_control_center
-        z_pert = z_loc - (self.group_reference(z_loc, u, center) if self.cfg.parameterisation == "group" else center)
+        z_pert = z_loc - self.group_reference(z_loc, u, self.running_control_center)
         if self.cfg.parameterisation != "centered":
             g = self.global_means()
             z_pert = z_pert + propagate(self.shift(u, self.effect_mean(), g.get("c2"), g.get("pair_effect")), g["W"])

@@ -176,6 +176,8 @@ def test_predict_returns_cells_and_clear_errors(tiny_fit):
     assert spread.n_obs == 25 and not np.array_equal(spread.X.toarray(), X[:25])
     with pytest.raises(ValueError, match="n_draws must be 1"):
         vae.predict([g1], n_cells=5, posterior_mean=True, n_draws=2)
+    with pytest.raises(ValueError, match="n_draws must be a positive integer, got 0"):
+        vae.predict([g1], n_cells=5, n_draws=0)
 
 
 @pytest.mark.slow  # uses the 100-epoch tiny fit
@@ -191,6 +193,13 @@ def test_effects_table_and_save_load_round_trip(tiny_fit, tmp_path):
     c = vae.vocabulary[0]
     np.testing.assert_array_equal(back.predict([c], n_cells=10, seed=1).X.toarray(),
                                   vae.predict([c], n_cells=10, seed=1).X.toarray())
+    # a file of the previous format (another parameterisation of the guide) is refused, not loaded
+    state = torch.load(path, weights_only=False)
+    state["format"] = "pyro_pvae/2"
+    torch.save(state, tmp_path / "old.pt")
+    from pyro_pvae.train import TrainingError
+    with pytest.raises(TrainingError, match=r"format 'pyro_pvae/2', expected 'pyro_pvae/3'\); refit"):
+        PerturbedVAE.load(tmp_path / "old.pt")
 
 
 def test_alignment_reuses_the_guides_invariant_encoder_pass():

@@ -11,7 +11,8 @@ model's change: singles, the training control cells moved to the single minus th
 as controls (posterior-mean globals, 5 draws of each cell); doubles, the posterior predictive
 mean (10 draws x 300 cells, from its own predicted controls). For the singles also the mean of
 their training cells (minus the training controls), and how well the model reconstructs its own
-training cells' group means (their posterior latents) against that mean.
+training cells' group means (their posterior latents) against that mean. ``pip_on_fraction``: the
+share of effects with PIP > 0.5.
 
 ``sim``: one fit on the identifiability base simulation (``analyses/grids/small.yaml``, seed 0;
 overrides ``model.KEY=VALUE`` / ``train.KEY=VALUE``): RMSE of the predicted change of 8 singles
@@ -43,7 +44,8 @@ def real(overrides) -> dict:
     from pyro_pvae.utils import lognormalize, to_dense
 
     adata, split, vae, seconds = fit_norman(overrides)
-    out = {"fit_s": round(seconds), "invariant_spread": round(vae.invariant_spread(), 3)}
+    out = {"fit_s": round(seconds), "invariant_spread": round(vae.invariant_spread(), 3),
+           "pip_on_fraction": round(float((vae.pip() > 0.5).mean()), 3)}
     cond = adata.obs["condition"].astype(str).to_numpy()
     L = to_dense(lognormalize(adata.X), np.float64)
     X = torch.as_tensor(to_dense(adata.X, np.float32))
@@ -105,7 +107,7 @@ def sim(overrides) -> dict:
     split = make_split(adata, "norman_discrepancy", 0, heldout_singles=())
     t0 = time.perf_counter()
     vae = PerturbedVAE(adata, split=split, model=model, train={"seed": 0, **train}).fit()
-    out = {"fit_s": round(time.perf_counter() - t0)}
+    out = {"fit_s": round(time.perf_counter() - t0), "pip_on_fraction": round(float((vae.pip() > 0.5).mean()), 3)}
     singles = [str(p) for p in np.asarray(truth["perturbations"])][:8]
     doubles = [str(d) for d in np.asarray(truth["doubles"])]
     means = true_condition_means(adata, ["control"] + singles + doubles, n_cells=2000, seed=0)

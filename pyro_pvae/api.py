@@ -22,7 +22,7 @@ import torch
 
 from . import data as D
 from .config import ModelConfig, TrainConfig
-from .model import PerturbedVAEModule, sample_globals, sparse_rotation
+from .model import PerturbedVAEModule, sample_globals
 from .train import Trainer, TrainingError, load_checkpoint, plot_training_curves, resolve_device
 from .utils import atomic_torch_save, lognormalize, to_dense
 
@@ -163,13 +163,10 @@ class PerturbedVAE:
     def _rotate_if_configured(self) -> None:
         """``model.sparse_rotation``: rotate after a fit (skipped, with a warning, for
         straight-through gates, whose basis is fixed by the fitted gates)."""
-        cfg = self.model_config
-        if not cfg.sparse_rotation:
-            return
-        if cfg.gate_sites:
+        if self.model_config.sparse_rotation and not self.module.rotatable:
             log.warning("model.sparse_rotation is ignored with gate_inference='straight_through'")
-            return
-        self.rotate_to_sparse_effects()
+        elif self.module.rotatable:
+            self.rotate_to_sparse_effects()
 
     @torch.no_grad()
     def rotate_to_sparse_effects(self, n_restarts: int = 16) -> np.ndarray:
@@ -180,16 +177,14 @@ class PerturbedVAE:
         ``eps`` (still N(0, I)) and every ``delta_p``. ``O`` is chosen by
         :func:`~pyro_pvae.model.sparse_rotation` and the module rewritten exactly by
         :meth:`~pyro_pvae.model.PerturbedVAEModule.rotate_latents`. Returns ``M``.
-        Only for the marginal spike-and-slab and the dense prior (not straight-through gates)."""
+        Only for the marginal spike-and-slab and the dense prior (not straight-through gates).
+        (Training already rotates once, at ``train.rotate_at``, and lets the prior polish the
+        rotated effects; this final rotation keeps the sparsest basis of the end state.)"""
         if self.model_config.gate_sites:
             raise ValueError("rotate_to_sparse_effects needs model.gate_inference='marginal' (or the dense prior): "
                              "straight-through gates are tied to the fitted basis")
-        module = self.module
-        l1_before = float(module.slab_loc.abs().sum())
-        O = sparse_rotation(module.slab_loc, n_restarts=n_restarts, seed=self.train_config.seed)
-        M = module.rotate_latents(O)
-        log.info("rotated z_pert to the sparsest effects: sum |delta| %.2f -> %.2f",
-                 l1_before, float(module.slab_loc.abs().sum()))
+        M, before, after = self.module.rotate_to_sparse_effects(n_restarts, seed=self.train_config.seed)
+        log.info("rotated z_pert to the sparsest effects: sum |delta| %.2f -> %.2f", before, after)
         return M.cpu().numpy()
 
     # ---- prediction -----------------------------------------------------------------------

@@ -312,6 +312,11 @@ class TrainConfig(_Section):
     clip_norm: float = setting(10.0, gt=0)
     kl_weight: float = setting(1.0, ge=0)  # final weight of the local KLs (1 = the true ELBO)
     kl_warmup_epochs: float = setting(10.0, ge=0)
+    # after this fraction of the epochs z_pert is rotated to the basis of the sparsest effects
+    # (model.sparse_rotation) and training goes on in it, so the spike-and-slab prior can pull the
+    # near-zero effects of that basis into the spike (1: rotate only after training; the effects are
+    # then sparse in shape but few sit in the spike; tests/test_model.py::test_fit_support_is_sparse)
+    rotate_at: float = setting(0.5, gt=0, le=1)
     temperature_start: float = setting(1.0, gt=0)  # gate relaxation temperature, annealed geometrically
     temperature_end: float = setting(0.2, gt=0)
     init_gate_prob: float = setting(0.5, gt=0, lt=1)

@@ -598,6 +598,20 @@ class PerturbedVAEModule(nn.Module):
         self.eps_rotation.copy_(O @ self.eps_rotation)
         return M
 
+    @property
+    def rotatable(self) -> bool:
+        """``model.sparse_rotation`` is on and the basis is free (not straight-through gates,
+        whose fitted gates fix it)."""
+        return self.cfg.sparse_rotation and not self.cfg.gate_sites
+
+    @torch.no_grad()
+    def rotate_to_sparse_effects(self, n_restarts: int = 16, seed: int = 0) -> tuple[torch.Tensor, float, float]:
+        """:meth:`rotate_latents` by the :func:`sparse_rotation` of the effect means; returns
+        ``M`` and sum |delta| before and after."""
+        l1_before = float(self.slab_loc.abs().sum())
+        M = self.rotate_latents(sparse_rotation(self.slab_loc, n_restarts=n_restarts, seed=seed))
+        return M, l1_before, float(self.slab_loc.abs().sum())
+
     # ---- prediction: the model run forward -------------------------------------------------
     @torch.no_grad()
     def sample_cells(self, x_start: torch.Tensor, u: torch.Tensor, global_draw: dict[str, torch.Tensor],

@@ -210,6 +210,21 @@ class Trainer:
         self.best_val = math.inf
         self.best_state = None
         self.bad_epochs = 0
+        #: epoch after which z_pert is rotated to the sparse basis (None: no rotation in training)
+        rotate_epoch = math.ceil(cfg.rotate_at * self.epochs)
+        self.rotate_epoch = rotate_epoch if getattr(module, "rotatable", False) and rotate_epoch < self.epochs else None
+        self.rotated = False
+
+    def rotate_to_sparse_effects(self, epoch: int) -> None:
+        """Rotate z_pert to the basis of the sparsest effects and go on training in it. Adam's
+        moments belong to the old basis and are dropped; the best-validation state restarts, so
+        the module kept at the end is a rotated one."""
+        _, before, after = self.module.rotate_to_sparse_effects(seed=self.cfg.seed)
+        self.optim.opt.state.clear()
+        self.best_val, self.best_state, self.bad_epochs = math.inf, None, 0
+        self.rotated = True
+        log.info("epoch %d: rotated z_pert to the sparsest effects (sum |delta| %.2f -> %.2f); training goes on",
+                 epoch, before, after)
 
     def step(self, args) -> float:
         """One optimisation step; returns the -ELBO estimate of the batch (full-data scale),
@@ -264,6 +279,7 @@ class Trainer:
             "best_val": self.best_val,
             "best_state": self.best_state,
             "bad_epochs": self.bad_epochs,
+            "rotated": self.rotated,
             "train_config": asdict(self.cfg),
             "signature": self.signature,
         }, self.checkpoint_path)
@@ -287,6 +303,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         self.history = ckpt["history"]
         self.best_val, self.best_state, self.bad_epochs = ckpt["best_val"], ckpt["best_state"], ckpt["bad_epochs"]
+        self.rotated = ckpt.get("rotated", False)
         self.start_epoch = ckpt["epoch"] + 1
         log.info("resumed from %s at epoch %d", path, self.start_epoch)
         return True
@@ -388,9 +405,13 @@ class Trainer:
                     self.best_state = {n: t.detach().cpu().clone() for n, t in self.module.state_dict().items()}
                 else:
                     self.bad_epochs += 1
+            stop = self.bad_epochs >= cfg.early_stopping_patience and epoch + 1 >= cfg.min_epochs and step >= cfg.min_steps
+            if self.rotate_epoch is not None and not self.rotated and (epoch + 1 >= self.rotate_epoch or stop):
+                self.rotate_to_sparse_effects(epoch)
+                stop = False  # an early stop waits for the rotated basis' own patience
             if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == self.epochs:
                 self.save_checkpoint(epoch)
-            if self.bad_epochs >= cfg.early_stopping_patience and epoch + 1 >= cfg.min_epochs and step >= cfg.min_steps:
+            if stop:
                 log.info("early stopping at epoch %d (no validation improvement for %d epochs)", epoch, self.bad_epochs)
                 self.save_checkpoint(epoch)
                 break

@@ -198,3 +198,19 @@ def test_learning_rate_rule_for_large_batches():
         TrainConfig.from_dict({**base, "lr_batch_rule": "cubic"})
     with pytest.raises(ValueError, match="lr_base_batch must be >= 1, got 0"):
         TrainConfig.from_dict({**base, "lr_base_batch": 0})
+
+
+def test_training_rotates_once_to_the_sparse_basis_and_goes_on(tmp_path, caplog):
+    """train.rotate_at: after that share of the epochs the trainer rotates z_pert to the sparsest
+    effects (the module's exact re-expression) once, and keeps training in the new basis; the
+    checkpoint remembers it, so a resumed run does not rotate again."""
+    adata = simulate("tiny", seed=1)
+    vae = PerturbedVAE(adata, split="iid", model=dict(latent_inv=3, latent_pert=3, hidden=16),
+                       train={"epochs": 4, "batch_size": 128, "progress": False, "rotate_at": 0.5,
+                              "checkpoint_every": 1})
+    with caplog.at_level("INFO", logger="pyro_pvae"):
+        vae.fit(run_dir=tmp_path)
+    rotations = [r.getMessage() for r in caplog.records if "training goes on" in r.getMessage()]
+    assert len(rotations) == 1 and rotations[0].startswith("epoch 1: rotated"), rotations
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["rotated"] is True
+    assert len(vae.history) == 4  # training went on after the rotation

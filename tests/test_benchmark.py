@@ -140,7 +140,8 @@ def test_effects_additive_matches_hand_rmse(effects_instance):
     change = lambda c: _pb(adata.X[tr[cond[tr] == c]]) - ctrl  # noqa: E731
     held = [c for c in split.test_groups if "+" in c]
     assert held and set(df["condition"]) == set(split.test_groups)
-    assert set(df["metric"]) == set(B.EFFECT_METRICS) - {"coverage90_all", "coverage90_top20de"}  # baselines: no draws
+    assert set(df["metric"]) == set(B.EFFECT_METRICS) - {"coverage90_all", "coverage90_top20de",
+                                                          "coverage90_all_observed"}  # baselines: no draws
     # training doubles give the shrink factor by least squares
     train_dbl = [c for c in set(cond[tr]) if "+" in c]
     num = sum(float((change(a) + change(b)) @ change(c))
@@ -368,6 +369,9 @@ def test_score_effects_coverage_by_hand():
     assert s["coverage90_all"] == 0.5  # 0.5 and 0.0 inside
     assert s["coverage90_top20de"] == 0.0  # the two largest |t|: -2 and 1, both outside
     assert "coverage90_all" not in B.score_effects(np.zeros(4), t)
+    # against the observed change instead: 0.5, 0.0 and 0.8 inside, 2.0 outside
+    s = B.score_effects(np.zeros(4), t, n_top=2, change_samples=draws, observed_change=np.array([0.5, 0.0, 0.8, 2.0]))
+    assert s["coverage90_all_observed"] == 0.75
 
 
 class _FakeVAE:

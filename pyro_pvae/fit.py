@@ -52,6 +52,11 @@ def run(name: str, overrides: list[str]):
           f"final validation -ELBO/cell {last.get('val_loss', float('nan')):.2f}")
     strong = effects[effects.pip > 0.5]
     print(f"{len(strong)} of {len(effects)} perturbation-latent effects have PIP > 0.5")
+    if vae.model_config.effect_prior == "spike_slab" and len(strong) > 0.9 * len(effects):
+        print("  (nearly all: the effects' estimation noise is wider than the spike, "
+              f"model.spike_scale={vae.model_config.spike_scale}, so the PIPs do not separate effects from "
+              "noise here; read the effect means and sds in effects.csv, or refit with a spike about "
+              "1/sqrt(cells per perturbation) wide; README, Signal imbalance)")
     print(f"invariant latents: mean across-cell sd of the z_inv posterior means {spread:.3f} "
           "(near 0: collapsed, carrying no cell state)")
     print(f"outputs in {run_dir}/ : {' '.join(run_dir_claim.files())}")

@@ -270,21 +270,40 @@ class PerturbedVAE:
         is then drawn independently from other starting cells, so both sampling noises are in
         the draws. ``n_control_cells=None`` uses the same starting cells for both blocks (the
         change of the same cells, without the reference's noise)."""
-        _check_positive(n_draws=n_draws, n_cells=n_cells)
+        _check_positive(n_cells=n_cells)
+        return self.predict_change_draws({condition: [n_cells]}, n_draws, seed, unknown, n_control_cells)[condition][0]
+
+    @torch.no_grad()
+    def predict_change_draws(self, requests: dict, n_draws: int = 100, seed: int = 0, unknown: str = "error",
+                             n_control_cells: int | None = None) -> dict[str, list[np.ndarray]]:
+        """:meth:`predict_change_samples` for several conditions and cell counts at once:
+        ``requests`` maps a condition to the numbers of cells its draws are for; returns, per
+        condition, one (n_draws x genes) array per number. Every condition uses the same posterior
+        draws and, with ``n_control_cells``, the same predicted control block per draw, as
+        observed changes measured against one set of reference controls share its noise (and
+        the control block, often the largest, is drawn once per draw, not once per condition)."""
+        _check_positive(n_draws=n_draws, **{f"n_cells of {c}": n for c, sizes in requests.items() for n in sizes})
         if n_control_cells is not None:
             _check_positive(n_control_cells=n_control_cells)
-        u = self._condition_rows(condition, n_cells, unknown)
+        rows = {c: {n: self._condition_rows(c, n, unknown) for n in sizes} for c, sizes in requests.items()}
         rng = np.random.default_rng(seed)
         self.module.eval()
-        out = np.empty((n_draws, len(self.gene_names)), dtype=np.float32)
+        out = {c: [np.empty((n_draws, len(self.gene_names)), dtype=np.float32) for _ in sizes]
+               for c, sizes in requests.items()}
+
+        def control_mean(x_start, glob):
+            u0 = torch.zeros(x_start.shape[0], len(self.vocabulary), device=self.device)
+            return lognormalize(self.module.sample_cells(x_start, u0, glob)).mean(0)
+
         with _seeded(seed, self.device):
             for s, glob in enumerate(self._global_draws(n_draws)):
-                x_start, _ = self._control_block(n_cells, rng)
-                pert = self.module.sample_cells(x_start, u, glob)
-                if n_control_cells is not None:
-                    x_start, _ = self._control_block(n_control_cells, rng)
-                ctrl = self.module.sample_cells(x_start, torch.zeros_like(x_start[:, :u.shape[1]]), glob)
-                out[s] = (lognormalize(pert).mean(0) - lognormalize(ctrl).mean(0)).cpu().numpy()
+                shared = None if n_control_cells is None else control_mean(self._control_block(n_control_cells, rng)[0], glob)
+                for c, sizes in requests.items():
+                    for j, n in enumerate(sizes):
+                        x_start, _ = self._control_block(n, rng)
+                        pert = lognormalize(self.module.sample_cells(x_start, rows[c][n], glob)).mean(0)
+                        ctrl = shared if shared is not None else control_mean(x_start, glob)
+                        out[c][j][s] = (pert - ctrl).cpu().numpy()
         return out
 
     # ---- posterior summaries -------------------------------------------------------------

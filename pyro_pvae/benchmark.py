@@ -527,14 +527,13 @@ def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_
                 pred_control = _dense(vae.predict([D.CONTROL], n_cells=max(n_pred_cells, 1000),
                                                   seed=seed + 7777, n_draws=n_change_draws).layers["lognorm"])
                 notes = {c: _unknown_note(vocab, c) for c in conds}
-                samples = {}
-                for i, c in enumerate(conds):
-                    # observed change = mean of n held-out cells - mean of the held-out controls:
-                    # draws with both sampling noises
-                    draws = [vae.predict_change_samples(c, n_draws=n_change_draws, n_cells=n, seed=seed * 100003 + i,
-                                                        unknown="ignore", n_control_cells=len(ref.control))
-                             for n in dict.fromkeys([len(ref.observed[c]), len(ref.observed_top[c])])]
-                    samples[c] = (draws[0], draws[-1])
+                # observed change = mean of n held-out cells - mean of the held-out controls (one
+                # reference for every condition): draws with both sampling noises, one predicted
+                # control block per draw shared by the conditions like the reference
+                sizes = {c: list(dict.fromkeys([len(ref.observed[c]), len(ref.observed_top[c])])) for c in conds}
+                draws = vae.predict_change_draws(sizes, n_draws=n_change_draws, seed=seed * 100003, unknown="ignore",
+                                                 n_control_cells=len(ref.control))
+                samples = {c: (draws[c][0], draws[c][-1]) for c in conds}
             else:
                 b = _fit_baseline(method, adata, split, seed)
                 t_fit = time.perf_counter() - t0

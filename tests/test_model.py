@@ -420,3 +420,23 @@ def test_group_centers_make_each_training_group_its_own_origin():
     torch.testing.assert_close(ref2[0], z[:4].mean(0) + 0.1)
     module.eval()
     torch.testing.assert_close(module.group_reference(z2 + 5.0, u, center)[0], ref2[0])
+
+
+@pytest.mark.slow  # uses the 100-epoch tiny fit
+def test_change_draws_for_many_conditions_share_the_control_block(tiny_fit):
+    """predict_change_draws: one array per requested cell count; with n_control_cells every
+    condition's draw s is measured from the same predicted control block, so the difference of
+    two conditions' draws carries no control noise, while the control noise is in each draw."""
+    _, _, vae = tiny_fit
+    g1, g2 = vae.vocabulary[:2]
+    out = vae.predict_change_draws({g1: [30, 60], g2: [30]}, n_draws=6, seed=2, n_control_cells=10)
+    assert [a.shape for a in out[g1]] == [(6, len(vae.gene_names))] * 2 and out[g2][0].shape == (6, len(vae.gene_names))
+    np.testing.assert_array_equal(out[g1][0], vae.predict_change_draws({g1: [30, 60], g2: [30]}, n_draws=6, seed=2,
+                                                                       n_control_cells=10)[g1][0])
+    # a control block of 10 cells is noisy: the common control noise dominates each draw's spread,
+    # and cancels in the difference of two conditions' draws
+    common = np.var(out[g1][0] + out[g2][0], axis=0).mean()
+    diff = np.var(out[g1][0] - out[g2][0], axis=0).mean()
+    assert diff < 0.5 * common, (diff, common)
+    with pytest.raises(ValueError, match="n_cells of .* must be a positive integer"):
+        vae.predict_change_draws({g1: [0]}, n_draws=2)

@@ -163,10 +163,10 @@ class PerturbedVAE:
     def _rotate_if_configured(self) -> None:
         """``model.sparse_rotation``: rotate after a fit (skipped, with a warning, for
         straight-through gates, whose basis is fixed by the fitted gates)."""
-        if self.model_config.sparse_rotation and not self.module.rotatable:
-            log.warning("model.sparse_rotation is ignored with gate_inference='straight_through'")
-        elif self.module.rotatable:
+        if self.module.rotatable:
             self.rotate_to_sparse_effects()
+        elif self.model_config.sparse_rotation:
+            log.warning("model.sparse_rotation is ignored with gate_inference='straight_through'")
 
     @torch.no_grad()
     def rotate_to_sparse_effects(self, n_restarts: int = 16) -> np.ndarray:

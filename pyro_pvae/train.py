@@ -212,7 +212,7 @@ class Trainer:
         self.bad_epochs = 0
         #: epoch after which z_pert is rotated to the sparse basis (None: no rotation in training)
         rotate_epoch = math.ceil(cfg.rotate_at * self.epochs)
-        self.rotate_epoch = rotate_epoch if getattr(module, "rotatable", False) and rotate_epoch < self.epochs else None
+        self.rotate_epoch = rotate_epoch if module.rotatable and rotate_epoch < self.epochs else None
         self.rotated = False
 
     def rotate_to_sparse_effects(self, epoch: int) -> None:

@@ -271,7 +271,7 @@ class ModelConfig(_Section):
     # by the effects alone, learned through the likelihood; noncentered: the deviation from the control centre
     # (the encoder may carry part of a group's offset); centered: z_pert is the encoder's location and the
     # effects follow it through the eps KL only. `python analyses/param_check.py real|sim
-    # model.parameterisation=...`, seed 0: held-out singles / doubles Pearson delta on the shipped cells, group
+    # model.parameterisation=...`, seed 0, measured before train.rotate_at existed: held-out singles / doubles Pearson delta on the shipped cells, group
     # 0.29 / 0.54, noncentered 0.34 / 0.52, centered 0.21 / 0.32; single / double change RMSE on the
     # identifiability base simulation, group 0.25 / 0.64, noncentered 0.80 / 1.12, centered 0.23 / 0.51.
     # group: as good as noncentered on the real cells (their seed-to-seed sd is about 0.06) and near centered on

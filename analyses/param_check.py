@@ -19,6 +19,8 @@ overrides ``model.KEY=VALUE`` / ``train.KEY=VALUE``): RMSE of the predicted chan
 and of the held-out doubles against the true change (``simulate.true_condition_means``), the
 additive baseline's, and the ratio of predicted to true change norms.
 
+``tiny``: the test suite's tiny fit; the share of effects with PIP > 0.5 against the truth's.
+
 Prints one JSON line. Single seeds are noisy on the real subset: compare over ``train.seed``.
 """
 from __future__ import annotations
@@ -124,13 +126,36 @@ def sim(overrides) -> dict:
     return {**out, **{k: round(float(np.mean(v)), 3) for k, v in scores.items()}}
 
 
+def tiny(overrides) -> dict:
+    """The test suite's tiny fit (tests/conftest.py: ``simulate("tiny", 0)``, combo_seen split,
+    4 + 4 latents, 100 epochs) with ``train.KEY=VALUE`` / ``model.KEY=VALUE`` overrides: the
+    share of the true perturbations' effects with PIP > 0.5 against the truth's share."""
+    from pyro_pvae import data as D
+    from pyro_pvae.api import PerturbedVAE
+    from pyro_pvae.simulate import simulate
+
+    adata = simulate("tiny", seed=0)
+    split = D.make_split(adata, "combo_seen", 0, unseen_gene_fraction=0.0, train_seen2_fraction=0.5)
+    cfg = {"model": {"latent_inv": 4, "latent_pert": 4, "hidden": 64},
+           "train": {"epochs": 100, "batch_size": 64, "progress": False, "early_stopping_patience": 100}}
+    for kv in overrides:
+        key, value = kv.split("=", 1)
+        section, name = key.split(".", 1)
+        cfg[section][name] = yaml.safe_load(value)
+    vae = PerturbedVAE(adata, split=split, model=cfg["model"], train=cfg["train"]).fit()
+    truth = adata.uns["truth"]
+    rows = [vae.vocabulary.index(p) for p in truth["perturbations"]]
+    return {"pip_on_fraction": round(float((vae.pip()[rows] > 0.5).mean()), 3),
+            "true_on_fraction": round(float(np.asarray(truth["gates"]).mean()), 3)}
+
+
 def main(argv) -> None:
-    if not argv or argv[0] not in ("real", "sim"):
-        raise SystemExit("usage: python analyses/param_check.py real|sim [KEY=VALUE ...]")
+    if not argv or argv[0] not in ("real", "sim", "tiny"):
+        raise SystemExit("usage: python analyses/param_check.py real|sim|tiny [KEY=VALUE ...]")
     torch.set_num_threads(1)
     import logging
     logging.getLogger("pyro_pvae").setLevel(logging.WARNING)
-    result = {"data": argv[0], "overrides": argv[1:], **(real if argv[0] == "real" else sim)(argv[1:])}
+    result = {"data": argv[0], "overrides": argv[1:], **{"real": real, "sim": sim, "tiny": tiny}[argv[0]](argv[1:])}
     print(json.dumps(result))
 
 

@@ -278,6 +278,12 @@ class ModelConfig(_Section):
     # the simulation, where noncentered's encoder keeps the large offsets and the effects stay small.
     parameterisation: str = setting("group", choices=("group", "noncentered", "centered"))
     sparse_rotation: bool = True  # after fit: re-express z_pert in the basis with the sparsest effects
+    # gene-level effects beta[p, g] ~ Laplace(0, b) in log expression beside the latent path (b learned;
+    # doubles add their singles' times c_2): what a perturbation does that its latent effects and the shared
+    # decoder do not reproduce
+    gene_effects: bool = False
+    gene_scale_prior: Tuple[float, float] = setting((-2.3, 1.0), rule=(lambda v: v[1] > 0,
+                                                                        "[loc, scale] with scale > 0"))
 
     @property
     def gate_sites(self) -> bool:
@@ -287,7 +293,7 @@ class ModelConfig(_Section):
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key in ("pi_prior", "theta_prior", "composition_prior", "pair_pi_prior", "pair_scale_prior"):
+        for key in ("pi_prior", "theta_prior", "composition_prior", "pair_pi_prior", "pair_scale_prior", "gene_scale_prior"):
             d[key] = list(d[key])
         return d
 

@@ -12,7 +12,8 @@ For perturbations p = 1..P, perturbation latents k = 1..K, cells n and genes g:
     z^{inv}_n &\sim \mathcal N(0, I_D),\quad \varepsilon_n \sim \mathcal N(0, I_K)\\
     z^{pert}_n &= (I - W)^{-1}\big(\varepsilon_n + c_{m_n} \textstyle\sum_p u_{np}\delta_p\big)
         && \text{(shift interventions)}\\
-    \rho_n &= \mathrm{softmax}\big(f([z^{inv}_n, z^{pert}_n])\big),\quad \mu_{ng} = \ell_n \rho_{ng}\\
+    \rho_n &= \mathrm{softmax}\big(f([z^{inv}_n, z^{pert}_n]) + c_{m_n} \textstyle\sum_p u_{np}\beta_p\big),
+        \quad \mu_{ng} = \ell_n \rho_{ng}\\
     x_{ng} &\sim \mathrm{NB}(\text{mean } \mu_{ng}, \text{inverse dispersion } \theta_g)
 
 By default (``gate_inference="marginal"``) the gate is summed out: ``delta_pk ~ (1 - pi)
@@ -22,6 +23,8 @@ is ``PIP_pk = E_q[p(gamma_pk = 1 | delta_pk, pi)]`` (:func:`inclusion_probabilit
 ``gate_inference="straight_through"`` keeps the Bernoulli gate as a site (guide: hard
 straight-through samples, analytic Bernoulli KL).
 
+``beta_pg ~ Laplace(0, b)`` (``b`` learned) are optional gene-level effects beside the latent
+path (``model.gene_effects``; off by default: ``beta = 0``).
 ``u_n`` is the multi-hot perturbation label, ``m_n = sum_p u_np`` the number of targets and
 ``c_m`` a learned composition scale (``c_1 = 1``; ``c_2`` lets doubles compose sub- or
 super-additively in latent space). ``l_n`` is the observed library size. The decoder ``f``
@@ -73,9 +76,11 @@ from .utils import lognormalize
 #: the guide's global variational parameters (learning rate ``lr * global_lr_multiplier``)
 GLOBAL_PARAMS = ("gate_logits", "slab_loc", "slab_raw_scale", "pi_raw", "w_loc", "w_raw_scale",
                  "theta_loc", "theta_raw_scale", "c2_loc", "c2_raw_scale", "pair_pi_raw", "pair_scale_loc",
-                 "pair_scale_raw_scale", "pair_loc", "pair_raw_scale")
+                 "pair_scale_raw_scale", "pair_loc", "pair_raw_scale", "gene_effect_loc", "gene_effect_raw_scale",
+                 "gene_scale_loc", "gene_scale_raw_scale")
 #: sample sites of the globals and of the per-cell latents
-GLOBAL_SITES = ("pi", "gate", "slab", "W", "theta", "c2", "pair_pi", "pair_scale", "pair_effect")
+GLOBAL_SITES = ("pi", "gate", "slab", "W", "theta", "c2", "pair_pi", "pair_scale", "pair_effect", "gene_scale",
+                "gene_effect")
 LOCAL_SITES = ("z_inv", "eps")
 
 
@@ -247,6 +252,12 @@ class PerturbedVAEModule(nn.Module):
         self._param_or_buffer("pair_loc", torch.zeros(self.n_pairs, K), learned_pairs)
         self._param_or_buffer("pair_raw_scale", torch.full((self.n_pairs, K), -2.0), learned_pairs)
         self.register_buffer("pair_keys", torch.tensor(keys, dtype=torch.long))
+        # guide: gene-level effects beta[p, g] beside the latent path
+        self._param_or_buffer("gene_scale_loc", torch.tensor(float(cfg.gene_scale_prior[0])), cfg.gene_effects)
+        self._param_or_buffer("gene_scale_raw_scale", torch.tensor(-2.0), cfg.gene_effects)
+        self._param_or_buffer("gene_effect_loc", torch.zeros(P if cfg.gene_effects else 0, G), cfg.gene_effects)
+        self._param_or_buffer("gene_effect_raw_scale", torch.full((P if cfg.gene_effects else 0, G), -4.0),
+                              cfg.gene_effects)
         # model: the decoder f
         self.decoder = Decoder(D, K, G, cfg)
         #: (x, m(x)) kept by the guide for the model's alignment factor of the same step, so
@@ -294,9 +305,17 @@ class PerturbedVAEModule(nn.Module):
             out = out + (pid == -1) * novel_pair_effect
         return out
 
-    def gene_log_mean(self, z_inv, z_pert, library_size):
-        """log mu_ng = log l_n + log_softmax(f([z_inv, z_pert]))_g."""
-        return library_size.log().unsqueeze(-1) + torch.log_softmax(self.decoder(z_inv, z_pert), -1)
+    def gene_shift(self, u, gene_effect, c2=None):
+        """The gene-level part of the intervention, in log expression: c_{m_n} sum_p u_np beta_p
+        (0 without ``model.gene_effects``)."""
+        if gene_effect is None:
+            return 0.0
+        out = u @ gene_effect
+        return out if c2 is None else torch.where(u.sum(-1, keepdim=True) > 1, c2 * out, out)
+
+    def gene_log_mean(self, z_inv, z_pert, library_size, gene_shift=0.0):
+        """log mu_ng = log l_n + log_softmax(f([z_inv, z_pert]) + gene_shift)_g."""
+        return library_size.log().unsqueeze(-1) + torch.log_softmax(self.decoder(z_inv, z_pert) + gene_shift, -1)
 
     def likelihood(self, log_mu: torch.Tensor, theta: torch.Tensor):
         """NB with mean mu and inverse dispersion theta (total_count=theta, logits=log(mu/theta));
@@ -375,6 +394,15 @@ class PerturbedVAEModule(nn.Module):
                 with poutine.mask(mask=self.tril_mask.bool()):
                     W = pyro.sample("W", dist.Laplace(zeros, cfg.w_prior_scale)) * self.tril_mask
 
+            # Gene-level effects beta[p, g] ~ Laplace(0, b), b learned: what a perturbation does
+            # to expression beyond its latent effects (the target gene itself, gene-specific
+            # responses the shared decoder does not reach); doubles add their singles' (times c_2).
+            gene_effect = None
+            if cfg.gene_effects:
+                b = pyro.sample("gene_scale", dist.LogNormal(zeros + cfg.gene_scale_prior[0], cfg.gene_scale_prior[1]))
+                with pyro.plate("gene_perts", P, dim=-2), pyro.plate("effect_genes", G, dim=-1):
+                    gene_effect = pyro.sample("gene_effect", dist.Laplace(zeros, b))
+
         genes = pyro.plate("genes", G, dim=-1)
         with genes:
             theta = pyro.sample("theta", dist.LogNormal(zeros + cfg.theta_prior[0], cfg.theta_prior[1]))
@@ -385,7 +413,7 @@ class PerturbedVAEModule(nn.Module):
                 z_inv = pyro.sample("z_inv", dist.Normal(zeros, 1.0).expand([D]).to_event(1)).squeeze(-2)
                 eps = pyro.sample("eps", dist.Normal(zeros, 1.0).expand([K]).to_event(1)).squeeze(-2)
             z_pert = propagate(eps + self.shift(u, delta, c2, pair_effect, novel_pair_effect), W)
-            log_mu = self.gene_log_mean(z_inv, z_pert, x.sum(-1))
+            log_mu = self.gene_log_mean(z_inv, z_pert, x.sum(-1), self.gene_shift(u, gene_effect, c2))
             with genes:
                 counts = pyro.sample("x", self.likelihood(log_mu, theta), obs=x)
 
@@ -427,6 +455,10 @@ class PerturbedVAEModule(nn.Module):
             with pyro.plate("children", K, dim=-2), pyro.plate("parents", K, dim=-1):
                 with poutine.mask(mask=self.tril_mask.bool()):
                     W = pyro.sample("W", dist.Normal(self.w_loc, _positive(self.w_raw_scale))) * self.tril_mask
+            if cfg.gene_effects:
+                pyro.sample("gene_scale", dist.LogNormal(self.gene_scale_loc, _positive(self.gene_scale_raw_scale)))
+                with pyro.plate("gene_perts", P, dim=-2), pyro.plate("effect_genes", G, dim=-1):
+                    pyro.sample("gene_effect", dist.Normal(self.gene_effect_loc, _positive(self.gene_effect_raw_scale)))
         with pyro.plate("genes", G, dim=-1):
             pyro.sample("theta", dist.LogNormal(self.theta_loc, _positive(self.theta_raw_scale)))
 
@@ -547,6 +579,8 @@ class PerturbedVAEModule(nn.Module):
         if self.cfg.pair_effects:
             a, b = self.pair_pi_concentrations()
             out.update(pair_pi=a / (a + b), pair_scale=self.pair_scale_loc.exp(), pair_effect=self.pair_loc)
+        if self.cfg.gene_effects:
+            out.update(gene_scale=self.gene_scale_loc.exp(), gene_effect=self.gene_effect_loc)
         return {k: v.detach() for k, v in out.items()}
 
     @torch.no_grad()

@@ -74,6 +74,29 @@ def test_double_shift_is_the_scaled_sum_of_its_singles():
     torch.testing.assert_close(model.shift(u, delta)[2], delta[0] + delta[1])  # no c2: the plain sum
 
 
+def test_gene_effects_move_log_expression_by_beta_and_doubles_by_c2_times_the_sum():
+    """With latent effects zero, a perturbation's gene-level effects beta change log expression by
+    exactly beta_g - log sum_g' rho_g' exp(beta_g') (the softmax renormalises), and a double by
+    the same with c_2 (beta_A + beta_B)."""
+    cfg = ModelConfig(latent_inv=3, latent_pert=4, hidden=16, gene_effects=True, alpha=0.0)
+    module = PerturbedVAEModule(cfg, n_genes=30, n_perts=5).eval()
+    beta = torch.zeros(5, 30)
+    beta[0, 3], beta[1, 7] = 1.5, -2.0
+    draw = {**module.global_means(), "slab": torch.zeros(5, 4), "gene_effect": beta, "c2": torch.tensor(0.6)}
+    x = torch.poisson(torch.full((4, 30), 3.0)) + 1
+    u = torch.zeros(4, 5)
+    u[1, 0], u[2, 1] = 1, 1
+    u[3, [0, 1]] = 1
+    locals_ = {"z_inv": torch.zeros(4, 1, 3), "eps": torch.zeros(4, 1, 4)}
+    trace = poutine.trace(poutine.condition(module.model, data={**draw, **locals_})).get_trace(
+        x[[0, 0, 0, 0]], u, n_cells=4)
+    log_mu = trace.nodes["x"]["fn"].logits + draw["theta"].log()  # NB logits = log(mu / theta)
+    rho = (log_mu[0] - log_mu[0].logsumexp(-1)).exp()
+    for row, b in ((1, beta[0]), (2, beta[1]), (3, 0.6 * (beta[0] + beta[1]))):
+        expected = b - torch.log((rho * b.exp()).sum())
+        torch.testing.assert_close(log_mu[row] - log_mu[0], expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("gate_inference", ["marginal", "straight_through"])
 def test_model_and_guide_traces_have_the_documented_sites_and_shapes(gate_inference):
     cfg, module = small_module(gate_inference=gate_inference)
@@ -377,7 +400,8 @@ def test_effects_gradient_and_the_kl_weight(parameterisation, factor):
         torch.testing.assert_close(grads[0.01][name], factor * g, rtol=1e-3, atol=1e-7)
 
 
-@pytest.mark.parametrize("kw, pairs", [({}, [(0, 1)]), ({}, []), ({"learn_composition": False, "pair_effects": False}, [])])
+@pytest.mark.parametrize("kw, pairs", [({}, [(0, 1)]), ({}, []), ({"learn_composition": False, "pair_effects": False}, []),
+                                      ({"gene_effects": True}, [(0, 1)])])
 def test_every_parameter_gets_a_gradient(kw, pairs):
     """What a variant does not use is a buffer, not a parameter (DistributedDataParallel fails
     on a parameter without gradient): e.g. no pair effects when training has no doubles."""

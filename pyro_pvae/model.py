@@ -23,7 +23,7 @@ is ``PIP_pk = E_q[p(gamma_pk = 1 | delta_pk, pi)]`` (:func:`inclusion_probabilit
 ``gate_inference="straight_through"`` keeps the Bernoulli gate as a site (guide: hard
 straight-through samples, analytic Bernoulli KL).
 
-``beta_pg ~ Laplace(0, b)`` (``b`` learned) are optional gene-level effects beside the latent
+``beta_pg ~ Laplace(0, b_g)`` (``b_g`` learned per gene) are optional gene-level effects beside the latent
 path (``model.gene_effects``; off by default: ``beta = 0``).
 ``u_n`` is the multi-hot perturbation label, ``m_n = sum_p u_np`` the number of targets and
 ``c_m`` a learned composition scale (``c_1 = 1``; ``c_2`` lets doubles compose sub- or
@@ -77,10 +77,11 @@ from .utils import lognormalize
 GLOBAL_PARAMS = ("gate_logits", "slab_loc", "slab_raw_scale", "pi_raw", "w_loc", "w_raw_scale",
                  "theta_loc", "theta_raw_scale", "c2_loc", "c2_raw_scale", "pair_pi_raw", "pair_scale_loc",
                  "pair_scale_raw_scale", "pair_loc", "pair_raw_scale", "gene_effect_loc", "gene_effect_raw_scale",
-                 "gene_scale_loc", "gene_scale_raw_scale")
+                 "gene_scale_loc", "gene_scale_raw_scale", "gene_pair_loc", "gene_pair_raw_scale",
+                 "gene_pair_scale_loc", "gene_pair_scale_raw_scale")
 #: sample sites of the globals and of the per-cell latents
 GLOBAL_SITES = ("pi", "gate", "slab", "W", "theta", "c2", "pair_pi", "pair_scale", "pair_effect", "gene_scale",
-                "gene_effect")
+                "gene_effect", "gene_pair_scale", "gene_pair_effect")
 LOCAL_SITES = ("z_inv", "eps")
 
 
@@ -253,11 +254,17 @@ class PerturbedVAEModule(nn.Module):
         self._param_or_buffer("pair_raw_scale", torch.full((self.n_pairs, K), -2.0), learned_pairs)
         self.register_buffer("pair_keys", torch.tensor(keys, dtype=torch.long))
         # guide: gene-level effects beta[p, g] beside the latent path
-        self._param_or_buffer("gene_scale_loc", torch.tensor(float(cfg.gene_scale_prior[0])), cfg.gene_effects)
-        self._param_or_buffer("gene_scale_raw_scale", torch.tensor(-2.0), cfg.gene_effects)
+        self._param_or_buffer("gene_scale_loc", torch.full((G,), float(cfg.gene_scale_prior[0])), cfg.gene_effects)
+        self._param_or_buffer("gene_scale_raw_scale", torch.full((G,), -2.0), cfg.gene_effects)
         self._param_or_buffer("gene_effect_loc", torch.zeros(P if cfg.gene_effects else 0, G), cfg.gene_effects)
         self._param_or_buffer("gene_effect_raw_scale", torch.full((P if cfg.gene_effects else 0, G), -4.0),
                               cfg.gene_effects)
+        gene_pairs = cfg.gene_effects and cfg.pair_effects  # gene-level interactions of pairs
+        n_gene_pairs = self.n_pairs if gene_pairs else 0
+        self._param_or_buffer("gene_pair_scale_loc", torch.full((G,), float(cfg.gene_scale_prior[0])), gene_pairs)
+        self._param_or_buffer("gene_pair_scale_raw_scale", torch.full((G,), -2.0), gene_pairs)
+        self._param_or_buffer("gene_pair_loc", torch.zeros(n_gene_pairs, G), bool(n_gene_pairs))
+        self._param_or_buffer("gene_pair_raw_scale", torch.full((n_gene_pairs, G), -4.0), bool(n_gene_pairs))
         # model: the decoder f
         self.decoder = Decoder(D, K, G, cfg)
         #: (x, m(x)) kept by the guide for the model's alignment factor of the same step, so
@@ -305,13 +312,23 @@ class PerturbedVAEModule(nn.Module):
             out = out + (pid == -1) * novel_pair_effect
         return out
 
-    def gene_shift(self, u, gene_effect, c2=None):
-        """The gene-level part of the intervention, in log expression: c_{m_n} sum_p u_np beta_p
-        (0 without ``model.gene_effects``)."""
+    def gene_shift(self, u, gene_effect, c2=None, gene_pair_effect=None, novel_gene_pair_effect=None):
+        """The gene-level part of the intervention, in log expression: c_{m_n} sum_p u_np beta_p +
+        kappa_{pair(n)} (0 without ``model.gene_effects``); kappa: the pair's gene-level
+        interaction (rows of the training pairs; ``novel_gene_pair_effect``, (B, G), for pairs
+        not seen in training, drawn from the fitted prior at prediction)."""
         if gene_effect is None:
             return 0.0
         out = u @ gene_effect
-        return out if c2 is None else torch.where(u.sum(-1, keepdim=True) > 1, c2 * out, out)
+        out = out if c2 is None else torch.where(u.sum(-1, keepdim=True) > 1, c2 * out, out)
+        if gene_pair_effect is None and novel_gene_pair_effect is None:
+            return out
+        pid = self.pair_ids(u).unsqueeze(-1)
+        if gene_pair_effect is not None and self.n_pairs:
+            out = out + (pid >= 0) * gene_pair_effect[pid.squeeze(-1).clamp(min=0)]
+        if novel_gene_pair_effect is not None:
+            out = out + (pid == -1) * novel_gene_pair_effect
+        return out
 
     def gene_log_mean(self, z_inv, z_pert, library_size, gene_shift=0.0):
         """log mu_ng = log l_n + log_softmax(f([z_inv, z_pert]) + gene_shift)_g."""
@@ -348,12 +365,13 @@ class PerturbedVAEModule(nn.Module):
 
     # ---- the generative model -----------------------------------------------------------
     def model(self, x, u, x_ctrl=None, kl_weight=1.0, temperature=None, *, n_cells: int,
-              novel_pair_effect=None):
+              novel_pair_effect=None, novel_gene_pair_effect=None):
         """x: (B, G) counts (their totals are the library sizes); u: (B, P) multi-hot labels;
         x_ctrl: (B, G) counts of randomly paired control cells (alignment); kl_weight:
         annealing weight of the local KLs; temperature: used by the guide only; n_cells: cells
         in the data (minibatch scale); novel_pair_effect: (B, K) interaction of cells whose
-        pair was not in training (prediction; see :meth:`shift`)."""
+        pair was not in training (prediction; see :meth:`shift`); novel_gene_pair_effect: (B, G),
+        their gene-level interaction (see :meth:`gene_shift`)."""
         cfg = self.cfg
         P, K, D, G = self.n_perts, cfg.latent_pert, cfg.latent_inv, self.n_genes
         pyro.module("pvae", self)
@@ -394,14 +412,26 @@ class PerturbedVAEModule(nn.Module):
                 with poutine.mask(mask=self.tril_mask.bool()):
                     W = pyro.sample("W", dist.Laplace(zeros, cfg.w_prior_scale)) * self.tril_mask
 
-            # Gene-level effects beta[p, g] ~ Laplace(0, b), b learned: what a perturbation does
-            # to expression beyond its latent effects (the target gene itself, gene-specific
-            # responses the shared decoder does not reach); doubles add their singles' (times c_2).
-            gene_effect = None
+            # Gene-level effects beta[p, g] ~ Laplace(0, b_g), b_g learned per gene (responsive
+            # genes are shrunk less): what a perturbation does to expression beyond its latent
+            # effects (gene-specific responses the shared decoder does not reach); doubles add
+            # their singles' (times c_2) and a gene-level interaction kappa[g] ~ Laplace(0, b_I,g)
+            # per pair (b_I learned from the training pairs; a pair unseen in training draws
+            # kappa from it at prediction).
+            gene_effect = gene_pair_effect = None
             if cfg.gene_effects:
-                b = pyro.sample("gene_scale", dist.LogNormal(zeros + cfg.gene_scale_prior[0], cfg.gene_scale_prior[1]))
+                with pyro.plate("scale_genes", G, dim=-1):
+                    b = pyro.sample("gene_scale", dist.LogNormal(zeros + cfg.gene_scale_prior[0],
+                                                                 cfg.gene_scale_prior[1]))
+                    if cfg.pair_effects:
+                        b_pair = pyro.sample("gene_pair_scale", dist.LogNormal(zeros + cfg.gene_scale_prior[0],
+                                                                               cfg.gene_scale_prior[1]))
                 with pyro.plate("gene_perts", P, dim=-2), pyro.plate("effect_genes", G, dim=-1):
                     gene_effect = pyro.sample("gene_effect", dist.Laplace(zeros, b))
+                if cfg.pair_effects:
+                    if self.n_pairs:
+                        with pyro.plate("gene_pairs", self.n_pairs, dim=-2), pyro.plate("pair_genes", G, dim=-1):
+                            gene_pair_effect = pyro.sample("gene_pair_effect", dist.Laplace(zeros, b_pair))
 
         genes = pyro.plate("genes", G, dim=-1)
         with genes:
@@ -413,7 +443,8 @@ class PerturbedVAEModule(nn.Module):
                 z_inv = pyro.sample("z_inv", dist.Normal(zeros, 1.0).expand([D]).to_event(1)).squeeze(-2)
                 eps = pyro.sample("eps", dist.Normal(zeros, 1.0).expand([K]).to_event(1)).squeeze(-2)
             z_pert = propagate(eps + self.shift(u, delta, c2, pair_effect, novel_pair_effect), W)
-            log_mu = self.gene_log_mean(z_inv, z_pert, x.sum(-1), self.gene_shift(u, gene_effect, c2))
+            log_mu = self.gene_log_mean(z_inv, z_pert, x.sum(-1), self.gene_shift(
+                u, gene_effect, c2, gene_pair_effect, novel_gene_pair_effect))
             with genes:
                 counts = pyro.sample("x", self.likelihood(log_mu, theta), obs=x)
 
@@ -456,9 +487,18 @@ class PerturbedVAEModule(nn.Module):
                 with poutine.mask(mask=self.tril_mask.bool()):
                     W = pyro.sample("W", dist.Normal(self.w_loc, _positive(self.w_raw_scale))) * self.tril_mask
             if cfg.gene_effects:
-                pyro.sample("gene_scale", dist.LogNormal(self.gene_scale_loc, _positive(self.gene_scale_raw_scale)))
+                with pyro.plate("scale_genes", G, dim=-1):
+                    pyro.sample("gene_scale", dist.LogNormal(self.gene_scale_loc, _positive(self.gene_scale_raw_scale)))
+                    if cfg.pair_effects:
+                        pyro.sample("gene_pair_scale", dist.LogNormal(self.gene_pair_scale_loc,
+                                                                      _positive(self.gene_pair_scale_raw_scale)))
                 with pyro.plate("gene_perts", P, dim=-2), pyro.plate("effect_genes", G, dim=-1):
                     pyro.sample("gene_effect", dist.Normal(self.gene_effect_loc, _positive(self.gene_effect_raw_scale)))
+                if cfg.pair_effects:
+                    if self.n_pairs:
+                        with pyro.plate("gene_pairs", self.n_pairs, dim=-2), pyro.plate("pair_genes", G, dim=-1):
+                            pyro.sample("gene_pair_effect", dist.Normal(self.gene_pair_loc,
+                                                                        _positive(self.gene_pair_raw_scale)))
         with pyro.plate("genes", G, dim=-1):
             pyro.sample("theta", dist.LogNormal(self.theta_loc, _positive(self.theta_raw_scale)))
 
@@ -581,6 +621,8 @@ class PerturbedVAEModule(nn.Module):
             out.update(pair_pi=a / (a + b), pair_scale=self.pair_scale_loc.exp(), pair_effect=self.pair_loc)
         if self.cfg.gene_effects:
             out.update(gene_scale=self.gene_scale_loc.exp(), gene_effect=self.gene_effect_loc)
+            if self.cfg.pair_effects:
+                out.update(gene_pair_scale=self.gene_pair_scale_loc.exp(), gene_pair_effect=self.gene_pair_loc)
         return {k: v.detach() for k, v in out.items()}
 
     @torch.no_grad()
@@ -667,23 +709,29 @@ class PerturbedVAEModule(nn.Module):
             trace = poutine.trace(poutine.condition(self.guide, data=glob)).get_trace(x_start, u_guide, **kw)
             locals_ = {name: trace.nodes[name]["value"] for name in LOCAL_SITES}
         model = poutine.condition(poutine.uncondition(self.model), data={**glob, **locals_})
-        novel = self.novel_pair_effects(u, glob) if novel_pairs == "draw" else None
-        return model(x_start, u, novel_pair_effect=novel, **kw)
+        novel = self.novel_pair_effects(u, glob) if novel_pairs == "draw" else {}
+        return model(x_start, u, **novel, **kw)
 
-    def novel_pair_effects(self, u: torch.Tensor, global_draw: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """(B, K) interactions of cells whose pair was not in training: one draw per such pair
-        from the fitted prior (1 - pi_I) N(0, spike^2) + pi_I N(0, tau^2); None without pair
-        effects or novel pairs."""
+    def novel_pair_effects(self, u: torch.Tensor, global_draw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Interactions of cells whose pair was not in training, one draw per such pair from the
+        fitted priors: ``novel_pair_effect`` (B, K) from (1 - pi_I) N(0, spike^2) + pi_I N(0,
+        tau^2) and, with gene effects, ``novel_gene_pair_effect`` (B, G) from Laplace(0, b_I,g);
+        empty without pair effects or novel pairs."""
         novel = self.pair_ids(u) == -1 if self.cfg.pair_effects else None
         if novel is None or not novel.any():
-            return None
-        prior = spike_slab_mixture(global_draw["pair_pi"], self.cfg.spike_scale, global_draw["pair_scale"],
-                                   (self.cfg.latent_pert,))
+            return {}
+        priors = {"novel_pair_effect": spike_slab_mixture(global_draw["pair_pi"], self.cfg.spike_scale,
+                                                          global_draw["pair_scale"], (self.cfg.latent_pert,))}
+        if self.cfg.gene_effects:
+            priors["novel_gene_pair_effect"] = dist.Laplace(torch.zeros(self.n_genes, device=u.device),
+                                                            global_draw["gene_pair_scale"])
         i, j = u.topk(2, dim=-1).indices.sort(-1).values.unbind(-1)
         key = i * self.n_perts + j
-        out = u.new_zeros(u.shape[0], self.cfg.latent_pert)
-        for k in key[novel].unique():
-            out[novel & (key == k)] = prior.sample()
+        out = {}
+        for name, prior in priors.items():
+            out[name] = u.new_zeros(u.shape[0], prior.batch_shape[-1])
+            for k in key[novel].unique():
+                out[name][novel & (key == k)] = prior.sample()
         return out
 
 @torch.no_grad()

@@ -76,13 +76,14 @@ def test_double_shift_is_the_scaled_sum_of_its_singles():
 
 def test_gene_effects_move_log_expression_by_beta_and_doubles_by_c2_times_the_sum():
     """With latent effects zero, a perturbation's gene-level effects beta change log expression by
-    exactly beta_g - log sum_g' rho_g' exp(beta_g') (the softmax renormalises), and a double by
-    the same with c_2 (beta_A + beta_B)."""
+    exactly beta_g - log sum_g' rho_g' exp(beta_g') (the softmax renormalises), and a training
+    double by the same with c_2 (beta_A + beta_B) + kappa_AB, its gene-level interaction."""
     cfg = ModelConfig(latent_inv=3, latent_pert=4, hidden=16, gene_effects=True, alpha=0.0)
-    module = PerturbedVAEModule(cfg, n_genes=30, n_perts=5).eval()
-    beta = torch.zeros(5, 30)
-    beta[0, 3], beta[1, 7] = 1.5, -2.0
-    draw = {**module.global_means(), "slab": torch.zeros(5, 4), "gene_effect": beta, "c2": torch.tensor(0.6)}
+    module = PerturbedVAEModule(cfg, n_genes=30, n_perts=5, pairs=[(0, 1)]).eval()
+    beta, kappa = torch.zeros(5, 30), torch.zeros(1, 30)
+    beta[0, 3], beta[1, 7], kappa[0, 9] = 1.5, -2.0, 0.8
+    draw = {**module.global_means(), "slab": torch.zeros(5, 4), "pair_effect": torch.zeros(1, 4),
+            "gene_effect": beta, "gene_pair_effect": kappa, "c2": torch.tensor(0.6)}
     x = torch.poisson(torch.full((4, 30), 3.0)) + 1
     u = torch.zeros(4, 5)
     u[1, 0], u[2, 1] = 1, 1
@@ -92,9 +93,33 @@ def test_gene_effects_move_log_expression_by_beta_and_doubles_by_c2_times_the_su
         x[[0, 0, 0, 0]], u, n_cells=4)
     log_mu = trace.nodes["x"]["fn"].logits + draw["theta"].log()  # NB logits = log(mu / theta)
     rho = (log_mu[0] - log_mu[0].logsumexp(-1)).exp()
-    for row, b in ((1, beta[0]), (2, beta[1]), (3, 0.6 * (beta[0] + beta[1]))):
+    for row, b in ((1, beta[0]), (2, beta[1]), (3, 0.6 * (beta[0] + beta[1]) + kappa[0])):
         expected = b - torch.log((rho * b.exp()).sum())
         torch.testing.assert_close(log_mu[row] - log_mu[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unseen_pairs_draw_gene_level_interactions_from_the_fitted_prior():
+    """A pair not in training gets one kappa ~ Laplace(0, b_I) per pair (shared by its cells,
+    mean |kappa_g| = b_I,g); training pairs and singles get none."""
+    cfg = ModelConfig(latent_inv=3, latent_pert=4, hidden=16, gene_effects=True)
+    module = PerturbedVAEModule(cfg, n_genes=4000, n_perts=5, pairs=[(0, 1)])
+    u = torch.zeros(6, 5)
+    u[0, [0, 1]] = 1      # training pair
+    u[1:3, [2, 3]] = 1    # unseen pair (2, 3)
+    u[3:5, [2, 4]] = 1    # unseen pair (2, 4)
+    u[5, 2] = 1           # single
+    scale = torch.full((4000,), 0.3)
+    scale[:2000] = 0.1  # per gene
+    draw = {**module.global_means(), "gene_pair_scale": scale}
+    torch.manual_seed(0)
+    novel = module.novel_pair_effects(u, draw)
+    kappa = novel["novel_gene_pair_effect"]
+    assert novel["novel_pair_effect"].shape == (6, 4) and kappa.shape == (6, 4000)
+    assert (kappa[[0, 5]] == 0).all()
+    torch.testing.assert_close(kappa[1], kappa[2])
+    assert not torch.equal(kappa[1], kappa[3])
+    assert kappa[1, :2000].abs().mean().item() == pytest.approx(0.1, rel=0.07)
+    assert kappa[1, 2000:].abs().mean().item() == pytest.approx(0.3, rel=0.07)
 
 
 @pytest.mark.parametrize("gate_inference", ["marginal", "straight_through"])

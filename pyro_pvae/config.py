@@ -262,6 +262,14 @@ class ModelConfig(_Section):
     composition_prior: Tuple[float, float] = setting((-0.33, 0.35), rule=(lambda v: v[1] > 0,
                                                                            "[loc, scale] with scale > 0"))
     pair_effects: bool = True  # a sparse interaction effect per training pair (unseen pairs: the prior)
+    # each pair composes with its own c: log c_pair ~ N(log c_2, s_c^2), s_c learned (unseen pairs draw theirs, so
+    # their intervals widen by how much the training pairs' composition varies)
+    pair_composition: bool = False
+    # LogNormal(loc, scale) prior of s_c: the sd of log c over Norman et al. 2019's pairs is about 0.33-0.44
+    # (analyses/composition_limits.py: 0.33 on the shipped real effects; the GI fits' interquartile range
+    # 0.5-0.9 of the coefficients gives 0.44)
+    composition_spread_prior: Tuple[float, float] = setting((-1.05, 0.5), rule=(lambda v: v[1] > 0,
+                                                                                "[loc, scale] with scale > 0"))
     pair_pi_prior: Tuple[float, float] = setting((1.0, 1.0), gt=0)  # Beta prior: about half of pairs interact
     # LogNormal(loc, scale) prior of the interactions' slab scale tau
     pair_scale_prior: Tuple[float, float] = setting((-0.7, 1.0), rule=(lambda v: v[1] > 0,
@@ -293,7 +301,8 @@ class ModelConfig(_Section):
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key in ("pi_prior", "theta_prior", "composition_prior", "pair_pi_prior", "pair_scale_prior", "gene_scale_prior"):
+        for key in ("pi_prior", "theta_prior", "composition_prior", "pair_pi_prior", "pair_scale_prior", "gene_scale_prior",
+                    "composition_spread_prior"):
             d[key] = list(d[key])
         return d
 

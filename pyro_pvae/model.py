@@ -78,10 +78,11 @@ GLOBAL_PARAMS = ("gate_logits", "slab_loc", "slab_raw_scale", "pi_raw", "w_loc",
                  "theta_loc", "theta_raw_scale", "c2_loc", "c2_raw_scale", "pair_pi_raw", "pair_scale_loc",
                  "pair_scale_raw_scale", "pair_loc", "pair_raw_scale", "gene_effect_loc", "gene_effect_raw_scale",
                  "gene_scale_loc", "gene_scale_raw_scale", "gene_pair_loc", "gene_pair_raw_scale",
-                 "gene_pair_scale_loc", "gene_pair_scale_raw_scale")
+                 "gene_pair_scale_loc", "gene_pair_scale_raw_scale", "c_spread_loc", "c_spread_raw_scale",
+                 "pair_log_c_loc", "pair_log_c_raw_scale")
 #: sample sites of the globals and of the per-cell latents
 GLOBAL_SITES = ("pi", "gate", "slab", "W", "theta", "c2", "pair_pi", "pair_scale", "pair_effect", "gene_scale",
-                "gene_effect", "gene_pair_scale", "gene_pair_effect")
+                "gene_effect", "gene_pair_scale", "gene_pair_effect", "c_spread", "pair_log_c")
 LOCAL_SITES = ("z_inv", "eps")
 
 
@@ -247,6 +248,13 @@ class PerturbedVAEModule(nn.Module):
         learned_pairs = bool(cfg.pair_effects and self.n_pairs)
         self._param_or_buffer("c2_loc", torch.tensor(float(cfg.composition_prior[0])), cfg.learn_composition)
         self._param_or_buffer("c2_raw_scale", torch.tensor(-2.0), cfg.learn_composition)
+        per_pair_c = self.per_pair_composition
+        self._param_or_buffer("c_spread_loc", torch.tensor(float(cfg.composition_spread_prior[0])), per_pair_c)
+        self._param_or_buffer("c_spread_raw_scale", torch.tensor(-2.0), per_pair_c)
+        n_c_pairs = self.n_pairs if per_pair_c else 0
+        self._param_or_buffer("pair_log_c_loc", torch.full((n_c_pairs,), float(cfg.composition_prior[0])),
+                              bool(n_c_pairs))
+        self._param_or_buffer("pair_log_c_raw_scale", torch.full((n_c_pairs,), -2.0), bool(n_c_pairs))
         self._param_or_buffer("pair_pi_raw", torch.tensor([1.0, 1.0]), cfg.pair_effects)
         self._param_or_buffer("pair_scale_loc", torch.tensor(float(cfg.pair_scale_prior[0])), cfg.pair_effects)
         self._param_or_buffer("pair_scale_raw_scale", torch.tensor(-2.0), cfg.pair_effects)
@@ -294,10 +302,31 @@ class PerturbedVAEModule(nn.Module):
         known = self.pair_keys[pos] == key
         return torch.where(two, torch.where(known, pos, -1), -2)
 
+    @property
+    def per_pair_composition(self) -> bool:
+        """``model.pair_composition``: each pair composes with its own c (needs a learned c_2 and
+        pair effects)."""
+        return self.cfg.pair_composition and self.cfg.learn_composition and self.cfg.pair_effects
+
+    def composition(self, u, c2=None, pair_log_c=None, novel_pair_log_c=None):
+        """The composition scale of each cell's shift: ``c2`` (a scalar, or None for 1), or with
+        per-pair composition a (B, 1) column: exp(log c_pair) for training pairs (``pair_log_c``),
+        the drawn ``novel_pair_log_c`` (B, 1) for pairs unseen in training, ``c2`` otherwise."""
+        if pair_log_c is None and novel_pair_log_c is None:
+            return c2
+        pid = self.pair_ids(u).unsqueeze(-1)
+        out = (c2 if c2 is not None else torch.tensor(1.0)).expand(u.shape[0], 1).to(u)
+        if pair_log_c is not None and self.n_pairs:
+            out = torch.where(pid >= 0, pair_log_c[pid.squeeze(-1).clamp(min=0)].unsqueeze(-1).exp(), out)
+        if novel_pair_log_c is not None:
+            out = torch.where(pid == -1, novel_pair_log_c.exp(), out)
+        return out
+
     def shift(self, u, delta, c2=None, pair_effect=None, novel_pair_effect=None) -> torch.Tensor:
         """The intervention on eps: c_{m_n} sum_p u_np delta_p + iota_{pair(n)}.
 
-        c_1 = 1 and c_{>=2} = ``c2`` (None: 1); iota: the pair's interaction effect
+        c_1 = 1 and c_{>=2} = ``c2`` (None: 1; a (B, 1) column: per cell, :meth:`composition`);
+        iota: the pair's interaction effect
         (``pair_effect`` rows of the training pairs; ``novel_pair_effect``, (B, K), for cells
         of pairs not seen in training, drawn from the fitted prior at prediction)."""
         out = u @ delta
@@ -365,13 +394,14 @@ class PerturbedVAEModule(nn.Module):
 
     # ---- the generative model -----------------------------------------------------------
     def model(self, x, u, x_ctrl=None, kl_weight=1.0, temperature=None, *, n_cells: int,
-              novel_pair_effect=None, novel_gene_pair_effect=None):
+              novel_pair_effect=None, novel_gene_pair_effect=None, novel_pair_log_c=None):
         """x: (B, G) counts (their totals are the library sizes); u: (B, P) multi-hot labels;
         x_ctrl: (B, G) counts of randomly paired control cells (alignment); kl_weight:
         annealing weight of the local KLs; temperature: used by the guide only; n_cells: cells
         in the data (minibatch scale); novel_pair_effect: (B, K) interaction of cells whose
         pair was not in training (prediction; see :meth:`shift`); novel_gene_pair_effect: (B, G),
-        their gene-level interaction (see :meth:`gene_shift`)."""
+        their gene-level interaction (see :meth:`gene_shift`); novel_pair_log_c: (B, 1), their log
+        composition scale (see :meth:`composition`)."""
         cfg = self.cfg
         P, K, D, G = self.n_perts, cfg.latent_pert, cfg.latent_inv, self.n_genes
         pyro.module("pvae", self)
@@ -406,6 +436,15 @@ class PerturbedVAEModule(nn.Module):
                     with pyro.plate("pairs", self.n_pairs, dim=-2), pyro.plate("pair_latents", K, dim=-1):
                         pair_effect = pyro.sample("pair_effect", spike_slab_mixture(
                             pair_pi, cfg.spike_scale, tau, (self.n_pairs, K)))
+            # Per-pair composition (model.pair_composition): log c_pair ~ N(log c_2, s_c^2), s_c
+            # learned; pairs unseen in training draw their c from it at prediction.
+            pair_log_c = None
+            if self.per_pair_composition:
+                spread = pyro.sample("c_spread", dist.LogNormal(zeros + cfg.composition_spread_prior[0],
+                                                                cfg.composition_spread_prior[1]))
+                if self.n_pairs:
+                    with pyro.plate("pair_compositions", self.n_pairs, dim=-1):
+                        pair_log_c = pyro.sample("pair_log_c", dist.Normal(c2.log(), spread))
 
             # Latent causal model: strictly lower-triangular W with a Laplace (shrinkage) prior.
             with pyro.plate("children", K, dim=-2), pyro.plate("parents", K, dim=-1):
@@ -442,9 +481,10 @@ class PerturbedVAEModule(nn.Module):
             with poutine.scale(scale=kl_weight):
                 z_inv = pyro.sample("z_inv", dist.Normal(zeros, 1.0).expand([D]).to_event(1)).squeeze(-2)
                 eps = pyro.sample("eps", dist.Normal(zeros, 1.0).expand([K]).to_event(1)).squeeze(-2)
-            z_pert = propagate(eps + self.shift(u, delta, c2, pair_effect, novel_pair_effect), W)
+            c = self.composition(u, c2, pair_log_c, novel_pair_log_c)
+            z_pert = propagate(eps + self.shift(u, delta, c, pair_effect, novel_pair_effect), W)
             log_mu = self.gene_log_mean(z_inv, z_pert, x.sum(-1), self.gene_shift(
-                u, gene_effect, c2, gene_pair_effect, novel_gene_pair_effect))
+                u, gene_effect, c, gene_pair_effect, novel_gene_pair_effect))
             with genes:
                 counts = pyro.sample("x", self.likelihood(log_mu, theta), obs=x)
 
@@ -483,6 +523,13 @@ class PerturbedVAEModule(nn.Module):
                     with pyro.plate("pairs", self.n_pairs, dim=-2), pyro.plate("pair_latents", K, dim=-1):
                         pair_effect = pyro.sample("pair_effect", dist.Normal(self.pair_loc,
                                                                              _positive(self.pair_raw_scale)))
+            pair_log_c = None
+            if self.per_pair_composition:
+                pyro.sample("c_spread", dist.LogNormal(self.c_spread_loc, _positive(self.c_spread_raw_scale)))
+                if self.n_pairs:
+                    with pyro.plate("pair_compositions", self.n_pairs, dim=-1):
+                        pair_log_c = pyro.sample("pair_log_c", dist.Normal(self.pair_log_c_loc,
+                                                                           _positive(self.pair_log_c_raw_scale)))
             with pyro.plate("children", K, dim=-2), pyro.plate("parents", K, dim=-1):
                 with poutine.mask(mask=self.tril_mask.bool()):
                     W = pyro.sample("W", dist.Normal(self.w_loc, _positive(self.w_raw_scale))) * self.tril_mask
@@ -511,7 +558,8 @@ class PerturbedVAEModule(nn.Module):
                     self.guide_inv_loc = (x, inv_loc)
                 pyro.sample("z_inv", dist.Normal(inv_loc.unsqueeze(-2), inv_scale.unsqueeze(-2)).to_event(1))
                 center = self.control_center(x_ctrl, u)
-                shift = self.shift(u, delta, c2, pair_effect) if cfg.parameterisation == "centered" else 0.0
+                shift = self.shift(u, delta, self.composition(u, c2, pair_log_c), pair_effect) \
+                    if cfg.parameterisation == "centered" else 0.0
                 eps_loc, eps_scale = self.eps_posterior(xn, u, W, shift, center)
                 pyro.sample("eps", dist.Normal(eps_loc.unsqueeze(-2), eps_scale.unsqueeze(-2)).to_event(1))
 
@@ -619,6 +667,8 @@ class PerturbedVAEModule(nn.Module):
         if self.cfg.pair_effects:
             a, b = self.pair_pi_concentrations()
             out.update(pair_pi=a / (a + b), pair_scale=self.pair_scale_loc.exp(), pair_effect=self.pair_loc)
+        if self.per_pair_composition:
+            out.update(c_spread=self.c_spread_loc.exp(), pair_log_c=self.pair_log_c_loc)
         if self.cfg.gene_effects:
             out.update(gene_scale=self.gene_scale_loc.exp(), gene_effect=self.gene_effect_loc)
             if self.cfg.pair_effects:
@@ -636,7 +686,8 @@ class PerturbedVAEModule(nn.Module):
         z_pert = z_loc - self.group_reference(z_loc, u, self.running_control_center)
         if self.cfg.parameterisation != "centered":
             g = self.global_means()
-            z_pert = z_pert + propagate(self.shift(u, self.effect_mean(), g.get("c2"), g.get("pair_effect")), g["W"])
+            c = self.composition(u, g.get("c2"), g.get("pair_log_c"))
+            z_pert = z_pert + propagate(self.shift(u, self.effect_mean(), c, g.get("pair_effect")), g["W"])
         return self.inv_encoder(xn)[0], z_pert
 
     # ---- re-expression in another z_pert basis -------------------------------------------
@@ -715,7 +766,8 @@ class PerturbedVAEModule(nn.Module):
     def novel_pair_effects(self, u: torch.Tensor, global_draw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Interactions of cells whose pair was not in training, one draw per such pair from the
         fitted priors: ``novel_pair_effect`` (B, K) from (1 - pi_I) N(0, spike^2) + pi_I N(0,
-        tau^2) and, with gene effects, ``novel_gene_pair_effect`` (B, G) from Laplace(0, b_I,g);
+        tau^2), with gene effects ``novel_gene_pair_effect`` (B, G) from Laplace(0, b_I,g), with
+        per-pair composition ``novel_pair_log_c`` (B, 1) from N(log c_2, s_c^2);
         empty without pair effects or novel pairs."""
         novel = self.pair_ids(u) == -1 if self.cfg.pair_effects else None
         if novel is None or not novel.any():
@@ -725,6 +777,8 @@ class PerturbedVAEModule(nn.Module):
         if self.cfg.gene_effects:
             priors["novel_gene_pair_effect"] = dist.Laplace(torch.zeros(self.n_genes, device=u.device),
                                                             global_draw["gene_pair_scale"])
+        if self.per_pair_composition:
+            priors["novel_pair_log_c"] = dist.Normal(global_draw["c2"].log().reshape(1), global_draw["c_spread"])
         i, j = u.topk(2, dim=-1).indices.sort(-1).values.unbind(-1)
         key = i * self.n_perts + j
         out = {}

@@ -577,7 +577,8 @@ def to_inference_data(run_or_model, adata=None, n_draws: int = 200, *, result: P
                  "slab": ["perturbation", "pert_latent"], "W": ["pert_latent", "pert_latent_parent"],
                  "theta": ["gene"], "pi": [], "c2": [], "pair_pi": [], "pair_scale": [],
                  "pair_effect": ["pair", "pert_latent"], "gene_scale": ["gene"], "gene_effect": ["perturbation", "gene"],
-                 "gene_pair_scale": ["gene"], "gene_pair_effect": ["pair", "gene"]}
+                 "gene_pair_scale": ["gene"], "gene_pair_effect": ["pair", "gene"], "c_spread": [],
+                 "pair_log_c": ["pair"]}
     post = {}
     for name, dims in site_dims.items():
         if name in result.globals:

@@ -122,6 +122,29 @@ def test_unseen_pairs_draw_gene_level_interactions_from_the_fitted_prior():
     assert kappa[1, 2000:].abs().mean().item() == pytest.approx(0.3, rel=0.07)
 
 
+def test_per_pair_composition_training_pairs_own_c_unseen_pairs_drawn_from_the_spread():
+    """model.pair_composition: a training pair's shift is scaled by its own exp(log c_pair), a
+    single's by 1, a pair unseen in training by one draw of log c ~ N(log c_2, s_c^2) per pair."""
+    cfg = ModelConfig(latent_inv=3, latent_pert=4, hidden=16, pair_composition=True)
+    module = PerturbedVAEModule(cfg, n_genes=30, n_perts=6, pairs=[(0, 1)])
+    u = torch.zeros(4, 6)
+    u[0, [0, 1]] = 1      # training pair
+    u[1, 2] = 1           # single
+    u[2:, [2, 3]] = 1     # unseen pair
+    delta = torch.randn(6, 4)
+    c = module.composition(u, torch.tensor(0.7), torch.tensor([-1.0]), torch.full((4, 1), 0.2))
+    torch.testing.assert_close(c.squeeze(-1), torch.tensor([torch.e ** -1, 0.7, torch.e ** 0.2, torch.e ** 0.2]))
+    shift = module.shift(u, delta, c)
+    torch.testing.assert_close(shift[0], torch.e ** -1 * (delta[0] + delta[1]))
+    torch.testing.assert_close(shift[1], delta[2])
+    draw = {**module.global_means(), "c2": torch.tensor(0.7), "c_spread": torch.tensor(0.4)}
+    torch.manual_seed(0)
+    log_c = torch.stack([module.novel_pair_effects(u, draw)["novel_pair_log_c"] for _ in range(4000)])
+    assert (log_c[:, 2] == log_c[:, 3]).all() and (log_c[:, :2] == 0).all()
+    assert log_c[:, 2].mean().item() == pytest.approx(float(np.log(0.7)), abs=0.03)
+    assert log_c[:, 2].std().item() == pytest.approx(0.4, rel=0.05)
+
+
 @pytest.mark.parametrize("gate_inference", ["marginal", "straight_through"])
 def test_model_and_guide_traces_have_the_documented_sites_and_shapes(gate_inference):
     cfg, module = small_module(gate_inference=gate_inference)
@@ -426,7 +449,8 @@ def test_effects_gradient_and_the_kl_weight(parameterisation, factor):
 
 
 @pytest.mark.parametrize("kw, pairs", [({}, [(0, 1)]), ({}, []), ({"learn_composition": False, "pair_effects": False}, []),
-                                      ({"gene_effects": True}, [(0, 1)])])
+                                      ({"gene_effects": True}, [(0, 1)]), ({"pair_composition": True}, [(0, 1)]),
+                                      ({"pair_composition": True}, [])])
 def test_every_parameter_gets_a_gradient(kw, pairs):
     """What a variant does not use is a buffer, not a parameter (DistributedDataParallel fails
     on a parameter without gradient): e.g. no pair effects when training has no doubles."""

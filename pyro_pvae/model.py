@@ -24,7 +24,10 @@ is ``PIP_pk = E_q[p(gamma_pk = 1 | delta_pk, pi)]`` (:func:`inclusion_probabilit
 straight-through samples, analytic Bernoulli KL).
 
 ``beta_pg ~ Laplace(0, b_g)`` (``b_g`` learned per gene) are optional gene-level effects beside the latent
-path (``model.gene_effects``; off by default: ``beta = 0``).
+path (``model.gene_effects``; off by default: ``beta = 0``); with them each pair adds a gene-level
+interaction ``kappa_g ~ Laplace(0, b_I,g)``. With ``model.pair_composition`` (off by default)
+each pair composes with its own ``log c_pair ~ N(log c_2, s_c^2)``; pairs unseen in training draw
+their interactions and ``c`` from these fitted priors at prediction.
 ``u_n`` is the multi-hot perturbation label, ``m_n = sum_p u_np`` the number of targets and
 ``c_m`` a learned composition scale (``c_1 = 1``; ``c_2`` lets doubles compose sub- or
 super-additively in latent space). ``l_n`` is the observed library size. The decoder ``f``

@@ -576,8 +576,8 @@ def to_inference_data(run_or_model, adata=None, n_draws: int = 200, *, result: P
     site_dims = {"delta": ["perturbation", "pert_latent"], "gate": ["perturbation", "pert_latent"],
                  "slab": ["perturbation", "pert_latent"], "W": ["pert_latent", "pert_latent_parent"],
                  "theta": ["gene"], "pi": [], "c2": [], "pair_pi": [], "pair_scale": [],
-                 "pair_effect": ["pair", "pert_latent"], "gene_scale": ["gene"], "gene_effect": ["perturbation", "gene"],
-                 "gene_pair_scale": ["gene"], "gene_pair_effect": ["pair", "gene"], "c_spread": [],
+                 "pair_effect": ["pair", "pert_latent"], "gene_scale": [], "gene_effect": ["perturbation", "gene"],
+                 "gene_pair_scale": [], "gene_pair_effect": ["pair", "gene"], "c_spread": [],
                  "pair_log_c": ["pair"]}
     post = {}
     for name, dims in site_dims.items():

@@ -468,10 +468,9 @@ class PerturbedVAEModule(nn.Module):
                                                                            cfg.gene_scale_prior[1]))
                 with pyro.plate("gene_perts", P, dim=-2), pyro.plate("effect_genes", G, dim=-1):
                     gene_effect = pyro.sample("gene_effect", dist.Laplace(zeros, b))
-                if cfg.pair_effects:
-                    if self.n_pairs:
-                        with pyro.plate("gene_pairs", self.n_pairs, dim=-2), pyro.plate("pair_genes", G, dim=-1):
-                            gene_pair_effect = pyro.sample("gene_pair_effect", dist.Laplace(zeros, b_pair))
+                if cfg.pair_effects and self.n_pairs:
+                    with pyro.plate("gene_pairs", self.n_pairs, dim=-2), pyro.plate("pair_genes", G, dim=-1):
+                        gene_pair_effect = pyro.sample("gene_pair_effect", dist.Laplace(zeros, b_pair))
 
         genes = pyro.plate("genes", G, dim=-1)
         with genes:
@@ -541,11 +540,9 @@ class PerturbedVAEModule(nn.Module):
                                                                   _positive(self.gene_pair_scale_raw_scale)))
                 with pyro.plate("gene_perts", P, dim=-2), pyro.plate("effect_genes", G, dim=-1):
                     pyro.sample("gene_effect", dist.Normal(self.gene_effect_loc, _positive(self.gene_effect_raw_scale)))
-                if cfg.pair_effects:
-                    if self.n_pairs:
-                        with pyro.plate("gene_pairs", self.n_pairs, dim=-2), pyro.plate("pair_genes", G, dim=-1):
-                            pyro.sample("gene_pair_effect", dist.Normal(self.gene_pair_loc,
-                                                                        _positive(self.gene_pair_raw_scale)))
+                if cfg.pair_effects and self.n_pairs:
+                    with pyro.plate("gene_pairs", self.n_pairs, dim=-2), pyro.plate("pair_genes", G, dim=-1):
+                        pyro.sample("gene_pair_effect", dist.Normal(self.gene_pair_loc, _positive(self.gene_pair_raw_scale)))
         with pyro.plate("genes", G, dim=-1):
             pyro.sample("theta", dist.LogNormal(self.theta_loc, _positive(self.theta_raw_scale)))
 

@@ -40,6 +40,14 @@ def _pearson(a, b) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def _apply_overrides(overrides, sections: dict) -> None:
+    """``model.KEY=VALUE`` / ``train.KEY=VALUE`` into the dicts ``sections`` (YAML values)."""
+    for kv in overrides:
+        key, value = kv.split("=", 1)
+        section, name = key.split(".", 1)
+        sections[section][name] = yaml.safe_load(value)
+
+
 def real(overrides) -> dict:
     from norman_fit import fit_norman
 
@@ -103,10 +111,7 @@ def sim(overrides) -> dict:
     base = next(c for c in resolve_conditions(load_grid("small")) if c["name"] == "base")
     settings, model, train = base["sim"], base["model"], base["train"]
     preset = settings.pop("preset", "tiny")
-    for kv in overrides:
-        key, value = kv.split("=", 1)
-        section, name = key.split(".", 1)
-        {"model": model, "train": train}[section][name] = yaml.safe_load(value)
+    _apply_overrides(overrides, {"model": model, "train": train})
     adata = simulate(preset, 0, **settings)
     truth = adata.uns["truth"]
     split = make_split(adata, "norman_discrepancy", 0, heldout_singles=())
@@ -141,10 +146,7 @@ def tiny(overrides) -> dict:
     split = D.make_split(adata, "combo_seen", 0, unseen_gene_fraction=0.0, train_seen2_fraction=0.5)
     cfg = {"model": {"latent_inv": 4, "latent_pert": 4, "hidden": 64},
            "train": {"epochs": 100, "batch_size": 64, "progress": False, "early_stopping_patience": 100}}
-    for kv in overrides:
-        key, value = kv.split("=", 1)
-        section, name = key.split(".", 1)
-        cfg[section][name] = yaml.safe_load(value)
+    _apply_overrides(overrides, cfg)
     vae = PerturbedVAE(adata, split=split, model=cfg["model"], train=cfg["train"]).fit()
     truth = adata.uns["truth"]
     rows = [vae.vocabulary.index(p) for p in truth["perturbations"]]

@@ -300,11 +300,7 @@ class ModelConfig(_Section):
         return self.effect_prior == "spike_slab" and self.gate_inference == "straight_through"
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        for key in ("pi_prior", "theta_prior", "composition_prior", "pair_pi_prior", "pair_scale_prior", "gene_scale_prior",
-                    "composition_spread_prior"):
-            d[key] = list(d[key])
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 @dataclass

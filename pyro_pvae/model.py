@@ -326,7 +326,9 @@ class PerturbedVAEModule(nn.Module):
         return out
 
     def shift(self, u, delta, c2=None, pair_effect=None, novel_pair_effect=None) -> torch.Tensor:
-        """The intervention on eps: c_{m_n} sum_p u_np delta_p + iota_{pair(n)}.
+        """The intervention on eps: c_{m_n} sum_p u_np delta_p + iota_{pair(n)}. The same
+        composition gives the gene-level shift in log expression, c_{m_n} sum_p u_np beta_p +
+        kappa_{pair(n)} (``model.gene_effects``; pass beta, kappa and their novel draws).
 
         c_1 = 1 and c_{>=2} = ``c2`` (None: 1; a (B, 1) column: per cell, :meth:`composition`);
         iota: the pair's interaction effect
@@ -342,24 +344,6 @@ class PerturbedVAEModule(nn.Module):
             out = out + (pid >= 0) * pair_effect[pid.squeeze(-1).clamp(min=0)]
         if novel_pair_effect is not None:
             out = out + (pid == -1) * novel_pair_effect
-        return out
-
-    def gene_shift(self, u, gene_effect, c2=None, gene_pair_effect=None, novel_gene_pair_effect=None):
-        """The gene-level part of the intervention, in log expression: c_{m_n} sum_p u_np beta_p +
-        kappa_{pair(n)} (0 without ``model.gene_effects``); kappa: the pair's gene-level
-        interaction (rows of the training pairs; ``novel_gene_pair_effect``, (B, G), for pairs
-        not seen in training, drawn from the fitted prior at prediction)."""
-        if gene_effect is None:
-            return 0.0
-        out = u @ gene_effect
-        out = out if c2 is None else torch.where(u.sum(-1, keepdim=True) > 1, c2 * out, out)
-        if gene_pair_effect is None and novel_gene_pair_effect is None:
-            return out
-        pid = self.pair_ids(u).unsqueeze(-1)
-        if gene_pair_effect is not None and self.n_pairs:
-            out = out + (pid >= 0) * gene_pair_effect[pid.squeeze(-1).clamp(min=0)]
-        if novel_gene_pair_effect is not None:
-            out = out + (pid == -1) * novel_gene_pair_effect
         return out
 
     def gene_log_mean(self, z_inv, z_pert, library_size, gene_shift=0.0):
@@ -403,7 +387,7 @@ class PerturbedVAEModule(nn.Module):
         annealing weight of the local KLs; temperature: used by the guide only; n_cells: cells
         in the data (minibatch scale); novel_pair_effect: (B, K) interaction of cells whose
         pair was not in training (prediction; see :meth:`shift`); novel_gene_pair_effect: (B, G),
-        their gene-level interaction (see :meth:`gene_shift`); novel_pair_log_c: (B, 1), their log
+        their gene-level interaction (see :meth:`shift`); novel_pair_log_c: (B, 1), their log
         composition scale (see :meth:`composition`)."""
         cfg = self.cfg
         P, K, D, G = self.n_perts, cfg.latent_pert, cfg.latent_inv, self.n_genes
@@ -483,8 +467,9 @@ class PerturbedVAEModule(nn.Module):
                 eps = pyro.sample("eps", dist.Normal(zeros, 1.0).expand([K]).to_event(1)).squeeze(-2)
             c = self.composition(u, c2, pair_log_c, novel_pair_log_c)
             z_pert = propagate(eps + self.shift(u, delta, c, pair_effect, novel_pair_effect), W)
-            log_mu = self.gene_log_mean(z_inv, z_pert, x.sum(-1), self.gene_shift(
-                u, gene_effect, c, gene_pair_effect, novel_gene_pair_effect))
+            gene_shift = 0.0 if gene_effect is None else self.shift(
+                u, gene_effect, c, gene_pair_effect, novel_gene_pair_effect)
+            log_mu = self.gene_log_mean(z_inv, z_pert, x.sum(-1), gene_shift)
             with genes:
                 counts = pyro.sample("x", self.likelihood(log_mu, theta), obs=x)
 

@@ -443,7 +443,7 @@ class PerturbedVAEModule(nn.Module):
             # does not reach); doubles add their singles' (times c_2) and a gene-level interaction
             # kappa[g] ~ Laplace(0, b_I) per pair (b_I learned from the training pairs; a pair
             # unseen in training draws kappa from it at prediction). (Per-gene scales b_g and b_I,g
-            # measured worse on norman_effects: Pearson delta 0.513 vs 0.576.)
+            # measured worse on norman_effects: Pearson delta 0.513 vs 0.575, README.)
             gene_effect = gene_pair_effect = None
             if cfg.gene_effects:
                 b = pyro.sample("gene_scale", dist.LogNormal(zeros + cfg.gene_scale_prior[0], cfg.gene_scale_prior[1]))

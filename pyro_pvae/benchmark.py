@@ -348,8 +348,9 @@ def observed_reference(adata, split, n_top: int = N_TOP, min_select_cells: int =
 class ExternalPrediction:
     """Predicted cells of another tool (``benchmark.external`` entry ``name=path``):
     canonical ``condition`` per cell, ``genes`` (the file's), ``counts`` (None when the file
-    holds only log-normalised values) and ``lognorm`` cells. :meth:`on_genes` puts them on
-    the data's genes."""
+    holds only log-normalised values) and ``lognorm`` cells; ``expected_counts`` when the
+    counts are not whole numbers (e.g. a model's NB means instead of sampled cells).
+    :meth:`on_genes` puts them on the data's genes."""
 
     name: str
     path: str
@@ -357,6 +358,7 @@ class ExternalPrediction:
     genes: pd.Index
     counts: object | None
     lognorm: object | None
+    expected_counts: bool = False
 
     def on_genes(self, genes) -> "ExternalPrediction":
         """The same predictions on ``genes`` (in that order), ``lognorm`` computed from the
@@ -375,7 +377,8 @@ class ExternalPrediction:
                                                   else np.asarray(X)[:, cols])
         counts = pick(self.counts)
         lognorm = lognormalize(counts) if counts is not None else pick(self.lognorm)
-        return ExternalPrediction(self.name, self.path, self.condition, pd.Index(genes), counts, lognorm)
+        return ExternalPrediction(self.name, self.path, self.condition, pd.Index(genes), counts, lognorm,
+                                  self.expected_counts)
 
     def cells(self, condition: str, counts: bool = False):
         """This condition's predicted cells (log-normalised, or counts); None if it has none."""
@@ -384,13 +387,18 @@ class ExternalPrediction:
         return None if X is None or not len(rows) else X[rows]
 
 
-def _looks_lognormalised(X) -> bool:
-    """True when ``X`` holds non-integer values whose cells are ``log1p(counts/total*1e4)``
-    (expm1 of every checked cell sums to 1e4)."""
+def _whole_numbers(X) -> bool:
+    """True when every stored value of ``X`` (dense or sparse) is a whole number."""
     import scipy.sparse as sp
 
     v = X.data if sp.issparse(X) else np.asarray(X)
-    if v.size == 0 or np.all(v == np.round(v)):
+    return bool(np.all(v == np.round(v)))
+
+
+def _looks_lognormalised(X) -> bool:
+    """True when ``X`` holds non-integer values whose cells are ``log1p(counts/total*1e4)``
+    (expm1 of every checked cell sums to 1e4)."""
+    if min(X.shape) == 0 or _whole_numbers(X):
         return False
     rows = _dense(X[: min(X.shape[0], 100)])
     return bool(np.allclose(np.expm1(rows).sum(1), 1e4, rtol=1e-3))
@@ -449,9 +457,15 @@ def read_external(entries: Sequence[str] | None) -> list[ExternalPrediction]:
         if counts is None and lognorm is None:
             raise BenchmarkError(f"{where}: {path!r} has no expression (X is empty, no layers['counts'] "
                                  "or layers['lognorm'])")
+        expected = counts is not None and not _whole_numbers(counts)
+        if expected:
+            log.warning("external %s: %s holds non-integer counts (expected values rather than sampled cells?): "
+                        "its changes and Pearson deltas are comparable, its level and distribution metrics "
+                        "(pseudobulk RMSE, energy distance, MMD) are not; give sampled counts for those",
+                        name, path)
         log.info("external %s: %d predicted cells, %d conditions, %s, from %s", name, a.n_obs,
                  len(set(cond.tolist())), "counts" if counts is not None else "log-normalised values", path)
-        out.append(ExternalPrediction(name, path, cond, pd.Index(a.var_names.astype(str)), counts, lognorm))
+        out.append(ExternalPrediction(name, path, cond, pd.Index(a.var_names.astype(str)), counts, lognorm, expected))
     return out
 
 
@@ -594,7 +608,9 @@ def protocol_lines(ref: CellReference, external: Sequence[ExternalPrediction] = 
     ]
     for e in external:
         lines.append(f"- external `{e.name}`: predicted cells from `{e.path}`, scored like the built-in methods "
-                     "(seed 0 only).")
+                     "(seed 0 only)." + (" Its counts are not whole numbers (expected values, not sampled cells): "
+                                         "its changes are comparable, its pseudobulk and distribution metrics "
+                                         "(pseudobulk RMSE, energy distance, MMD) are not." if e.expected_counts else ""))
     return lines
 
 
@@ -1051,11 +1067,12 @@ def run(name: str, overrides: Sequence[str]):
                   f"- split: `{split.name}` (seed {split.seed}, {split.params}), "
                   f"{len(split.train_idx)} training / {len(split.val_idx)} validation / {len(split.test_idx)} test cells",
                   f"- methods: {', '.join(methods)}; seeds 0..{seeds - 1} (train.seed; the split is fixed)",
-                  f"- model training: {train_cfg.get('epochs')} epochs, batch {train_cfg.get('batch_size')}, "
-                  f"lr {train_cfg.get('lr')}; model: latent_pert {model_cfg.get('latent_pert')}, latent_inv "
-                  f"{model_cfg.get('latent_inv')}, hidden {model_cfg.get('hidden')}",
                   f"- predicted cells per condition: {n_pred}; total wall time {wall:.0f} s",
-                  f"- command: `python -m {PROG} --config {name} {' '.join(overrides)}`".rstrip() + ""]
+                  f"- command: `python -m {PROG} --config {name} {' '.join(overrides)}`".rstrip()]
+        if "PerturbedVAE" in methods:
+            header.insert(3, f"- model training: {train_cfg.get('epochs')} epochs, batch {train_cfg.get('batch_size')}, "
+                             f"lr {train_cfg.get('lr')}; model: latent_pert {model_cfg.get('latent_pert')}, latent_inv "
+                             f"{model_cfg.get('latent_inv')}, hidden {model_cfg.get('hidden')}")
         if effects_mode:
             header += ["- scale: every change is of pseudobulk log1p(CPM) (counts per million, log of the mean), "
                        "the scale of the real effects file; the model from its predicted counts (condition minus its "

@@ -329,6 +329,25 @@ def test_external_file_scores_like_the_builtin_method(no_effect, tmp_path):
     assert "| mine |" in text and "external `mine`" in text
 
 
+def test_external_expected_counts_are_flagged(no_effect, tmp_path, caplog):
+    """A file of expected counts (non-integer means, e.g. a model's NB means) is read as counts,
+    with a warning and a protocol line saying its level metrics are not comparable; sampled
+    (whole-number) counts are not flagged."""
+    adata, split = no_effect
+    ref = B.observed_reference(adata, split)
+    c = list(ref.groups)[1]
+    X = adata.X[ref.score_idx[c]].toarray()
+    means = _write_external(tmp_path / "means.h5ad", [c], [X + 0.25], X)
+    draws = _write_external(tmp_path / "draws.h5ad", [c], [X], X)
+    with caplog.at_level("WARNING", logger="pyro_pvae.benchmark"):
+        ext = B.read_external([means, draws])
+    assert [e.expected_counts for e in ext] == [True, False]
+    assert [e.counts is not None for e in ext] == [True, True]
+    assert sum("means" in r.getMessage() and "non-integer counts" in r.getMessage() for r in caplog.records) == 1
+    lines = B.protocol_lines(ref, ext)
+    assert "not whole numbers" in lines[-2] and "not whole numbers" not in lines[-1]
+
+
 def test_external_bad_files_fail_before_any_fit(tmp_path, capsys):
     import anndata as ad
 

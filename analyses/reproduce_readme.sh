@@ -17,7 +17,7 @@ for step in $STEPS; do
            "benchmark.methods=[PerturbedVAE,control_mean,additive,additive_shrink,linear]" \
            output.run_dir=$R/benchmark_norman ;;
     effects) rm -rf $R/benchmark_norman_effects
-         $PY -m pyro_pvae.benchmark --config norman_effects output.run_dir=$R/benchmark_norman_effects ;;
+         $PY -m pyro_pvae.benchmark --config norman_effects benchmark.seeds=3 output.run_dir=$R/benchmark_norman_effects ;;
     signal) $PY analyses/signal_imbalance.py --out $R/signal_imbalance ;;
     identifiability) $PY analyses/identifiability.py --grid small --jobs 2 --fresh ;;
     # norman_like (59,500 simulated cells x 5,000 genes): held-out doubles only and fewer predictive
@@ -34,10 +34,18 @@ for step in $STEPS; do
          $SIM "benchmark.methods=[PerturbedVAE,additive]" train.epochs=10 output.run_dir=$R/benchmark_simulation_epochs10
          $SIM "benchmark.methods=[PerturbedVAE]" train.epochs=10 model.parameterisation=centered \
            output.run_dir=$R/benchmark_simulation_centered_epochs10
+         EFF="$PY -m pyro_pvae.benchmark --config norman_effects"
+         # at the earlier preset's 10 perturbation latents
          for opt in gene_effects pair_composition; do
            rm -rf $R/benchmark_norman_effects_$opt
-           $PY -m pyro_pvae.benchmark --config norman_effects model.$opt=true output.run_dir=$R/benchmark_norman_effects_$opt
+           $EFF model.latent_pert=10 model.$opt=true output.run_dir=$R/benchmark_norman_effects_$opt
          done
+         rm -rf $R/benchmark_norman_effects_hybrid $R/benchmark_norman_effects_latent10 $R/benchmark_norman_effects_latent50
+         $EFF model.latent_pert=10 model.decoder=hybrid output.run_dir=$R/benchmark_norman_effects_hybrid
+         $EFF model.latent_pert=10 output.run_dir=$R/benchmark_norman_effects_latent10
+         $EFF model.latent_pert=50 output.run_dir=$R/benchmark_norman_effects_latent50
+         rm -rf $R/benchmark_norman_effects_gene_effects_latent30
+         $EFF model.gene_effects=true output.run_dir=$R/benchmark_norman_effects_gene_effects_latent30
          $PY analyses/composition_limits.py > $R/composition_limits.md ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

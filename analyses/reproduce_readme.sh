@@ -40,14 +40,17 @@ for step in $STEPS; do
          # at the earlier preset's 10 perturbation latents
          for opt in gene_effects pair_composition; do
            rm -rf $R/benchmark_norman_effects_$opt
-           $EFF model.latent_pert=10 model.$opt=true output.run_dir=$R/benchmark_norman_effects_$opt
+           $EFF model.latent_pert=10 train.min_steps=0 model.$opt=true output.run_dir=$R/benchmark_norman_effects_$opt
          done
          rm -rf $R/benchmark_norman_effects_hybrid $R/benchmark_norman_effects_latent10 $R/benchmark_norman_effects_latent50
-         $EFF model.latent_pert=10 model.decoder=hybrid output.run_dir=$R/benchmark_norman_effects_hybrid
-         $EFF model.latent_pert=10 output.run_dir=$R/benchmark_norman_effects_latent10
-         $EFF model.latent_pert=50 output.run_dir=$R/benchmark_norman_effects_latent50
+         $EFF model.latent_pert=10 train.min_steps=0 model.decoder=hybrid output.run_dir=$R/benchmark_norman_effects_hybrid
+         $EFF model.latent_pert=10 train.min_steps=0 output.run_dir=$R/benchmark_norman_effects_latent10
+         $EFF model.latent_pert=50 train.min_steps=0 output.run_dir=$R/benchmark_norman_effects_latent50
+         rm -rf $R/benchmark_norman_effects_epochs40 $R/benchmark_norman_effects_steps2000
+         $EFF train.min_steps=0 benchmark.seeds=3 output.run_dir=$R/benchmark_norman_effects_epochs40
+         $EFF output.run_dir=$R/benchmark_norman_effects_steps2000
          rm -rf $R/benchmark_norman_effects_gene_effects_latent30
-         $EFF model.gene_effects=true output.run_dir=$R/benchmark_norman_effects_gene_effects_latent30
+         $EFF train.min_steps=0 model.gene_effects=true output.run_dir=$R/benchmark_norman_effects_gene_effects_latent30
          $PY analyses/composition_limits.py > $R/composition_limits.md ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

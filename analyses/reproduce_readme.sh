@@ -27,7 +27,7 @@ for step in $STEPS; do
          $PY -m pyro_pvae.benchmark --config simulation +split.kwargs.single_test_fraction=0.0 \
            "benchmark.methods=[PerturbedVAE,control_mean,additive,additive_shrink,linear]" \
            benchmark.n_pred_cells=100 benchmark.n_change_draws=20 output.run_dir=$R/benchmark_simulation ;;
-    # the options and schedules compared in README.md (not in the default list: about 2.5 hours)
+    # the options and schedules compared in README.md (not in the default list: about 4 hours)
     variants)
          SIM="$PY -m pyro_pvae.benchmark --config simulation +split.kwargs.single_test_fraction=0.0 benchmark.n_pred_cells=100 benchmark.n_change_draws=20"
          rm -rf $R/benchmark_simulation_epochs10 $R/benchmark_simulation_centered_epochs10
@@ -36,6 +36,8 @@ for step in $STEPS; do
            output.run_dir=$R/benchmark_simulation_centered_epochs10
          rm -rf $R/benchmark_simulation_epochs20
          $SIM "benchmark.methods=[PerturbedVAE]" train.epochs=20 output.run_dir=$R/benchmark_simulation_epochs20
+         rm -rf $R/benchmark_simulation_epochs40
+         $SIM "benchmark.methods=[PerturbedVAE]" train.epochs=40 output.run_dir=$R/benchmark_simulation_epochs40
          EFF="$PY -m pyro_pvae.benchmark --config norman_effects"
          # at the earlier preset's 10 perturbation latents
          for opt in gene_effects pair_composition; do

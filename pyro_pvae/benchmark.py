@@ -998,18 +998,12 @@ def make_plots(df: pd.DataFrame, extras: Mapping, run_dir: Path, mode: str, n_co
 
 
 # ----------------------------------------------------------------------------- command
-def _atomic_csv(path: Path, df: pd.DataFrame) -> None:
-    from .utils import atomic_write_csv
-
-    atomic_write_csv(path, df)
-
-
 def run(name: str, overrides: Sequence[str]):
     from omegaconf import OmegaConf
 
     from .config import compose, load_dataset, resolve_split
     from .rundir import claim_run_dir
-    from .utils import atomic_write_text
+    from .utils import atomic_write_csv, atomic_write_text
 
     t_start = time.perf_counter()
     overrides = list(overrides)
@@ -1054,9 +1048,9 @@ def run(name: str, overrides: Sequence[str]):
             df, extras = cell_benchmark(adata, split, methods, model_cfg, train_cfg, seeds, n_pred, n_draws,
                                         external=external)
         df = df[RESULT_COLUMNS]
-        _atomic_csv(run_dir / "results.csv", df)
+        atomic_write_csv(run_dir / "results.csv", df)
         if extras.get("timings"):
-            _atomic_csv(run_dir / "timings.csv", pd.DataFrame(extras["timings"]))
+            atomic_write_csv(run_dir / "timings.csv", pd.DataFrame(extras["timings"]))
         wall = time.perf_counter() - t_start
         data_desc = {
             "norman19_subset": "the shipped REAL Norman 2019 subset (3,375 K562 cells, 500 genes)",

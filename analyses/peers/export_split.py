@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     from pyro_pvae.benchmark import hydra_overrides, observed_reference
     from pyro_pvae.config import compose, load_dataset, resolve_split
     from pyro_pvae.data.splits import heldout_control_idx
+    from pyro_pvae.utils import atomic_write
 
     cfg = compose(a.config, hydra_overrides(a.overrides))
     adata = load_dataset(cfg)
@@ -58,9 +59,7 @@ def main(argv=None) -> int:
     cond = D.condition_labels(adata)
     where = np.full(adata.n_obs, "", dtype=object)
     for name, idx in (("train", split.train_idx), ("val", split.val_idx), ("test", split.test_idx)):
-        if np.any(where[idx] != ""):
-            raise SystemExit(f"split {split.name}: {name} cells overlap another part")
-        where[idx] = name
+        where[idx] = name  # split.check() above refused overlapping parts
     if np.any(where == ""):
         raise SystemExit(f"split {split.name}: {int(np.sum(where == ''))} cells are in no part")
     ref_ctrl = heldout_control_idx(split, adata)
@@ -95,7 +94,7 @@ def main(argv=None) -> int:
                          f"seed {split.seed} {json.dumps(split.params)}")
     path = Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    out.write_h5ad(path)
+    atomic_write(path, out.write_h5ad)
     counts = pd.crosstab(obs["split"], obs["condition"].astype(str) == D.CONTROL)
     print(f"wrote {path}: {out.n_obs} cells x {out.n_vars} genes; split {split.name} (seed {split.seed})")
     print(f"  train {int(np.sum(where == 'train'))} / val {int(np.sum(where == 'val'))} / test "

@@ -11,6 +11,7 @@ import scipy.sparse as sp
 
 from pyro_pvae import benchmark as B
 from pyro_pvae import data as D
+from pyro_pvae.data.splits import heldout_control_idx
 
 EXPECTED_COLUMNS = {"method", "condition", "metric", "value", "seed", "group", "note"}
 MODEL_ROWS = ("PerturbedVAE", "PerturbedVAE_no_alignment", "PerturbedVAE_dense_prior")
@@ -160,7 +161,11 @@ def test_effects_additive_matches_hand_rmse(effects_instance):
             got = df[(df.method == m) & (df.condition == c) & (df.metric == "delta_rmse_all")]["value"]
             assert len(got) == 1
             assert got.iloc[0] == pytest.approx(w, rel=1e-9, abs=1e-12), (m, c)
-        top = np.argsort(-np.abs(t))[:20]
+        # top-20 genes: the held-out cells' change from the held-out controls, not the truth
+        te = np.asarray(split.test_idx)
+        observed = _pb(adata.X[te[cond[te] == c]]) - _pb(adata.X[heldout_control_idx(split, adata)])
+        top = np.argsort(-np.abs(observed), kind="stable")[:20]
+        assert set(top) != set(np.argsort(-np.abs(t))[:20])  # the choice matters here
         got = df[(df.method == "additive") & (df.condition == c) & (df.metric == "pearson_delta_top20de")]
         assert got["value"].iloc[0] == pytest.approx(np.corrcoef(add[top], t[top])[0, 1], abs=1e-9)
 
@@ -446,3 +451,16 @@ def test_effects_external_counts_and_missing(effects_instance, tmp_path):
     assert extras["missing"]["own"] == [held[0]]
     notes = df[df.method == "logn"]["note"]
     assert df[df.method == "logn"]["value"].isna().all() and notes.str.contains("needs predicted counts").all()
+
+
+def test_score_effects_top_genes_from_select_change():
+    """The top-DE genes come from ``select_change`` (the held-out cells' change), not from the
+    scored truth: picking them by the size of the scored value favours genes where it lies
+    furthest out."""
+    t = np.array([1.0, -2.0, 0.5, 0.0])
+    draws = np.tile(np.linspace(-1.0, 1.0, 101)[:, None], (1, 4))  # 5%..95%: -0.9..0.9
+    sel = np.array([0.1, 0.0, 0.9, -0.7])  # the data point at genes 2 and 3
+    s = B.score_effects(np.array([0.0, 0.0, 0.4, 0.1]), t, n_top=2, change_samples=draws, select_change=sel)
+    assert s["coverage90_top20de"] == 1.0  # 0.5 and 0.0 inside; by |t| it would be 0.0
+    assert s["pearson_delta_top20de"] == pytest.approx(1.0)  # genes 2, 3: (0.4, 0.1) vs (0.5, 0.0)
+    assert list(B.top_genes(sel, 2)) == [2, 3]

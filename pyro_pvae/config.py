@@ -290,8 +290,18 @@ class ModelConfig(_Section):
     # doubles add their singles' times c_2): what a perturbation does that its latent effects and the shared
     # decoder do not reproduce
     gene_effects: bool = False
+    # only the gene-level interaction kappa_g ~ Laplace(0, b_I) of each pair (no single's beta): the point
+    # prediction of an unseen pair keeps the latent path's (kappa has mean 0), and its draws of kappa widen
+    # the intervals by the gene-level departures from composition that the training pairs show
+    gene_interactions: bool = False
     gene_scale_prior: Tuple[float, float] = setting((-2.3, 1.0), rule=(lambda v: v[1] > 0,
                                                                         "[loc, scale] with scale > 0"))
+
+    @property
+    def gene_pair_sites(self) -> bool:
+        """True when each pair has a gene-level interaction kappa (``gene_effects`` or
+        ``gene_interactions``, with ``pair_effects``)."""
+        return self.pair_effects and (self.gene_effects or self.gene_interactions)
 
     @property
     def gate_sites(self) -> bool:

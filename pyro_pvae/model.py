@@ -25,7 +25,7 @@ straight-through samples, analytic Bernoulli KL).
 
 ``beta_pg ~ Laplace(0, b)`` (``b`` learned) are optional gene-level effects beside the latent
 path (``model.gene_effects``; off by default: ``beta = 0``); with them each pair adds a gene-level
-interaction ``kappa_g ~ Laplace(0, b_I)``. With ``model.pair_composition`` (off by default)
+interaction ``kappa_g ~ Laplace(0, b_I)`` (``model.gene_interactions``: kappa alone, beta = 0). With ``model.pair_composition`` (off by default)
 each pair composes with its own ``log c_pair ~ N(log c_2, s_c^2)``; pairs unseen in training draw
 their interactions and ``c`` from these fitted priors at prediction.
 ``u_n`` is the multi-hot perturbation label, ``m_n = sum_p u_np`` the number of targets and
@@ -270,7 +270,7 @@ class PerturbedVAEModule(nn.Module):
         self._param_or_buffer("gene_effect_loc", torch.zeros(P if cfg.gene_effects else 0, G), cfg.gene_effects)
         self._param_or_buffer("gene_effect_raw_scale", torch.full((P if cfg.gene_effects else 0, G), -4.0),
                               cfg.gene_effects)
-        gene_pairs = cfg.gene_effects and cfg.pair_effects  # gene-level interactions of pairs
+        gene_pairs = cfg.gene_pair_sites  # gene-level interactions of pairs
         n_gene_pairs = self.n_pairs if gene_pairs else 0
         self._param_or_buffer("gene_pair_scale_loc", torch.tensor(float(cfg.gene_scale_prior[0])), gene_pairs)
         self._param_or_buffer("gene_pair_scale_raw_scale", torch.tensor(-2.0), gene_pairs)
@@ -444,15 +444,16 @@ class PerturbedVAEModule(nn.Module):
             # kappa[g] ~ Laplace(0, b_I) per pair (b_I learned from the training pairs; a pair
             # unseen in training draws kappa from it at prediction). (Per-gene scales b_g and b_I,g
             # measured worse on norman_effects: Pearson delta 0.513 vs 0.575, README.)
+            # (model.gene_interactions: kappa only, beta = 0.)
             gene_effect = gene_pair_effect = None
             if cfg.gene_effects:
                 b = pyro.sample("gene_scale", dist.LogNormal(zeros + cfg.gene_scale_prior[0], cfg.gene_scale_prior[1]))
-                if cfg.pair_effects:
-                    b_pair = pyro.sample("gene_pair_scale", dist.LogNormal(zeros + cfg.gene_scale_prior[0],
-                                                                           cfg.gene_scale_prior[1]))
                 with pyro.plate("gene_perts", P, dim=-2), pyro.plate("effect_genes", G, dim=-1):
                     gene_effect = pyro.sample("gene_effect", dist.Laplace(zeros, b))
-                if cfg.pair_effects and self.n_pairs:
+            if cfg.gene_pair_sites:
+                b_pair = pyro.sample("gene_pair_scale", dist.LogNormal(zeros + cfg.gene_scale_prior[0],
+                                                                       cfg.gene_scale_prior[1]))
+                if self.n_pairs:
                     with pyro.plate("gene_pairs", self.n_pairs, dim=-2), pyro.plate("pair_genes", G, dim=-1):
                         gene_pair_effect = pyro.sample("gene_pair_effect", dist.Laplace(zeros, b_pair))
 
@@ -467,8 +468,10 @@ class PerturbedVAEModule(nn.Module):
                 eps = pyro.sample("eps", dist.Normal(zeros, 1.0).expand([K]).to_event(1)).squeeze(-2)
             c = self.composition(u, c2, pair_log_c, novel_pair_log_c)
             z_pert = propagate(eps + self.shift(u, delta, c, pair_effect, novel_pair_effect), W)
-            gene_shift = 0.0 if gene_effect is None else self.shift(
-                u, gene_effect, c, gene_pair_effect, novel_gene_pair_effect)
+            gene_shift = 0.0
+            if gene_effect is not None or gene_pair_effect is not None or novel_gene_pair_effect is not None:
+                beta = gene_effect if gene_effect is not None else x.new_zeros(P, G)
+                gene_shift = self.shift(u, beta, c, gene_pair_effect, novel_gene_pair_effect)
             log_mu = self.gene_log_mean(z_inv, z_pert, x.sum(-1), gene_shift)
             with genes:
                 counts = pyro.sample("x", self.likelihood(log_mu, theta), obs=x)
@@ -520,12 +523,12 @@ class PerturbedVAEModule(nn.Module):
                     W = pyro.sample("W", dist.Normal(self.w_loc, _positive(self.w_raw_scale))) * self.tril_mask
             if cfg.gene_effects:
                 pyro.sample("gene_scale", dist.LogNormal(self.gene_scale_loc, _positive(self.gene_scale_raw_scale)))
-                if cfg.pair_effects:
-                    pyro.sample("gene_pair_scale", dist.LogNormal(self.gene_pair_scale_loc,
-                                                                  _positive(self.gene_pair_scale_raw_scale)))
                 with pyro.plate("gene_perts", P, dim=-2), pyro.plate("effect_genes", G, dim=-1):
                     pyro.sample("gene_effect", dist.Normal(self.gene_effect_loc, _positive(self.gene_effect_raw_scale)))
-                if cfg.pair_effects and self.n_pairs:
+            if cfg.gene_pair_sites:
+                pyro.sample("gene_pair_scale", dist.LogNormal(self.gene_pair_scale_loc,
+                                                              _positive(self.gene_pair_scale_raw_scale)))
+                if self.n_pairs:
                     with pyro.plate("gene_pairs", self.n_pairs, dim=-2), pyro.plate("pair_genes", G, dim=-1):
                         pyro.sample("gene_pair_effect", dist.Normal(self.gene_pair_loc, _positive(self.gene_pair_raw_scale)))
         with pyro.plate("genes", G, dim=-1):
@@ -653,8 +656,8 @@ class PerturbedVAEModule(nn.Module):
             out.update(c_spread=self.c_spread_loc.exp(), pair_log_c=self.pair_log_c_loc)
         if self.cfg.gene_effects:
             out.update(gene_scale=self.gene_scale_loc.exp(), gene_effect=self.gene_effect_loc)
-            if self.cfg.pair_effects:
-                out.update(gene_pair_scale=self.gene_pair_scale_loc.exp(), gene_pair_effect=self.gene_pair_loc)
+        if self.cfg.gene_pair_sites:
+            out.update(gene_pair_scale=self.gene_pair_scale_loc.exp(), gene_pair_effect=self.gene_pair_loc)
         return {k: v.detach() for k, v in out.items()}
 
     @torch.no_grad()
@@ -756,7 +759,7 @@ class PerturbedVAEModule(nn.Module):
             return {}
         priors = {"novel_pair_effect": spike_slab_mixture(global_draw["pair_pi"], self.cfg.spike_scale,
                                                           global_draw["pair_scale"], (self.cfg.latent_pert,))}
-        if self.cfg.gene_effects:
+        if self.cfg.gene_pair_sites:
             priors["novel_gene_pair_effect"] = dist.Laplace(torch.zeros(self.n_genes, device=u.device),
                                                             global_draw["gene_pair_scale"])
         if self.per_pair_composition:

@@ -119,6 +119,40 @@ def test_unseen_pairs_draw_gene_level_interactions_from_the_fitted_prior():
     assert kappa[1].abs().mean().item() == pytest.approx(0.3, rel=0.05)
 
 
+def test_gene_interactions_only_pairs_get_a_gene_level_shift():
+    """model.gene_interactions: kappa per pair (training pairs: fitted; unseen pairs: drawn from
+    Laplace(0, b_I)), no gene-level single effects: a single's log expression is the latent path's."""
+    cfg = ModelConfig(latent_inv=3, latent_pert=4, hidden=16, gene_interactions=True, alpha=0.0)
+    module = PerturbedVAEModule(cfg, n_genes=2000, n_perts=4, pairs=[(0, 1)])
+    assert module.gene_effect_loc.numel() == 0 and module.gene_pair_loc.shape == (1, 2000)
+    with torch.no_grad():
+        module.gene_pair_loc.normal_()
+    u = torch.zeros(3, 4)
+    u[0, 0] = 1          # single
+    u[1, [0, 1]] = 1     # training pair
+    u[2, [2, 3]] = 1     # unseen pair
+    draw = {**module.global_means(), "gene_pair_scale": torch.tensor(0.5)}
+    x = torch.full((3, 2000), 5.0)
+    torch.manual_seed(0)
+    novel = module.novel_pair_effects(u, draw)
+    assert (novel["novel_gene_pair_effect"][:2] == 0).all()
+    assert novel["novel_gene_pair_effect"][2].abs().mean().item() == pytest.approx(0.5, rel=0.1)
+    fixed = {k: v for k, v in draw.items() if k in ("slab", "W", "theta", "c2", "pair_pi", "pair_scale",
+                                                   "pair_effect", "gene_pair_scale", "gene_pair_effect")}
+    zeros = {"z_inv": torch.zeros(3, 1, 3), "eps": torch.zeros(3, 1, 4)}
+    trace = poutine.trace(poutine.condition(module.model, data={**fixed, **zeros, "pi": draw["pi"]})).get_trace(
+        x, u, n_cells=3, **novel)
+    log_mu = trace.nodes["x"]["fn"].logits + trace.nodes["theta"]["value"].log()
+    with torch.no_grad():  # the latent path alone, for comparison
+        z = propagate(module.shift(u, draw["slab"], draw["c2"], draw["pair_effect"], novel["novel_pair_effect"]),
+                      draw["W"])
+        latent_only = module.gene_log_mean(torch.zeros(3, 3), z, x.sum(-1))
+    torch.testing.assert_close(log_mu[0], latent_only[0], rtol=1e-5, atol=1e-5)  # single: no gene-level shift
+    for row, kappa in ((1, draw["gene_pair_effect"][0]), (2, novel["novel_gene_pair_effect"][2])):
+        moved = log_mu[row] - latent_only[row]
+        torch.testing.assert_close(moved - moved.mean(), kappa - kappa.mean(), rtol=1e-4, atol=1e-4)
+
+
 def test_per_pair_composition_training_pairs_own_c_unseen_pairs_drawn_from_the_spread():
     """model.pair_composition: a training pair's shift is scaled by its own exp(log c_pair), a
     single's by 1, a pair unseen in training by one draw of log c ~ N(log c_2, s_c^2) per pair."""
@@ -446,7 +480,8 @@ def test_effects_gradient_and_the_kl_weight(parameterisation, factor):
 
 
 @pytest.mark.parametrize("kw, pairs", [({}, [(0, 1)]), ({}, []), ({"learn_composition": False, "pair_effects": False}, []),
-                                      ({"gene_effects": True}, [(0, 1)]), ({"pair_composition": True}, [(0, 1)]),
+                                      ({"gene_effects": True}, [(0, 1)]), ({"gene_interactions": True}, [(0, 1)]),
+                                      ({"gene_interactions": True}, []), ({"pair_composition": True}, [(0, 1)]),
                                       ({"pair_composition": True}, [])])
 def test_every_parameter_gets_a_gradient(kw, pairs):
     """What a variant does not use is a buffer, not a parameter (DistributedDataParallel fails

@@ -110,6 +110,18 @@ def lognorm(X) -> np.ndarray:
     return np.log1p(X / np.where(tot > 0, tot, 1.0) * 1e4)
 
 
+def atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename onto ``path``: a killed run never leaves a half-written file
+    (this script runs in CPA's venv and does not import pyro_pvae's own helper)."""
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")  # keeps .h5ad
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -272,7 +284,7 @@ def main(argv=None) -> int:
     pred.obs["control_cell"] = po["control_cell"].values
     pred.uns["cpa"] = json.dumps({"values": "negative-binomial mean (expected counts) from cpa.CPA.predict",
                                   "seed": a.seed, "epochs": a.epochs})
-    pred.write_h5ad(out / "pred.h5ad")
+    atomic(out / "pred.h5ad", pred.write_h5ad)
 
     if a.n_sample_reps > 0:
         theta = torch.exp(model.module.px_r.detach()).cpu().numpy().astype(np.float64)  # (genes,)
@@ -286,7 +298,7 @@ def main(argv=None) -> int:
         samp.obs["control_cell"] = np.repeat(po["control_cell"].values, a.n_sample_reps)
         samp.uns["cpa"] = json.dumps({"values": "counts drawn from NB(mean=CPA.predict, theta=exp(px_r))",
                                       "seed": a.seed, "epochs": a.epochs, "reps": a.n_sample_reps})
-        samp.write_h5ad(out / "pred_sampled.h5ad")
+        atomic(out / "pred_sampled.h5ad", samp.write_h5ad)
 
     # ---- sanity (in-sample): predicted vs TRAINING-cell change of the conditions CPA trained on
     Ltr = lognorm(tr.X)
@@ -317,7 +329,7 @@ def main(argv=None) -> int:
             "trainer_params": TRAINER_PARAMS, "versions": versions(), "split_file": str(a.split),
             "last_val": {k: float(v) for k, v in hist[hist["mode"] == "valid"].iloc[-1].items()
                          if k not in ("mode",) and np.isscalar(v) and not isinstance(v, str)}}
-    (out / "run.json").write_text(json.dumps(info, indent=2, default=str))
+    atomic(out / "run.json", lambda t: t.write_text(json.dumps(info, indent=2, default=str)))
     print(f"[cpa] wrote {out}/pred.h5ad ({pred.n_obs} cells, {len(targets)} conditions incl. control)"
           + (f", pred_sampled.h5ad ({a.n_sample_reps} draws per cell)" if a.n_sample_reps > 0 else "")
           + f"; wall {wall:.0f} s", flush=True)

@@ -151,6 +151,12 @@ def test_gene_interactions_only_pairs_get_a_gene_level_shift():
     for row, kappa in ((1, draw["gene_pair_effect"][0]), (2, novel["novel_gene_pair_effect"][2])):
         moved = log_mu[row] - latent_only[row]
         torch.testing.assert_close(moved - moved.mean(), kappa - kappa.mean(), rtol=1e-4, atol=1e-4)
+    # held (as the trainer does until the rotation): every cell follows the latent path alone
+    module.hold_gene_interactions(True)
+    trace = poutine.trace(poutine.condition(module.model, data={**fixed, **zeros, "pi": draw["pi"]})).get_trace(
+        x, u, n_cells=3, **novel)
+    held = trace.nodes["x"]["fn"].logits + trace.nodes["theta"]["value"].log()
+    torch.testing.assert_close(held, latent_only, rtol=1e-5, atol=1e-5)
 
 
 def test_per_pair_composition_training_pairs_own_c_unseen_pairs_drawn_from_the_spread():

@@ -214,3 +214,21 @@ def test_training_rotates_once_to_the_sparse_basis_and_goes_on(tmp_path, caplog)
     assert len(rotations) == 1 and rotations[0].startswith("epoch 1: rotated"), rotations
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["rotated"] is True
     assert len(vae.history) == 4  # training went on after the rotation
+
+
+def test_gene_interactions_are_held_until_the_rotation(monkeypatch):
+    """model.gene_interactions: the trainer holds the pairs' gene-level interactions at 0 until
+    it rotates z_pert (so c_2 and the latent pair effects are learned first), then frees them."""
+    from pyro_pvae.model import PerturbedVAEModule
+
+    calls = []
+    original = PerturbedVAEModule.hold_gene_interactions
+    monkeypatch.setattr(PerturbedVAEModule, "hold_gene_interactions",
+                        lambda self, hold: (calls.append(hold), original(self, hold))[1])
+    adata = simulate("tiny", seed=1)
+    vae = PerturbedVAE(adata, split="iid", model=dict(latent_inv=3, latent_pert=3, hidden=16, gene_interactions=True),
+                       train={"epochs": 4, "batch_size": 128, "progress": False, "rotate_at": 0.5})
+    vae.fit()
+    assert vae.module.n_pairs > 0
+    assert calls == [True, False]
+    assert vae.module.gene_interactions_on.item() == 1.0

@@ -53,8 +53,8 @@ for step in $STEPS; do
          $EFF output.run_dir=$R/benchmark_norman_effects_steps2000
          rm -rf $R/benchmark_norman_effects_gene_effects_latent30
          $EFF train.min_steps=0 model.gene_effects=true output.run_dir=$R/benchmark_norman_effects_gene_effects_latent30
-         rm -rf $R/benchmark_norman_effects_gene_interactions
-         $EFF model.gene_interactions=true output.run_dir=$R/benchmark_norman_effects_gene_interactions
+         rm -rf $R/benchmark_norman_effects_gene_interactions_held
+         $EFF model.gene_interactions=true output.run_dir=$R/benchmark_norman_effects_gene_interactions_held
          $PY analyses/composition_limits.py > $R/composition_limits.md ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

@@ -48,7 +48,7 @@ def main(overrides, model_path=None, save=None) -> dict:
                          train_settings(cfg, overrides), "PerturbedVAE", 0)
         if save:
             vae.save(save)
-    m, means = vae.module, vae.module.global_means()
+    means = vae.module.global_means()
     out = {"c2": round(float(means.get("c2", torch.tensor(1.0))), 3)}
     if "pair_scale" in means:
         out.update(tau=round(float(means["pair_scale"]), 3), pair_pi=round(float(means["pair_pi"]), 3))
@@ -76,10 +76,9 @@ def main(overrides, model_path=None, save=None) -> dict:
         draws = effects_change_draws(vae, c, 50, len(cells), i)
         t = real[c]
         top = top_genes(t)
+        picked = [top, top_genes(observed), top_genes(singles_sum)]
         rows.append([np.abs(t[top]).mean(), np.abs(change[c][top]).mean(), np.abs((change[a] + change[b])[top]).mean(),
-                     coverage(draws, t, 0.9), coverage(draws[:, top], t[top], 0.9),
-                     coverage(draws[:, top_genes(observed)], t[top_genes(observed)], 0.9),
-                     coverage(draws[:, top_genes(singles_sum)], t[top_genes(singles_sum)], 0.9)])
+                     coverage(draws, t, 0.9)] + [coverage(draws[:, g], t[g], 0.9) for g in picked])
     names = ["top20_abs_real_change", "top20_abs_model_change", "top20_abs_model_singles_sum", "coverage90_all",
              "coverage90_top20_picked_on_real", "coverage90_top20_picked_on_heldout_cells",
              "coverage90_top20_picked_on_training_singles"]

@@ -304,6 +304,12 @@ class ModelConfig(_Section):
         return self.pair_effects and (self.gene_effects or self.gene_interactions)
 
     @property
+    def gene_interactions_held(self) -> bool:
+        """True for ``gene_interactions`` alone (without ``gene_effects``): the pairs' kappa are
+        held at 0 until the rotation in training (see ``PerturbedVAEModule.hold_gene_interactions``)."""
+        return self.gene_interactions and not self.gene_effects
+
+    @property
     def gate_sites(self) -> bool:
         """True when the Bernoulli gate is a sample site (spike-and-slab with straight-through
         gates); False when it is summed out or the prior is dense."""

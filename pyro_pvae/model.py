@@ -472,7 +472,7 @@ class PerturbedVAEModule(nn.Module):
             c = self.composition(u, c2, pair_log_c, novel_pair_log_c)
             z_pert = propagate(eps + self.shift(u, delta, c, pair_effect, novel_pair_effect), W)
             gene_shift = 0.0
-            if cfg.gene_interactions and not cfg.gene_effects:  # held at 0 until the trainer frees them
+            if cfg.gene_interactions_held:  # at 0 until the trainer frees them
                 on = self.gene_interactions_on
                 gene_pair_effect = None if gene_pair_effect is None else on * gene_pair_effect
                 novel_gene_pair_effect = None if novel_gene_pair_effect is None else on * novel_gene_pair_effect

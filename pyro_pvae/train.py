@@ -214,7 +214,7 @@ class Trainer:
         rotate_epoch = math.ceil(cfg.rotate_at * self.epochs)
         self.rotate_epoch = rotate_epoch if module.rotatable and rotate_epoch < self.epochs else None
         self.rotated = False
-        if getattr(module.cfg, "gene_interactions", False) and not module.cfg.gene_effects:
+        if module.cfg.gene_interactions_held:
             module.hold_gene_interactions(self.rotate_epoch is not None)  # freed at the rotation
 
     def rotate_to_sparse_effects(self, epoch: int) -> None:
@@ -225,7 +225,7 @@ class Trainer:
         self.optim.opt.state.clear()
         self.best_val, self.best_state, self.bad_epochs = math.inf, None, 0
         self.rotated = True
-        if getattr(self.module.cfg, "gene_interactions", False):
+        if self.module.cfg.gene_interactions_held:
             self.module.hold_gene_interactions(False)
         log.info("epoch %d: rotated z_pert to the sparsest effects (sum |delta| %.2f -> %.2f); training goes on",
                  epoch, before, after)

@@ -107,6 +107,7 @@ def test_choices_match_what_the_data_module_accepts():
     (lambda: ModelConfig.from_dict({"theta_prior": [2.0, 0.0]}), "model.theta_prior must be [loc, scale] with scale > 0"),
     (lambda: ModelConfig.from_dict({"pi_prior": [1.0]}), "model.pi_prior must be a list of 2 numbers, got [1.0]"),
     (lambda: ModelConfig(gene_effects="yes"), "model.gene_effects must be true or false, got 'yes'"),
+    (lambda: ModelConfig(gene_interactions="yes"), "model.gene_interactions must be true or false, got 'yes'"),
     (lambda: ModelConfig.from_dict({"gene_scale_prior": [-2.3, -1.0]}),
      "model.gene_scale_prior must be [loc, scale] with scale > 0"),
     (lambda: ModelConfig.from_dict({"composition_spread_prior": [-1.0]}),

@@ -48,13 +48,16 @@ for step in $STEPS; do
          $EFF model.latent_pert=10 train.min_steps=0 model.decoder=hybrid output.run_dir=$R/benchmark_norman_effects_hybrid
          $EFF model.latent_pert=10 train.min_steps=0 output.run_dir=$R/benchmark_norman_effects_latent10
          $EFF model.latent_pert=50 train.min_steps=0 output.run_dir=$R/benchmark_norman_effects_latent50
-         rm -rf $R/benchmark_norman_effects_epochs40 $R/benchmark_norman_effects_steps2000
-         $EFF train.min_steps=0 benchmark.seeds=3 output.run_dir=$R/benchmark_norman_effects_epochs40
-         $EFF output.run_dir=$R/benchmark_norman_effects_steps2000
+         # at the previous preset's 30 perturbation latents
+         EFF30="$EFF model.latent_pert=30"
+         rm -rf $R/benchmark_norman_effects_epochs40 $R/benchmark_norman_effects_steps2000 $R/benchmark_norman_effects_latent30_3seeds
+         $EFF30 train.min_steps=0 benchmark.seeds=3 output.run_dir=$R/benchmark_norman_effects_epochs40
+         $EFF30 output.run_dir=$R/benchmark_norman_effects_steps2000
+         $EFF30 benchmark.seeds=3 output.run_dir=$R/benchmark_norman_effects_latent30_3seeds
          rm -rf $R/benchmark_norman_effects_gene_effects_latent30
-         $EFF train.min_steps=0 model.gene_effects=true output.run_dir=$R/benchmark_norman_effects_gene_effects_latent30
+         $EFF30 train.min_steps=0 model.gene_effects=true output.run_dir=$R/benchmark_norman_effects_gene_effects_latent30
          rm -rf $R/benchmark_norman_effects_gene_interactions_held
-         $EFF model.gene_interactions=true output.run_dir=$R/benchmark_norman_effects_gene_interactions_held
+         $EFF30 model.gene_interactions=true output.run_dir=$R/benchmark_norman_effects_gene_interactions_held
          $PY analyses/composition_limits.py > $R/composition_limits.md ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

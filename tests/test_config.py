@@ -172,3 +172,9 @@ def test_an_installed_copy_finds_its_configs_outside_the_checkout(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "norman, norman_effects, norman_full, replogle, simulation, tiny" in out.stdout
     print(f"install {install_s:.1f} s")
+
+
+def test_norman_effects_preset_has_50_perturbation_latents_and_the_norman_model():
+    cfg = compose("norman_effects")
+    assert (cfg.model.latent_pert, cfg.data.source, cfg.train.min_steps) == (50, "norman_effects", 2000)
+    assert cfg.model.latent_inv == compose("norman").model.latent_inv

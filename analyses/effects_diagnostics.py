@@ -7,8 +7,9 @@ Fits ``--config norman_effects`` with the overrides (one thread, ``train.seed=0`
 or loads ``--model``, then prints one JSON line:
 
 * the fitted composition: ``c2`` (posterior mean), the latent interaction scale ``tau`` and share
-  ``pair_pi``, and with ``model.gene_interactions`` / ``gene_effects`` the gene-level interaction
-  scale ``b_I``;
+  ``pair_pi``, with ``model.gene_interactions`` / ``gene_effects`` the gene-level interaction
+  scale ``b_I``, with ``model.pair_composition`` the spread ``c_spread`` of log c over pairs and the
+  10% / 90% quantiles of the training pairs' own c;
 * over the held-out doubles, on each double's 20 genes of largest |real change|: the mean
   |real change|, |model change| (posterior predictive mean, as the benchmark scores it) and
   |sum of the model's own predictions of the two singles|;
@@ -54,6 +55,9 @@ def main(overrides, model_path=None, save=None) -> dict:
         out.update(tau=round(float(means["pair_scale"]), 3), pair_pi=round(float(means["pair_pi"]), 3))
     if "gene_pair_scale" in means:
         out["b_I"] = round(float(means["gene_pair_scale"]), 3)
+    if "c_spread" in means:  # model.pair_composition: sd of log c over pairs, and the training pairs' c
+        out["c_spread"] = round(float(means["c_spread"]), 3)
+        out["c_pair_range"] = [round(float(v), 3) for v in means["pair_log_c"].exp().quantile(torch.tensor([0.1, 0.9]))]
 
     truth = adata.uns["truth"]
     real = {str(c): np.asarray(truth["true_delta_log1p_cpm"])[i] for i, c in enumerate(truth["conditions"])}

@@ -344,6 +344,11 @@ class TrainConfig(_Section):
     # near-zero effects of that basis into the spike (1: rotate only after training; the effects are
     # then sparse in shape but few sit in the spike; tests/test_model.py::test_fit_support_is_sparse)
     rotate_at: float = setting(0.5, gt=0, le=1)
+    # model.gene_interactions: the pairs' gene-level interactions kappa are held at 0 through training, then
+    # kappa and their scale b_I are fitted alone for this many steps, everything else frozen (a cut: kappa
+    # takes what the fitted model leaves over, and its point predictions do not move); 0: kappa freed at the
+    # rotation and trained with the rest (norman_effects, 3 seeds: Pearson delta 0.580 vs 0.616 without kappa)
+    interaction_steps: int = setting(500, ge=0)
     temperature_start: float = setting(1.0, gt=0)  # gate relaxation temperature, annealed geometrically
     temperature_end: float = setting(0.2, gt=0)
     init_gate_prob: float = setting(0.5, gt=0, lt=1)

@@ -83,6 +83,9 @@ GLOBAL_PARAMS = ("gate_logits", "slab_loc", "slab_raw_scale", "pi_raw", "w_loc",
                  "gene_scale_loc", "gene_scale_raw_scale", "gene_pair_loc", "gene_pair_raw_scale",
                  "gene_pair_scale_loc", "gene_pair_scale_raw_scale", "c_spread_loc", "c_spread_raw_scale",
                  "pair_log_c_loc", "pair_log_c_raw_scale")
+#: the variational parameters of the pairs' gene-level interactions kappa and their scale b_I
+#: (``model.gene_interactions``: fitted alone in the last phase of training, ``train.interaction_steps``)
+GENE_INTERACTION_PARAMS = ("gene_pair_loc", "gene_pair_raw_scale", "gene_pair_scale_loc", "gene_pair_scale_raw_scale")
 #: sample sites of the globals and of the per-cell latents
 GLOBAL_SITES = ("pi", "gate", "slab", "W", "theta", "c2", "pair_pi", "pair_scale", "pair_effect", "gene_scale",
                 "gene_effect", "gene_pair_scale", "gene_pair_effect", "c_spread", "pair_log_c")
@@ -614,10 +617,15 @@ class PerturbedVAEModule(nn.Module):
 
     def hold_gene_interactions(self, hold: bool) -> None:
         """With ``model.gene_interactions``, hold the pairs' gene-level interactions at 0 (``hold``)
-        or free them. Held until the rotation in training, so that c_2 and the latent pair effects
-        are learned first (freed from the start, the kappa of the training pairs took their whole
-        departure from the singles and c_2 fell from 0.62 to 0.20 on ``norman_effects``)."""
+        or free them. The trainer holds them through training and then fits them alone
+        (``train.interaction_steps``), or frees them at the rotation (``interaction_steps=0``);
+        freed from the start, the kappa of the training pairs took their whole departure from
+        the singles and c_2 fell from 0.62 to 0.20 on ``norman_effects``."""
         self.gene_interactions_on.fill_(0.0 if hold else 1.0)
+
+    def gene_interaction_parameters(self) -> list[nn.Parameter]:
+        """The variational parameters of kappa and b_I (:data:`GENE_INTERACTION_PARAMS`)."""
+        return [p for n, p in self.named_parameters() if n in GENE_INTERACTION_PARAMS]
 
     def pair_pi_concentrations(self):
         return _positive(self.pair_pi_raw[0], 1e-3), _positive(self.pair_pi_raw[1], 1e-3)

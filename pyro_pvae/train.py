@@ -214,8 +214,10 @@ class Trainer:
         rotate_epoch = math.ceil(cfg.rotate_at * self.epochs)
         self.rotate_epoch = rotate_epoch if module.rotatable and rotate_epoch < self.epochs else None
         self.rotated = False
-        if module.cfg.gene_interactions_held:
-            module.hold_gene_interactions(self.rotate_epoch is not None)  # freed at the rotation
+        #: model.gene_interactions: kappa held through training and fitted alone after it
+        self.interactions_last = module.cfg.gene_interactions_held and cfg.interaction_steps > 0
+        if module.cfg.gene_interactions_held:  # held until the last phase, or until the rotation
+            module.hold_gene_interactions(self.interactions_last or self.rotate_epoch is not None)
 
     def rotate_to_sparse_effects(self, epoch: int) -> None:
         """Rotate z_pert to the basis of the sparsest effects and go on training in it. Adam's
@@ -225,7 +227,7 @@ class Trainer:
         self.optim.opt.state.clear()
         self.best_val, self.best_state, self.bad_epochs = math.inf, None, 0
         self.rotated = True
-        if self.module.cfg.gene_interactions_held:
+        if self.module.cfg.gene_interactions_held and not self.interactions_last:
             self.module.hold_gene_interactions(False)
         log.info("epoch %d: rotated z_pert to the sparsest effects (sum |delta| %.2f -> %.2f); training goes on",
                  epoch, before, after)
@@ -422,7 +424,52 @@ class Trainer:
         bar.close()
         if self.best_state is not None and cfg.restore_best:
             self.module.load_state_dict(self.best_state)
+        if self.interactions_last:
+            self.fit_gene_interactions()
         return self.history
+
+    def fit_gene_interactions(self) -> None:
+        """``model.gene_interactions``, the last phase: the pairs' kappa and their scale b_I are
+        fitted alone for ``train.interaction_steps`` steps (fresh Adam at the global learning
+        rate, decaying to ``lr_final_fraction`` of it), every other parameter frozen: kappa take
+        what the fitted model leaves over on the training pairs, b_I their spread, and nothing
+        else moves. In data-parallel training kappa's gradients are averaged over the ranks."""
+        cfg, module = self.cfg, self.module
+        params = module.gene_interaction_parameters()
+        frozen = [p for p in module.parameters() if p.requires_grad and all(p is not q for q in params)]
+        saved = self.optim, self.forward
+        steps = cfg.interaction_steps
+        self.optim = ClampAdam([{"params": params, "lr": cfg.batch_lr * cfg.global_lr_multiplier}], cfg.clip_norm,
+                               cfg.lr_final_fraction ** (1.0 / steps))
+        hooks = []
+        if self.forward is not self.loss_module:  # DDP: its hooks expect the frozen parameters too
+            self.forward = self.loss_module
+            hooks = [p.register_hook(self.all_reduce) for p in params] if self.all_reduce is not None else []
+        module.hold_gene_interactions(False)
+        for p in frozen:
+            p.requires_grad_(False)
+        t0, step, epoch, losses = time.perf_counter(), 0, self.epochs, []
+        try:
+            with warnings.catch_warnings():  # pyro.module names every frozen parameter it skips
+                warnings.filterwarnings("ignore", message=r".*not registered in the param store because requires_grad")
+                while step < steps and len(self.train_batcher):
+                    self.train_batcher.set_epoch(epoch)
+                    for batch in self.train_batcher:
+                        if step >= steps:
+                            break
+                        losses.append(self.step(self.batch_args(batch, self.total_steps, float(self.epochs))))
+                        step += 1
+                    epoch += 1
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+            for h in hooks:
+                h.remove()
+            self.optim, self.forward = saved
+        if losses:
+            log.info("fitted the pairs' gene-level interactions alone: %d steps in %.1f s, b_I %.3f, loss per cell "
+                     "%.1f -> %.1f", step, time.perf_counter() - t0, float(module.gene_pair_scale_loc.detach().exp()),
+                     sum(losses[:10]) / len(losses[:10]) / self.n_cells, sum(losses[-10:]) / len(losses[-10:]) / self.n_cells)
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:

@@ -57,7 +57,20 @@ for step in $STEPS; do
          rm -rf $R/benchmark_norman_effects_gene_effects_latent30
          $EFF30 train.min_steps=0 model.gene_effects=true output.run_dir=$R/benchmark_norman_effects_gene_effects_latent30
          rm -rf $R/benchmark_norman_effects_gene_interactions_held
-         $EFF30 model.gene_interactions=true output.run_dir=$R/benchmark_norman_effects_gene_interactions_held
+         $EFF30 model.gene_interactions=true train.interaction_steps=0 output.run_dir=$R/benchmark_norman_effects_gene_interactions_held
+         # the composition options at the preset's 50 latents, 3 seeds each (about 25 min each)
+         GI="model.gene_interactions=true" PC="model.pair_composition=true" S3="benchmark.seeds=3"
+         for run in "gene_interactions_cut $GI" "gene_interactions_at_rotation $GI train.interaction_steps=0" \
+                    "pair_composition_latent50 $PC" "pair_composition_gene_interactions_cut $PC $GI" \
+                    "pair_composition_gene_interactions_at_rotation $PC $GI train.interaction_steps=0"; do
+           set -- $run; name=$1; shift
+           rm -rf $R/benchmark_norman_effects_$name
+           $EFF $S3 "$@" output.run_dir=$R/benchmark_norman_effects_$name
+         done
+         # the real subset at 50 perturbation latents (its preset keeps 30)
+         rm -rf $R/benchmark_norman_latent50
+         $PY -m pyro_pvae.benchmark --config norman model.latent_pert=50 \
+           "benchmark.methods=[PerturbedVAE,control_mean,additive,additive_shrink,linear]" output.run_dir=$R/benchmark_norman_latent50
          $PY analyses/composition_limits.py > $R/composition_limits.md ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

@@ -60,8 +60,8 @@ for step in $STEPS; do
          $EFF30 model.gene_interactions=true train.interaction_steps=0 output.run_dir=$R/benchmark_norman_effects_gene_interactions_held
          # the composition options at the preset's 50 latents, 3 seeds each (about 25 min each)
          GI="model.gene_interactions=true" PC="model.pair_composition=true" S3="benchmark.seeds=3"
-         for run in "gene_interactions_cut $GI" "gene_interactions_at_rotation $GI train.interaction_steps=0" \
-                    "pair_composition_latent50 $PC" "pair_composition_gene_interactions_cut $PC $GI" \
+         for run in "gene_interactions_cut $GI train.interaction_steps=500" "gene_interactions_at_rotation $GI train.interaction_steps=0" \
+                    "pair_composition_latent50 $PC" "pair_composition_gene_interactions_cut $PC $GI train.interaction_steps=500" \
                     "pair_composition_gene_interactions_at_rotation $PC $GI train.interaction_steps=0"; do
            set -- $run; name=$1; shift
            rm -rf $R/benchmark_norman_effects_$name

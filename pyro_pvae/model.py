@@ -84,7 +84,7 @@ GLOBAL_PARAMS = ("gate_logits", "slab_loc", "slab_raw_scale", "pi_raw", "w_loc",
                  "gene_pair_scale_loc", "gene_pair_scale_raw_scale", "c_spread_loc", "c_spread_raw_scale",
                  "pair_log_c_loc", "pair_log_c_raw_scale")
 #: the variational parameters of the pairs' gene-level interactions kappa and their scale b_I
-#: (``model.gene_interactions``: fitted alone in the last phase of training, ``train.interaction_steps``)
+#: (``model.gene_interactions`` with ``train.interaction_steps > 0``: fitted alone after training)
 GENE_INTERACTION_PARAMS = ("gene_pair_loc", "gene_pair_raw_scale", "gene_pair_scale_loc", "gene_pair_scale_raw_scale")
 #: sample sites of the globals and of the per-cell latents
 GLOBAL_SITES = ("pi", "gate", "slab", "W", "theta", "c2", "pair_pi", "pair_scale", "pair_effect", "gene_scale",
@@ -617,8 +617,8 @@ class PerturbedVAEModule(nn.Module):
 
     def hold_gene_interactions(self, hold: bool) -> None:
         """With ``model.gene_interactions``, hold the pairs' gene-level interactions at 0 (``hold``)
-        or free them. The trainer holds them through training and then fits them alone
-        (``train.interaction_steps``), or frees them at the rotation (``interaction_steps=0``);
+        or free them. The trainer frees them at the rotation (``train.interaction_steps=0``) or
+        holds them through training and then fits them alone (``interaction_steps > 0``);
         freed from the start, the kappa of the training pairs took their whole departure from
         the singles and c_2 fell from 0.62 to 0.20 on ``norman_effects``."""
         self.gene_interactions_on.fill_(0.0 if hold else 1.0)

@@ -216,8 +216,8 @@ def test_training_rotates_once_to_the_sparse_basis_and_goes_on(tmp_path, caplog)
     assert len(vae.history) == 4  # training went on after the rotation
 
 
-def test_gene_interactions_with_no_last_phase_are_held_until_the_rotation(monkeypatch):
-    """model.gene_interactions with train.interaction_steps=0: the trainer holds the pairs'
+def test_gene_interactions_are_held_until_the_rotation(monkeypatch):
+    """model.gene_interactions with train.interaction_steps=0 (the default): the trainer holds the pairs'
     gene-level interactions at 0 until it rotates z_pert (so c_2 and the latent pair effects are
     learned first), then frees them."""
     from pyro_pvae.model import PerturbedVAEModule
@@ -237,7 +237,7 @@ def test_gene_interactions_with_no_last_phase_are_held_until_the_rotation(monkey
 
 
 def test_gene_interactions_last_phase_fits_kappa_alone_and_finds_a_planted_interaction(monkeypatch):
-    """model.gene_interactions (default train.interaction_steps): kappa is held at 0 through
+    """model.gene_interactions with train.interaction_steps > 0: kappa is held at 0 through
     training, then fitted alone. Known answer: one training pair's cells get 4x the counts on
     five of its expressed genes (ranks 21-25 by mean count; an interaction no composition of the
     singles makes); its kappa is above 0.5 on each (log 4 = 1.39; the latent pair effect takes

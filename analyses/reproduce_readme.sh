@@ -68,9 +68,11 @@ for step in $STEPS; do
            $EFF $S3 "$@" output.run_dir=$R/benchmark_norman_effects_$name
          done
          # the real subset at 50 perturbation latents (its preset keeps 30)
-         rm -rf $R/benchmark_norman_latent50
-         $PY -m pyro_pvae.benchmark --config norman model.latent_pert=50 \
-           "benchmark.methods=[PerturbedVAE,control_mean,additive,additive_shrink,linear]" output.run_dir=$R/benchmark_norman_latent50
+         # and with the composition options recommended for many training pairs
+         rm -rf $R/benchmark_norman_latent50 $R/benchmark_norman_pair_composition_gene_interactions
+         NORMAN="$PY -m pyro_pvae.benchmark --config norman benchmark.methods=[PerturbedVAE,control_mean,additive,additive_shrink,linear]"
+         $NORMAN model.latent_pert=50 output.run_dir=$R/benchmark_norman_latent50
+         $NORMAN $PC $GI output.run_dir=$R/benchmark_norman_pair_composition_gene_interactions
          $PY analyses/composition_limits.py > $R/composition_limits.md ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

@@ -36,6 +36,9 @@ for step in $STEPS; do
            output.run_dir=$R/benchmark_simulation_centered_epochs10
          rm -rf $R/benchmark_simulation_epochs20
          $SIM "benchmark.methods=[PerturbedVAE]" train.epochs=20 output.run_dir=$R/benchmark_simulation_epochs20
+         rm -rf $R/benchmark_simulation_pair_composition_gene_interactions_epochs20
+         $SIM "benchmark.methods=[PerturbedVAE,additive]" train.epochs=20 model.pair_composition=true model.gene_interactions=true \
+           output.run_dir=$R/benchmark_simulation_pair_composition_gene_interactions_epochs20
          rm -rf $R/benchmark_simulation_epochs40
          $SIM "benchmark.methods=[PerturbedVAE]" train.epochs=40 output.run_dir=$R/benchmark_simulation_epochs40
          EFF="$PY -m pyro_pvae.benchmark --config norman_effects"

@@ -305,8 +305,9 @@ class ModelConfig(_Section):
 
     @property
     def gene_interactions_held(self) -> bool:
-        """True for ``gene_interactions`` alone (without ``gene_effects``): the pairs' kappa are
-        held at 0 until the rotation in training (see ``PerturbedVAEModule.hold_gene_interactions``)."""
+        """True for ``gene_interactions`` alone (without ``gene_effects``): the trainer holds the
+        pairs' kappa at 0 until the rotation, or until its last phase with ``train.interaction_steps``
+        (see ``PerturbedVAEModule.hold_gene_interactions``)."""
         return self.gene_interactions and not self.gene_effects
 
     @property

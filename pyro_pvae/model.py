@@ -76,16 +76,15 @@ from .config import ModelConfig
 from .guides import Encoder, StraightThroughBernoulli, mlp
 from .utils import lognormalize
 
+#: the variational parameters of the pairs' gene-level interactions kappa and their scale b_I
+#: (``model.gene_interactions`` with ``train.interaction_steps > 0``: fitted alone after training)
+GENE_INTERACTION_PARAMS = ("gene_pair_loc", "gene_pair_raw_scale", "gene_pair_scale_loc", "gene_pair_scale_raw_scale")
 #: the guide's global variational parameters (learning rate ``lr * global_lr_multiplier``)
 GLOBAL_PARAMS = ("gate_logits", "slab_loc", "slab_raw_scale", "pi_raw", "w_loc", "w_raw_scale",
                  "theta_loc", "theta_raw_scale", "c2_loc", "c2_raw_scale", "pair_pi_raw", "pair_scale_loc",
                  "pair_scale_raw_scale", "pair_loc", "pair_raw_scale", "gene_effect_loc", "gene_effect_raw_scale",
-                 "gene_scale_loc", "gene_scale_raw_scale", "gene_pair_loc", "gene_pair_raw_scale",
-                 "gene_pair_scale_loc", "gene_pair_scale_raw_scale", "c_spread_loc", "c_spread_raw_scale",
-                 "pair_log_c_loc", "pair_log_c_raw_scale")
-#: the variational parameters of the pairs' gene-level interactions kappa and their scale b_I
-#: (``model.gene_interactions`` with ``train.interaction_steps > 0``: fitted alone after training)
-GENE_INTERACTION_PARAMS = ("gene_pair_loc", "gene_pair_raw_scale", "gene_pair_scale_loc", "gene_pair_scale_raw_scale")
+                 "gene_scale_loc", "gene_scale_raw_scale", "c_spread_loc", "c_spread_raw_scale",
+                 "pair_log_c_loc", "pair_log_c_raw_scale") + GENE_INTERACTION_PARAMS
 #: sample sites of the globals and of the per-cell latents
 GLOBAL_SITES = ("pi", "gate", "slab", "W", "theta", "c2", "pair_pi", "pair_scale", "pair_effect", "gene_scale",
                 "gene_effect", "gene_pair_scale", "gene_pair_effect", "c_spread", "pair_log_c")
@@ -279,8 +278,8 @@ class PerturbedVAEModule(nn.Module):
         self._param_or_buffer("gene_pair_scale_raw_scale", torch.tensor(-2.0), gene_pairs)
         self._param_or_buffer("gene_pair_loc", torch.zeros(n_gene_pairs, G), bool(n_gene_pairs))
         self._param_or_buffer("gene_pair_raw_scale", torch.full((n_gene_pairs, G), -4.0), bool(n_gene_pairs))
-        #: 0 while the gene-level interactions of model.gene_interactions wait for the rotation in
-        #: training (the trainer sets it; see :meth:`hold_gene_interactions`), else 1
+        #: 0 while the trainer holds the gene-level interactions of model.gene_interactions (until
+        #: the rotation, or until the last phase; see :meth:`hold_gene_interactions`), else 1
         self.register_buffer("gene_interactions_on", torch.tensor(1.0))
         # model: the decoder f
         self.decoder = Decoder(D, K, G, cfg)

@@ -436,7 +436,8 @@ class Trainer:
         else moves. In data-parallel training kappa's gradients are averaged over the ranks."""
         cfg, module = self.cfg, self.module
         params = module.gene_interaction_parameters()
-        frozen = [p for p in module.parameters() if p.requires_grad and all(p is not q for q in params)]
+        ids = {id(p) for p in params}
+        frozen = [p for p in module.parameters() if p.requires_grad and id(p) not in ids]
         saved = self.optim, self.forward
         steps = cfg.interaction_steps
         self.optim = ClampAdam([{"params": params, "lr": cfg.batch_lr * cfg.global_lr_multiplier}], cfg.clip_norm,

@@ -113,6 +113,7 @@ def test_choices_match_what_the_data_module_accepts():
     (lambda: ModelConfig.from_dict({"composition_spread_prior": [-1.0]}),
      "model.composition_spread_prior must be a list of 2 numbers, got [-1.0]"),
     (lambda: TrainConfig(epochs=0), "train.epochs must be >= 1, got 0"),
+    (lambda: TrainConfig(interaction_steps=-1), "train.interaction_steps must be >= 0, got -1"),
     (lambda: TrainConfig.from_dict({"lr": -0.01}), "train.lr must be > 0, got -0.01"),
     (lambda: TrainConfig.from_dict({"batch_size": "abc"}), "train.batch_size must be an integer, got 'abc'"),
     (lambda: TrainConfig.from_dict({"batch_size": 32.5}), "train.batch_size must be an integer, got 32.5"),

@@ -32,7 +32,7 @@ def main(overrides, model_path=None, save=None) -> dict:
 
     from pyro_pvae import data as D
     from pyro_pvae.api import PerturbedVAE
-    from pyro_pvae.benchmark import (_conditions, _fit_model, effects_change_draws, hydra_overrides,
+    from pyro_pvae.benchmark import (_conditions, _fit_model, effects_change_draws, hydra_overrides, model_changes,
                                      pseudobulk_log1p_cpm, top_genes, train_settings)
     from pyro_pvae.config import compose, load_dataset, resolve_split
     from pyro_pvae.data.splits import heldout_control_idx
@@ -67,10 +67,7 @@ def main(overrides, model_path=None, save=None) -> dict:
     ctrl_train = pseudobulk_log1p_cpm(adata.X[tr[cond[tr] == D.CONTROL]])
     doubles = [c for c in split.test_groups if c in real]
     singles = sorted({s for c in doubles for s in D.parse_condition(c)})
-    base = pseudobulk_log1p_cpm(vae.predict([D.CONTROL], n_cells=1000, seed=7777, n_draws=50).X)
-    pred = vae.predict(doubles + singles, n_cells=500, seed=0, unknown="ignore", n_draws=50)
-    pc = _conditions(pred)
-    change = {c: pseudobulk_log1p_cpm(pred.X[np.flatnonzero(pc == c)]) - base for c in doubles + singles}
+    change = model_changes(vae, doubles + singles, n_pred_cells=500, n_draws=50, seed=0)
     rows = []
     for i, c in enumerate(doubles):
         a, b = D.parse_condition(c)

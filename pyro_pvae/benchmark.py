@@ -652,6 +652,19 @@ def top_genes(change, n_top: int = N_TOP) -> np.ndarray:
     return np.argsort(-np.abs(np.asarray(change, float).ravel()), kind="stable")[:n_top]
 
 
+def model_changes(vae, conds, n_pred_cells: int, n_draws: int, seed: int) -> dict[str, np.ndarray]:
+    """The model's point prediction of each condition's pseudobulk log1p(CPM) change: its
+    predicted cells (``n_pred_cells``, spread over ``n_draws`` posterior draws) minus its own
+    predicted control cells (at least 1,000)."""
+    from . import data as D
+
+    pc = vae.predict([D.CONTROL], n_cells=max(n_pred_cells, 1000), seed=seed + 7777, n_draws=n_draws)
+    base = pseudobulk_log1p_cpm(pc.X)
+    pred = vae.predict(conds, n_cells=n_pred_cells, seed=seed, unknown="ignore", n_draws=n_draws)
+    pcond = _conditions(pred)
+    return {c: pseudobulk_log1p_cpm(pred.X[np.flatnonzero(pcond == c)]) - base for c in conds}
+
+
 def effects_change_draws(vae, condition: str, n_draws: int, n_cells: int, seed: int) -> np.ndarray:
     """``n_draws`` x genes posterior-predictive draws of the pseudobulk log1p(CPM) change of
     ``n_cells`` predicted cells of ``condition`` from as many predicted control cells; each
@@ -736,11 +749,7 @@ def effects_benchmark(adata, split, methods: Sequence[str], model_cfg: dict | No
                 t_fit = time.perf_counter() - t0
                 vocab = set(vae.vocabulary)
                 notes = {c: _unknown_note(vocab, c) for c in conds}
-                pc = vae.predict([D.CONTROL], n_cells=max(n_pred_cells, 1000), seed=seed + 7777, n_draws=n_change_draws)
-                base = pseudobulk_log1p_cpm(pc.X)
-                pred = vae.predict(conds, n_cells=n_pred_cells, seed=seed, unknown="ignore", n_draws=n_change_draws)
-                pcond = _conditions(pred)
-                change = {c: pseudobulk_log1p_cpm(pred.X[np.flatnonzero(pcond == c)]) - base for c in conds}
+                change = model_changes(vae, conds, n_pred_cells, n_change_draws, seed)
                 if n_change_draws >= 2:
                     draws = {c: effects_change_draws(vae, c, n_change_draws, max(n_held[c], 2), seed * 100003 + i)
                              for i, c in enumerate(conds)}

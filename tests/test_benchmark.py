@@ -464,3 +464,20 @@ def test_score_effects_top_genes_from_select_change():
     assert s["coverage90_top20de"] == 1.0  # 0.5 and 0.0 inside; by |t| it would be 0.0
     assert s["pearson_delta_top20de"] == pytest.approx(1.0)  # genes 2, 3: (0.4, 0.1) vs (0.5, 0.0)
     assert list(B.top_genes(sel, 2)) == [2, 3]
+
+
+def test_effects_benchmark_scores_the_model_on_every_held_out_double(effects_instance):
+    """The model's path through effects mode (its point change from its own predicted controls,
+    its change draws): a row per held-out double with a finite RMSE no worse than predicting no
+    change by a wide margin, and coverages that are shares."""
+    adata, split = effects_instance
+    df, _ = B.effects_benchmark(adata, split, ["PerturbedVAE", "control_mean"], dict(latent_inv=3, latent_pert=3, hidden=16),
+                                dict(epochs=2, batch_size=128, progress=False), 1, 50, 5)
+    held = {c for c in split.test_groups if "+" in c}
+    model = df[df.method == "PerturbedVAE"].pivot_table(index="condition", columns="metric", values="value")
+    assert set(model.index) == held
+    assert np.isfinite(model["delta_rmse_all"]).all()
+    ctrl = df[(df.method == "control_mean") & (df.metric == "delta_rmse_all")].set_index("condition")["value"]
+    assert model["delta_rmse_all"].mean() < 2 * ctrl.mean()
+    for m in ("coverage90_all", "coverage90_top20de", "coverage90_all_observed"):
+        assert model[m].between(0, 1).all(), m

@@ -67,7 +67,7 @@ def main(overrides, model_path=None, save=None) -> dict:
     ctrl_train = pseudobulk_log1p_cpm(adata.X[tr[cond[tr] == D.CONTROL]])
     doubles = [c for c in split.test_groups if c in real]
     singles = sorted({s for c in doubles for s in D.parse_condition(c)})
-    change = model_changes(vae, doubles + singles, n_pred_cells=500, n_draws=50, seed=0)
+    change = model_changes(vae, doubles + singles, n_cells=2000, n_draws=50, seed=0)
     rows = []
     for i, c in enumerate(doubles):
         a, b = D.parse_condition(c)

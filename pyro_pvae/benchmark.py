@@ -36,12 +36,14 @@ Norman subset; see ``pyro_pvae/data/splits.py``); no method ever trains on them.
   every method that subtracts it too: a constant vector (the mean change of the training
   singles) then correlates with every observed change although it knows nothing of c.
 * Predicted change = mean(the method's predicted cells of c) - mean(its own control
-  prediction): for the model its predicted control cells (``predict(['control'])``, the same
-  training control cells as starting points, no shift); the model's predicted cells of a
-  condition are spread over ``benchmark.n_change_draws`` posterior draws of the global sites
-  (``predict(n_draws=...)``), so their mean is its posterior predictive mean, the point
-  prediction a Bayesian model makes (one draw for all cells adds the posterior's spread to
-  the point prediction as noise); for the baselines the training
+  prediction): for the model its predicted control cells (the same training control cells as
+  starting points, no shift). The model's point prediction is its posterior predictive mean
+  (:meth:`PerturbedVAE.predict_mean`): ``benchmark.n_mean_cells`` predicted cells of the
+  condition and as many predicted controls, spread over ``benchmark.n_change_draws`` posterior
+  draws of the global sites (one draw for all cells adds the posterior's spread to the point
+  prediction as noise; a few hundred cells add their sampling noise: the baselines' point
+  predictions have neither). ``benchmark.n_pred_cells`` predicted cells per condition feed the
+  distribution metrics (energy distance, MMD); for the baselines the training
   controls they were fitted on; for an external file its ``'control'`` cells, else the
   training controls (noted).
 * Top-20 DE genes of c (scanpy t-test, :func:`metrics.top_de_genes`, vs the training
@@ -75,7 +77,7 @@ which are changes of log1p(CPM) of pseudobulk means (per-million normalisation, 
 mean). So every method's change is computed on that scale here:
 
 * the model: pseudobulk log1p(CPM) of its predicted *counts* for the condition minus that of
-  its predicted control cells (``benchmark.n_pred_cells`` cells each);
+  its predicted control cells (``benchmark.n_mean_cells`` cells each, :meth:`PerturbedVAE.predict_mean`);
 * the baselines: fitted on the pseudobulk log1p(CPM) profile of each training condition and
   of the training controls (one row each; so ``additive`` is exactly the sum of the two
   training singles' pseudobulk log1p(CPM) changes and ``additive_shrink`` one global factor
@@ -482,13 +484,15 @@ def _missing_metrics(metrics: Sequence[str], reason: str) -> dict:
 def score_cells(method: str, pred: Mapping[str, np.ndarray | None], pred_control: np.ndarray,
                 ref: CellReference, seed: int, notes: Mapping[str, str] | None = None,
                 change_samples: Mapping[str, np.ndarray] | None = None, deltas: dict | None = None,
-                on_condition=None) -> list[dict]:
+                on_condition=None, pred_means: Mapping[str, np.ndarray] | None = None) -> list[dict]:
     """Result rows of one method: for every held-out condition c, its predicted cells
     ``pred[c]`` (log-normalised; None: missing) against ``ref`` (module docstring,
     *Protocol*), its predicted change measured from ``pred_control`` (its own control
     prediction). ``change_samples[c]``: (draws of the change for ``ref.observed[c]``'s number
-    of cells, draws for ``ref.observed_top[c]``'s) for the coverage metrics.
-    ``deltas`` (optional) receives the predicted changes."""
+    of cells, draws for ``ref.observed_top[c]``'s) for the coverage metrics. ``pred_means[c]``
+    (optional): the method's point prediction of c's mean profile when it is known better than
+    from ``pred[c]`` (the model's posterior predictive mean); ``pred_control`` may then be that
+    of the controls (one row). ``deltas`` (optional) receives the predicted changes."""
     from .metrics import evaluate_condition
 
     notes = dict(notes or {})
@@ -502,12 +506,14 @@ def score_cells(method: str, pred: Mapping[str, np.ndarray | None], pred_control
         else:
             p = _dense(p)
             samples, top_samples = (change_samples or {}).get(c, (None, None))
+            mean = None if pred_means is None else pred_means[c]
             m = evaluate_condition(p, ref.observed[c], ref.control, ref.genes, top_de=ref.top_de[c] or [],
-                                   pred_change_samples=samples, seed=seed, pred_ctrl_lognorm=pred_control,
-                                   obs_top_lognorm=ref.observed_top[c], top_change_samples=top_samples)
+                                   pred_change_samples=samples, seed=seed, pred_ctrl_mean=ctrl_mean,
+                                   obs_top_lognorm=ref.observed_top[c], top_change_samples=top_samples,
+                                   pred_mean=mean)
             metrics = {k: m[k] for k in CELL_METRICS if k in m}
             if deltas is not None:
-                deltas[(method, c)] = p.mean(0) - ctrl_mean
+                deltas[(method, c)] = (p.mean(0) if mean is None else mean) - ctrl_mean
         rows.append({"method": method, "condition": c, "group": ref.groups[c], "seed": seed,
                      "note": notes.get(c, ""), "metrics": metrics})
         if on_condition:
@@ -517,7 +523,8 @@ def score_cells(method: str, pred: Mapping[str, np.ndarray | None], pred_control
 
 def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_cfg: dict,
                    seeds: int = 1, n_pred_cells: int = 200, n_change_draws: int = 50,
-                   keep_deltas: bool = True, external: Sequence[ExternalPrediction] = ()):
+                   keep_deltas: bool = True, external: Sequence[ExternalPrediction] = (),
+                   n_mean_cells: int = 4000):
     """Cell-level benchmark (module docstring, *Protocol*). Returns (long results frame,
     extras) where extras holds ``timings`` (list of dicts), ``deltas`` {(method, condition):
     predicted change, seed 0}, ``obs_delta`` {condition: observed change}, ``top_de``
@@ -536,14 +543,18 @@ def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_
         for method in methods:
             bar.set_description(f"seed {seed} {method}: fit")
             t0 = time.perf_counter()
-            samples = None
+            samples = means = None
             if method in MODEL_VARIANTS:
                 vae = _fit_model(adata, split, model_cfg, train_cfg, method, seed)
                 t_fit = time.perf_counter() - t0
                 vocab = set(vae.vocabulary)
+                # cells for the distribution metrics; the point prediction (posterior predictive
+                # mean, of the conditions and of the controls) from n_mean_cells cells each
                 pred = vae.predict(conds, n_cells=n_pred_cells, seed=seed, unknown="ignore", n_draws=n_change_draws)
-                pred_control = _dense(vae.predict([D.CONTROL], n_cells=max(n_pred_cells, 1000),
-                                                  seed=seed + 7777, n_draws=n_change_draws).layers["lognorm"])
+                means = vae.predict_mean(conds + [D.CONTROL], n_cells=n_mean_cells, n_draws=n_change_draws,
+                                         seed=seed + 7777, unknown="ignore")
+                pred_control = means.loc[[D.CONTROL]].to_numpy()
+                means = {c: means.loc[c].to_numpy() for c in conds}
                 notes = {c: _unknown_note(vocab, c) for c in conds}
                 # observed change = mean of n held-out cells - mean of the held-out controls (one
                 # reference for every condition): draws with both sampling noises, one predicted
@@ -564,7 +575,8 @@ def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_
             PL = pred.layers["lognorm"]
             bar.set_description(f"seed {seed} {method}: evaluate")
             rows += score_cells(method, {c: PL[pcond == c] for c in conds}, pred_control, ref, seed, notes,
-                                samples, deltas if keep_deltas and seed == 0 else None, lambda: bar.update(1))
+                                samples, deltas if keep_deltas and seed == 0 else None, lambda: bar.update(1),
+                                pred_means=means)
             timings.append({"method": method, "seed": seed, "fit_seconds": t_fit,
                             "total_seconds": time.perf_counter() - t0})
             log.info("seed %d %s: fit %.1f s, fit+evaluate %.1f s", seed, method, t_fit,
@@ -652,17 +664,16 @@ def top_genes(change, n_top: int = N_TOP) -> np.ndarray:
     return np.argsort(-np.abs(np.asarray(change, float).ravel()), kind="stable")[:n_top]
 
 
-def model_changes(vae, conds, n_pred_cells: int, n_draws: int, seed: int) -> dict[str, np.ndarray]:
-    """The model's point prediction of each condition's pseudobulk log1p(CPM) change: its
-    predicted cells (``n_pred_cells``, spread over ``n_draws`` posterior draws) minus its own
-    predicted control cells (at least 1,000)."""
+def model_changes(vae, conds, n_cells: int, n_draws: int, seed: int) -> dict[str, np.ndarray]:
+    """The model's point prediction of each condition's pseudobulk log1p(CPM) change: the
+    pseudobulk of its predicted cells minus that of its own predicted control cells
+    (:meth:`PerturbedVAE.predict_mean`, ``n_cells`` of each spread over ``n_draws`` posterior
+    draws, the same starting cells for all)."""
     from . import data as D
 
-    pc = vae.predict([D.CONTROL], n_cells=max(n_pred_cells, 1000), seed=seed + 7777, n_draws=n_draws)
-    base = pseudobulk_log1p_cpm(pc.X)
-    pred = vae.predict(conds, n_cells=n_pred_cells, seed=seed, unknown="ignore", n_draws=n_draws)
-    pcond = _conditions(pred)
-    return {c: pseudobulk_log1p_cpm(pred.X[np.flatnonzero(pcond == c)]) - base for c in conds}
+    prof = vae.predict_mean(list(conds) + [D.CONTROL], n_cells=n_cells, n_draws=n_draws, seed=seed + 7777,
+                            unknown="ignore", scale="pseudobulk")
+    return {c: prof.loc[c].to_numpy(np.float64) - prof.loc[D.CONTROL].to_numpy(np.float64) for c in conds}
 
 
 def effects_change_draws(vae, condition: str, n_draws: int, n_cells: int, seed: int) -> np.ndarray:
@@ -694,9 +705,10 @@ def pseudobulk_adata(adata, idx) -> "object":
 
 
 def effects_benchmark(adata, split, methods: Sequence[str], model_cfg: dict | None = None,
-                      train_cfg: dict | None = None, seeds: int = 1, n_pred_cells: int = 500,
+                      train_cfg: dict | None = None, seeds: int = 1, n_mean_cells: int = 4000,
                       n_change_draws: int = 50, external: Sequence[ExternalPrediction] = ()):
-    """Semi-synthetic Norman-effects benchmark (see module docstring). Returns (frame, extras)."""
+    """Semi-synthetic Norman-effects benchmark (see module docstring). Returns (frame, extras).
+    ``n_mean_cells``: predicted cells (and as many predicted controls) behind the model's change."""
     from . import data as D
     from .metrics import results_frame
 
@@ -749,7 +761,7 @@ def effects_benchmark(adata, split, methods: Sequence[str], model_cfg: dict | No
                 t_fit = time.perf_counter() - t0
                 vocab = set(vae.vocabulary)
                 notes = {c: _unknown_note(vocab, c) for c in conds}
-                change = model_changes(vae, conds, n_pred_cells, n_change_draws, seed)
+                change = model_changes(vae, conds, n_mean_cells, n_change_draws, seed)
                 if n_change_draws >= 2:
                     draws = {c: effects_change_draws(vae, c, n_change_draws, max(n_held[c], 2), seed * 100003 + i)
                              for i, c in enumerate(conds)}
@@ -1039,6 +1051,9 @@ def run(name: str, overrides: Sequence[str]):
     if n_pred < 2:
         raise BenchmarkError(f"benchmark.n_pred_cells must be >= 2, got {n_pred}")
     n_draws = int(b.get("n_change_draws", 50))
+    n_mean = int(b.get("n_mean_cells", 4000))
+    if n_mean < 2:
+        raise BenchmarkError(f"benchmark.n_mean_cells must be >= 2, got {n_mean}")
     external = read_external(b.get("external"))  # a bad file fails here, before any fit
     threads = b.get("torch_threads")
     if threads:
@@ -1061,14 +1076,15 @@ def run(name: str, overrides: Sequence[str]):
         train_cfg = train_settings(cfg, overrides)
         effects_mode = cfg.data.source == "norman_effects" and not cfg.data.path
         mode = "effects" if effects_mode else "cells"
-        log.info("benchmark (%s mode): methods %s, %d seed(s), %d predicted cells per condition, %d epochs",
-                 mode, ", ".join(methods), seeds, n_pred, train_cfg.get("epochs", -1))
+        log.info("benchmark (%s mode): methods %s, %d seed(s), %d predicted cells per condition (model point "
+                 "prediction from %d), %d epochs", mode, ", ".join(methods), seeds, n_pred, n_mean,
+                 train_cfg.get("epochs", -1))
         if effects_mode:
-            df, extras = effects_benchmark(adata, split, methods, model_cfg, train_cfg, seeds, n_pred, n_draws,
+            df, extras = effects_benchmark(adata, split, methods, model_cfg, train_cfg, seeds, n_mean, n_draws,
                                            external=external)
         else:
             df, extras = cell_benchmark(adata, split, methods, model_cfg, train_cfg, seeds, n_pred, n_draws,
-                                        external=external)
+                                        external=external, n_mean_cells=n_mean)
         df = df[RESULT_COLUMNS]
         atomic_write_csv(run_dir / "results.csv", df)
         if extras.get("timings"):
@@ -1083,7 +1099,11 @@ def run(name: str, overrides: Sequence[str]):
                   f"- split: `{split.name}` (seed {split.seed}, {split.params}), "
                   f"{len(split.train_idx)} training / {len(split.val_idx)} validation / {len(split.test_idx)} test cells",
                   f"- methods: {', '.join(methods)}; seeds 0..{seeds - 1} (train.seed; the split is fixed)",
-                  f"- predicted cells per condition: {n_pred}; total wall time {wall:.0f} s",
+                  (f"- the model's point prediction (posterior predictive mean): {n_mean} predicted cells per "
+                   f"condition and as many predicted controls; total wall time {wall:.0f} s" if effects_mode else
+                   f"- predicted cells per condition: {n_pred} (distribution metrics); the model's point prediction "
+                   f"(posterior predictive mean) from {n_mean} cells per condition and as many predicted controls; "
+                   f"total wall time {wall:.0f} s"),
                   f"- command: `python -m {PROG} --config {name} {' '.join(overrides)}`".rstrip()]
         if "PerturbedVAE" in methods:
             header.insert(3, f"- model training: {train_cfg.get('epochs')} epochs, batch {train_cfg.get('batch_size')}, "
@@ -1112,7 +1132,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
 
     extra = ("\n\nbenchmark keys: benchmark.seeds=N (fits with train.seed 0..N-1), "
              "benchmark.methods=[" + ",".join(ALL_METHODS) + "], benchmark.n_pred_cells=N, "
-             "benchmark.n_change_draws=N, benchmark.train.KEY=VALUE (train overrides for the "
+             "benchmark.n_mean_cells=N, benchmark.n_change_draws=N, benchmark.train.KEY=VALUE (train overrides for the "
              "benchmark's fits; explicit train.KEY=VALUE wins), "
              "benchmark.external=[NAME=path/pred.h5ad,...] (other tools' predicted cells, one row each)")
     return cli_main(run, argv, prog, extra, errors=(BenchmarkError,))

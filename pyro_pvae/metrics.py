@@ -322,7 +322,8 @@ def evaluate_condition(pred_lognorm, obs_lognorm, ctrl_lognorm, gene_names: Sequ
                        top_de: Sequence[str] | Sequence[int] | None = None,
                        pred_change_samples=None, seed: int = 0, batch_size: int = BATCH_SIZE,
                        max_cells_energy: int = 500, mmd_bandwidths=None, pred_ctrl_lognorm=None,
-                       obs_top_lognorm=None, top_change_samples=None) -> dict[str, float | str]:
+                       obs_top_lognorm=None, top_change_samples=None, pred_mean=None,
+                       pred_ctrl_mean=None) -> dict[str, float | str]:
     """All metrics for one condition (log-normalised predicted, observed, control cells).
 
     ``ctrl_lognorm``: the reference controls the observed change is measured from.
@@ -333,7 +334,10 @@ def evaluate_condition(pred_lognorm, obs_lognorm, ctrl_lognorm, gene_names: Sequ
     ``coverage90_all`` and ``coverage90_top20de``. ``obs_top_lognorm``: the observed cells the
     ``*_top20de`` metrics are scored on (default ``obs_lognorm``; pass the cells other than
     those ``top_de`` was chosen on), with ``top_change_samples`` drawn for their number of
-    cells (default ``pred_change_samples``). Undefined metrics are :class:`MetricNote` strings.
+    cells (default ``pred_change_samples``). ``pred_mean`` / ``pred_ctrl_mean``: the method's
+    point predictions of the condition's and the controls' mean profiles when they are known
+    better than from the given cells (a model's posterior predictive mean from many more
+    cells; default: the cells' means). Undefined metrics are :class:`MetricNote` strings.
     """
     pred, obs, ctrl = _cells(pred_lognorm), _cells(obs_lognorm), _cells(ctrl_lognorm)
     pred_ctrl = ctrl if pred_ctrl_lognorm is None else _cells(pred_ctrl_lognorm)
@@ -345,8 +349,13 @@ def evaluate_condition(pred_lognorm, obs_lognorm, ctrl_lognorm, gene_names: Sequ
     out.update(batch_protocol(pred, obs, batch_size=batch_size, seed=seed,
                               mmd_bandwidths=mmd_bandwidths))
 
-    obs_mean, pred_mean = obs.mean(0), pred.mean(0)
-    obs_delta, pred_delta = obs_mean - ctrl.mean(0), pred_mean - pred_ctrl.mean(0)
+    obs_mean = obs.mean(0)
+    pred_mean = pred.mean(0) if pred_mean is None else np.asarray(pred_mean, dtype=np.float64).ravel()
+    pred_ctrl_mean = pred_ctrl.mean(0) if pred_ctrl_mean is None else np.asarray(pred_ctrl_mean, np.float64).ravel()
+    if pred_mean.shape[0] != n_genes or pred_ctrl_mean.shape[0] != n_genes:
+        raise DataError(f"gene dimension mismatch: predicted mean {pred_mean.shape[0]}, predicted control mean "
+                        f"{pred_ctrl_mean.shape[0]}, obs {n_genes}")
+    obs_delta, pred_delta = obs_mean - ctrl.mean(0), pred_mean - pred_ctrl_mean
     top_mean = obs_mean if obs_top_lognorm is None else _cells(obs_top_lognorm).mean(0)
     top_delta = top_mean - ctrl.mean(0)
 

@@ -289,6 +289,43 @@ def test_predict_returns_cells_and_clear_errors(tiny_fit):
 
 
 @pytest.mark.slow  # uses the 100-epoch tiny fit
+def test_predict_mean_is_the_predictive_mean_without_the_cells_sampling_noise(tiny_fit):
+    """predict_mean estimates the same profile as the mean of predict's cells, with far less
+    Monte Carlo noise (the benchmark's point prediction), and its control profile reproduces the
+    training controls' gene means (a posterior predictive check with a known answer: the data)."""
+    adata, split, vae = tiny_fit
+    g1, g2 = vae.vocabulary[:2]
+    conds = [g1, D.format_condition([g1, g2]), D.CONTROL]
+    a = vae.predict_mean(conds, n_cells=4000, n_draws=20, seed=1)
+    b = vae.predict_mean(conds, n_cells=4000, n_draws=20, seed=2)
+    assert list(a.index) == conds and list(a.columns) == list(adata.var_names)
+    change = lambda m, c: np.asarray(m.loc[c] - m.loc[D.CONTROL])  # noqa: E731
+    cells = [vae.predict(conds, n_cells=200, seed=s, n_draws=20) for s in (1, 2)]
+    cell_change = [np.asarray(p.layers["lognorm"][(p.obs.condition == g1).to_numpy()].mean(0)).ravel()
+                   - np.asarray(p.layers["lognorm"][(p.obs.condition == D.CONTROL).to_numpy()].mean(0)).ravel()
+                   for p in cells]
+    rms = lambda x: float(np.sqrt(np.mean(x ** 2)))  # noqa: E731
+    noise_mean, noise_cells = rms(change(a, g1) - change(b, g1)), rms(cell_change[0] - cell_change[1])
+    assert noise_mean < noise_cells / 3, (noise_mean, noise_cells)
+    # the same estimand: 200-cell means scatter around it by their own noise only
+    assert rms(cell_change[0] - change(a, g1)) < 1.5 * noise_cells / np.sqrt(2)
+    # the predicted controls' pseudobulk matches the training controls' on the genes with >= 20
+    # counts in them (on rarer genes the observed pseudobulk is mostly its own counting noise)
+    train = np.asarray(split.train_idx)
+    ctrl = train[adata.obs["condition"].to_numpy()[train] == D.CONTROL]
+    counts = np.asarray(adata.X[ctrl].sum(0)).ravel()
+    observed = np.log1p(1e6 * counts / counts.sum())
+    pb = vae.predict_mean([D.CONTROL], n_cells=2000, n_draws=10, scale="pseudobulk").loc[D.CONTROL].to_numpy()
+    kept = counts >= 20
+    assert kept.sum() > 100
+    assert np.corrcoef(pb[kept], observed[kept])[0, 1] > 0.98 and rms(pb[kept] - observed[kept]) < 0.2
+    with pytest.raises(ValueError, match="scale must be 'lognorm' or 'pseudobulk', got 'log'"):
+        vae.predict_mean([g1], scale="log")
+    with pytest.raises(D.DataError, match=g1 + "X"):
+        vae.predict_mean([g1 + "X"])
+
+
+@pytest.mark.slow  # uses the 100-epoch tiny fit
 def test_effects_table_and_save_load_round_trip(tiny_fit, tmp_path):
     _, _, vae = tiny_fit
     eff = vae.effects(n_draws=200)

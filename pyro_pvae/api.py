@@ -269,16 +269,21 @@ class PerturbedVAE:
         _check_positive(n_cells=n_cells, n_draws=n_draws)
         self.perturbation_matrix(conditions, unknown=unknown)  # unknown genes fail before any work
         sizes = np.diff(np.linspace(0, n_cells, min(n_draws, n_cells) + 1).round().astype(int))
-        rows = {c: self._condition_rows(c, int(sizes.max()), unknown) for c in conditions}
-        sums = torch.zeros(len(conditions), len(self.gene_names), dtype=torch.float64, device=self.device)
+        u_rows = torch.as_tensor(self.perturbation_matrix(conditions, unknown=unknown), device=self.device)
+        G = len(self.gene_names)
+        sums = torch.zeros(len(conditions), G, dtype=torch.float64, device=self.device)
         rng = np.random.default_rng(seed)
         self.module.eval()
         with _seeded(seed, self.device):
             for size, glob in zip(sizes, self._global_draws(len(sizes))):
                 x_start, _ = self._control_block(int(size), rng)
-                for i, c in enumerate(conditions):
-                    x = self.module.sample_cells(x_start, rows[c][:size], glob)
-                    sums[i] += (lognormalize(x) if scale == "lognorm" else x).sum(0).double()
+                # the conditions in one batch of cells, at most ~2^25 values at a time
+                step = max(1, (1 << 25) // (int(size) * G))
+                for lo in range(0, len(conditions), step):
+                    u = u_rows[lo:lo + step].repeat_interleave(int(size), 0)
+                    x = self.module.sample_cells(x_start, u, glob)  # the same local latents for every condition
+                    x = (lognormalize(x) if scale == "lognorm" else x).double()
+                    sums[lo:lo + step] += x.reshape(-1, int(size), G).sum(1)
         prof = sums / n_cells if scale == "lognorm" else lognormalize(sums, 1e6)
         return pd.DataFrame(prof.cpu().numpy(), index=pd.Index(conditions, name="condition"),
                             columns=pd.Index(self.gene_names))

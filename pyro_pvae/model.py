@@ -757,17 +757,25 @@ class PerturbedVAEModule(nn.Module):
         control cells), then moved to condition ``u``; ``"posterior"`` (posterior-predictive
         check): z_inv and eps from q(. | x_start, u); ``"prior"``: from N(0, I). Cells of a
         pair unseen in training get one interaction draw per pair from its fitted prior
-        (``novel_pairs="draw"``) or its mean, zero (``"mean"``)."""
-        kw = {"n_cells": x_start.shape[0]}
-        glob = {k: v for k, v in global_draw.items() if k in GLOBAL_SITES}
+        (``novel_pairs="draw"``) or its mean, zero (``"mean"``).
+
+        Counterfactual ``u`` may hold ``k`` blocks of labels for the same cells (``k * len(x_start)``
+        rows): every block then starts from the same draw of the cells' local latents (common random
+        numbers for the changes between conditions)."""
+        n_start = x_start.shape[0]
+        k = u.shape[0] // n_start
+        if u.shape[0] != k * n_start or (k > 1 and local_latents != "counterfactual"):
+            raise ValueError(f"sample_cells: {u.shape[0]} label rows for {n_start} cells (counterfactual "
+                             "prediction takes a whole number of blocks of labels, other modes one)")
+        glob = {k_: v for k_, v in global_draw.items() if k_ in GLOBAL_SITES}
         locals_ = {}
         if local_latents != "prior":
-            u_guide = torch.zeros_like(u) if local_latents == "counterfactual" else u
-            trace = poutine.trace(poutine.condition(self.guide, data=glob)).get_trace(x_start, u_guide, **kw)
-            locals_ = {name: trace.nodes[name]["value"] for name in LOCAL_SITES}
+            u_guide = torch.zeros_like(u[:n_start]) if local_latents == "counterfactual" else u
+            trace = poutine.trace(poutine.condition(self.guide, data=glob)).get_trace(x_start, u_guide, n_cells=n_start)
+            locals_ = {name: torch.cat([trace.nodes[name]["value"]] * k) for name in LOCAL_SITES}
         model = poutine.condition(poutine.uncondition(self.model), data={**glob, **locals_})
         novel = self.novel_pair_effects(u, glob) if novel_pairs == "draw" else {}
-        return model(x_start, u, **novel, **kw)
+        return model(x_start.repeat(k, 1), u, **novel, n_cells=u.shape[0])
 
     def novel_pair_effects(self, u: torch.Tensor, global_draw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Interactions of cells whose pair was not in training, one draw per such pair from the

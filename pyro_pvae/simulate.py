@@ -372,7 +372,7 @@ def _make_truth(cfg: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]
     }
 
 
-def _condition_spec(truth: Mapping[str, Any], label: str) -> tuple[np.ndarray, np.ndarray]:
+def condition_spec(truth: Mapping[str, Any], label: str) -> tuple[np.ndarray, np.ndarray]:
     """(shift vector, W_c) of a canonical condition label under the truth."""
     perts = [str(p) for p in np.asarray(truth["perturbations"])]
     idx = {p: i for i, p in enumerate(perts)}
@@ -416,7 +416,7 @@ def _draw_cells(truth: Mapping[str, Any], label: str, n: int, rng: np.random.Gen
                 chunk_size: int = 4000):
     """Draw n cells of one condition: returns (counts CSR, z_inv, z_pert, eps, library)."""
     D, K = int(truth["n_inv_latents"]), int(truth["n_pert_latents"])
-    shift, Wc = _condition_spec(truth, label)
+    shift, Wc = condition_spec(truth, label)
     IminusW = np.eye(K) - Wc
     theta = np.asarray(truth["theta"], dtype=np.float64)
     mats, zi, zp, ep, libs = [], [], [], [], []
@@ -560,7 +560,7 @@ def true_condition_means(adata_or_truth, conditions: Iterable[str], n_cells: int
 def _noiseless_proportions(truth, label, n_cells, rng) -> np.ndarray:
     """Gene proportions rho (n_cells x G) of fresh latent draws of a condition (no count noise)."""
     D, K = int(truth["n_inv_latents"]), int(truth["n_pert_latents"])
-    shift, Wc = _condition_spec(truth, label)
+    shift, Wc = condition_spec(truth, label)
     z_inv = rng.normal(size=(n_cells, D))
     eps = rng.normal(size=(n_cells, K))
     z_pert = solve_triangular(np.eye(K) - Wc, (eps + shift).T, lower=True).T

@@ -319,6 +319,9 @@ def test_predict_mean_is_the_predictive_mean_without_the_cells_sampling_noise(ti
     kept = counts >= 20
     assert kept.sum() > 100
     assert np.corrcoef(pb[kept], observed[kept])[0, 1] > 0.98 and rms(pb[kept] - observed[kept]) < 0.2
+    x = torch.as_tensor(vae.reference_controls[:5].toarray())
+    with pytest.raises(ValueError, match="7 label rows for 5 cells"):
+        vae.module.sample_cells(x, torch.zeros(7, len(vae.vocabulary)), vae.module.global_means())
     with pytest.raises(ValueError, match="scale must be 'lognorm' or 'pseudobulk', got 'log'"):
         vae.predict_mean([g1], scale="log")
     with pytest.raises(D.DataError, match=g1 + "X"):

@@ -222,3 +222,20 @@ def test_norman_effects_default_contents():
     t = a.uns["truth"]
     assert a.n_vars == 2000 and len(t["singles"]) == 104 and len(t["doubles"]) == 126
     assert np.asarray(t["true_delta_log1p_cpm"]).shape == (230, 2000)
+
+
+def test_condition_spec_gives_the_latents_before_propagation(tiny_adata):
+    """(I - W_c) z_pert = eps + shift for a hard-intervened single (its latent's parents cut) and
+    the controls: analyses/identifiability.py scores recovery of these (mcc_pert_exogenous)."""
+    from pyro_pvae.simulate import condition_spec
+
+    a, t = tiny_adata, tiny_adata.uns["truth"]
+    conds = a.obs["condition"].astype(str).to_numpy()
+    hard = [str(p) for p in np.asarray(t["perturbations"])[np.asarray(t["hard_interventions"], dtype=bool)]]
+    cut = [p for p in hard if not np.array_equal(condition_spec(t, p)[1], np.asarray(t["W"]))]
+    assert cut, "the tiny truth should have a hard intervention that cuts an edge"
+    for label in (cut[0], CONTROL):
+        shift, Wc = condition_spec(t, label)
+        m = conds == label
+        z = a.obsm["z_pert_true"][m]
+        np.testing.assert_allclose(z - z @ Wc.T, a.obsm["eps_true"][m] + shift, atol=1e-8)

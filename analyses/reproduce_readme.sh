@@ -40,7 +40,7 @@ for step in $STEPS; do
          $SIM "benchmark.methods=[PerturbedVAE,additive]" train.epochs=20 model.pair_composition=true model.gene_interactions=true \
            output.run_dir=$R/benchmark_simulation_pair_composition_gene_interactions_epochs20
          rm -rf $R/benchmark_simulation_epochs40
-         $SIM "benchmark.methods=[PerturbedVAE]" train.epochs=40 output.run_dir=$R/benchmark_simulation_epochs40
+         $SIM "benchmark.methods=[PerturbedVAE,additive,linear]" train.epochs=40 output.run_dir=$R/benchmark_simulation_epochs40
          EFF="$PY -m pyro_pvae.benchmark --config norman_effects"
          # at the earlier preset's 10 perturbation latents
          for opt in gene_effects pair_composition; do
@@ -73,8 +73,12 @@ for step in $STEPS; do
          # the real subset at 50 perturbation latents (its preset keeps 30)
          # and with the composition options recommended for many training pairs
          rm -rf $R/benchmark_norman_latent50 $R/benchmark_norman_pair_composition_gene_interactions
+         rm -rf $R/benchmark_norman_gene_effects $R/benchmark_norman_steps4000
          NORMAN="$PY -m pyro_pvae.benchmark --config norman benchmark.methods=[PerturbedVAE,control_mean,additive,additive_shrink,linear]"
-         $NORMAN model.latent_pert=50 output.run_dir=$R/benchmark_norman_latent50
+         NORMAN2="$PY -m pyro_pvae.benchmark --config norman benchmark.methods=[PerturbedVAE,additive]"
+         $NORMAN2 model.latent_pert=50 output.run_dir=$R/benchmark_norman_latent50
+         $NORMAN2 model.gene_effects=true output.run_dir=$R/benchmark_norman_gene_effects
+         $NORMAN2 train.min_steps=4000 output.run_dir=$R/benchmark_norman_steps4000
          $NORMAN $PC $GI output.run_dir=$R/benchmark_norman_pair_composition_gene_interactions
          $PY analyses/composition_limits.py > $R/composition_limits.md ;;
     *) echo "unknown step $step" >&2; exit 2 ;;

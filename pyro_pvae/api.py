@@ -249,7 +249,7 @@ class PerturbedVAE:
                           layers={"lognorm": sp.csr_matrix(lognormalize(X))})
 
     @torch.no_grad()
-    def predict_mean(self, conditions, n_cells: int = 2000, n_draws: int = 50, seed: int = 0,
+    def predict_mean(self, conditions, n_cells: int = 4000, n_draws: int = 50, seed: int = 0,
                      unknown: str = "error", scale: str = "lognorm") -> pd.DataFrame:
         """The posterior predictive mean profile of each condition (rows; columns = genes): the
         average over ``n_cells`` predicted cells spread over ``n_draws`` posterior draws of the
@@ -259,8 +259,9 @@ class PerturbedVAE:
         This is the model's point prediction. From ``predict``'s few hundred cells the mean
         carries their sampling noise (shallow cells: a single's held-out Pearson delta 0.28 from
         200 cells, 0.31 from 2,000 or 10,000). Every condition of a draw starts from the same
-        training control cells (common random numbers), so the noise of a change between two
-        rows (e.g. a condition and ``"control"``) is smaller still."""
+        training control cells and the same draw of their local latents (common random numbers),
+        so the noise of a change between two rows (e.g. a condition and ``"control"``) is
+        smaller still."""
         conditions = list(dict.fromkeys(D.format_condition(D.parse_condition(c)) for c in _as_list(conditions)))
         if not conditions:
             raise ValueError("predict_mean() needs at least one condition, e.g. ['KLF1', 'control']")

@@ -278,13 +278,13 @@ class PerturbedVAE:
         with _seeded(seed, self.device):
             for size, glob in zip(sizes, self._global_draws(len(sizes))):
                 x_start, _ = self._control_block(int(size), rng)
-                # the conditions in one batch of cells, at most ~2^25 values at a time
-                step = max(1, (1 << 25) // (int(size) * G))
+                # the conditions in one batch of cells, at most ~2^24 values at a time
+                step = max(1, (1 << 24) // (int(size) * G))
                 for lo in range(0, len(conditions), step):
                     u = u_rows[lo:lo + step].repeat_interleave(int(size), 0)
                     x = self.module.sample_cells(x_start, u, glob)  # the same local latents for every condition
-                    x = (lognormalize(x) if scale == "lognorm" else x).double()
-                    sums[lo:lo + step] += x.reshape(-1, int(size), G).sum(1)
+                    x = lognormalize(x) if scale == "lognorm" else x
+                    sums[lo:lo + step] += x.reshape(-1, int(size), G).sum(1).double()
         prof = sums / n_cells if scale == "lognorm" else lognormalize(sums, 1e6)
         return pd.DataFrame(prof.cpu().numpy(), index=pd.Index(conditions, name="condition"),
                             columns=pd.Index(self.gene_names))

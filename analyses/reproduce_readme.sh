@@ -74,12 +74,13 @@ for step in $STEPS; do
          # the real subset at 50 perturbation latents (its preset keeps 30)
          # and with the composition options recommended for many training pairs
          rm -rf $R/benchmark_norman_latent50 $R/benchmark_norman_pair_composition_gene_interactions
-         rm -rf $R/benchmark_norman_gene_effects $R/benchmark_norman_steps4000
+         rm -rf $R/benchmark_norman_gene_effects $R/benchmark_norman_steps4000 $R/benchmark_norman_alpha10
          NORMAN="$PY -m pyro_pvae.benchmark --config norman benchmark.methods=[PerturbedVAE,control_mean,additive,additive_shrink,linear]"
          NORMAN2="$PY -m pyro_pvae.benchmark --config norman benchmark.methods=[PerturbedVAE,additive]"
          $NORMAN2 model.latent_pert=50 output.run_dir=$R/benchmark_norman_latent50
          $NORMAN2 model.gene_effects=true output.run_dir=$R/benchmark_norman_gene_effects
          $NORMAN2 train.min_steps=4000 output.run_dir=$R/benchmark_norman_steps4000
+         $NORMAN2 model.alpha=10 output.run_dir=$R/benchmark_norman_alpha10
          $NORMAN $PC $GI output.run_dir=$R/benchmark_norman_pair_composition_gene_interactions
          $PY analyses/composition_limits.py > $R/composition_limits.md ;;
     *) echo "unknown step $step" >&2; exit 2 ;;

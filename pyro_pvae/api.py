@@ -268,9 +268,8 @@ class PerturbedVAE:
         if scale not in ("lognorm", "pseudobulk"):
             raise ValueError(f"predict_mean(): scale must be 'lognorm' or 'pseudobulk', got {scale!r}")
         _check_positive(n_cells=n_cells, n_draws=n_draws)
-        self.perturbation_matrix(conditions, unknown=unknown)  # unknown genes fail before any work
-        sizes = np.diff(np.linspace(0, n_cells, min(n_draws, n_cells) + 1).round().astype(int))
         u_rows = torch.as_tensor(self.perturbation_matrix(conditions, unknown=unknown), device=self.device)
+        sizes = np.diff(np.linspace(0, n_cells, min(n_draws, n_cells) + 1).round().astype(int))
         G = len(self.gene_names)
         sums = torch.zeros(len(conditions), G, dtype=torch.float64, device=self.device)
         rng = np.random.default_rng(seed)

@@ -42,6 +42,8 @@ for step in $STEPS; do
            output.run_dir=$R/benchmark_simulation_pair_composition_gene_interactions_epochs20
          rm -rf $R/benchmark_simulation_epochs40
          $SIM "benchmark.methods=[PerturbedVAE,additive,linear]" train.epochs=40 output.run_dir=$R/benchmark_simulation_epochs40
+         rm -rf $R/benchmark_simulation_epochs40_alpha10
+         $SIM "benchmark.methods=[PerturbedVAE]" train.epochs=40 model.alpha=10 output.run_dir=$R/benchmark_simulation_epochs40_alpha10
          EFF="$PY -m pyro_pvae.benchmark --config norman_effects"
          # at the earlier preset's 10 perturbation latents
          for opt in gene_effects pair_composition; do

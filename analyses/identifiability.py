@@ -20,7 +20,7 @@ Per fit (scores from :mod:`pyro_pvae.identifiability`):
   ``mcc_pert_exogenous``: the MCC against the true latents before the DAG propagates them,
   ``(I - W_c) z_pert = eps + shift`` (W_c: the condition's DAG, hard-intervened rows cut). With
   shift interventions the likelihood does not fix W (the decoder absorbs it; the sparse rotation
-  leaves W = 0), so the model recovers these wherever the true DAG has edges;
+  leaves W = 0), so where the true DAG has edges these, not z_pert, are what the model can recover;
 * effects: ``effect_mcc`` (matching of latents by the correlation of true delta columns
   with the posterior-mean effect columns), ``pip_f1`` / ``pip_auprc`` under that matching
   and ``pip_f1_zmatch`` under the latent (MCC) matching. For the dense prior there are no

@@ -232,7 +232,7 @@ class PerturbedVAE:
         self.module.eval()
         blocks, obs = [], []
         novel = "mean" if posterior_mean else "draw"
-        sizes = np.diff(np.linspace(0, n_cells, min(n_draws, n_cells) + 1).round().astype(int))
+        sizes = _draw_blocks(n_cells, n_draws)
         with _seeded(seed, self.device):
             for cond in conditions:
                 for size in sizes:
@@ -269,7 +269,7 @@ class PerturbedVAE:
             raise ValueError(f"predict_mean(): scale must be 'lognorm' or 'pseudobulk', got {scale!r}")
         _check_positive(n_cells=n_cells, n_draws=n_draws)
         u_rows = torch.as_tensor(self.perturbation_matrix(conditions, unknown=unknown), device=self.device)
-        sizes = np.diff(np.linspace(0, n_cells, min(n_draws, n_cells) + 1).round().astype(int))
+        sizes = _draw_blocks(n_cells, n_draws)
         G = len(self.gene_names)
         sums = torch.zeros(len(conditions), G, dtype=torch.float64, device=self.device)
         rng = np.random.default_rng(seed)
@@ -468,6 +468,12 @@ def _check_positive(**values) -> None:
     for name, value in values.items():
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _draw_blocks(n_cells: int, n_draws: int) -> np.ndarray:
+    """Sizes of the blocks of ``n_cells`` cells that each get their own posterior draw (at most
+    ``n_draws`` blocks, sizes differing by at most one)."""
+    return np.diff(np.linspace(0, n_cells, min(n_draws, n_cells) + 1).round().astype(int))
 
 
 def _as_list(x):

@@ -551,10 +551,10 @@ def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_
                 # cells for the distribution metrics; the point prediction (posterior predictive
                 # mean, of the conditions and of the controls) from n_mean_cells cells each
                 pred = vae.predict(conds, n_cells=n_pred_cells, seed=seed, unknown="ignore", n_draws=n_change_draws)
-                means = vae.predict_mean(conds + [D.CONTROL], n_cells=n_mean_cells, n_draws=n_change_draws,
-                                         seed=seed + 7777, unknown="ignore")
-                pred_control = means.loc[[D.CONTROL]].to_numpy()
-                means = {c: means.loc[c].to_numpy() for c in conds}
+                profiles = vae.predict_mean(conds + [D.CONTROL], n_cells=n_mean_cells, n_draws=n_change_draws,
+                                            seed=seed + 7777, unknown="ignore")
+                pred_control = profiles.loc[[D.CONTROL]].to_numpy()
+                means = {c: profiles.loc[c].to_numpy() for c in conds}
                 notes = {c: _unknown_note(vocab, c) for c in conds}
                 # observed change = mean of n held-out cells - mean of the held-out controls (one
                 # reference for every condition): draws with both sampling noises, one predicted

@@ -122,6 +122,7 @@ def test_choices_match_what_the_data_module_accepts():
     (lambda: TrainConfig(lr=float("nan")), "train.lr must be a number, got nan"),
     (lambda: TrainConfig.from_dict({"engine": "svi"}), "unknown train config keys ['engine']"),
     (lambda: C.BenchmarkConfig(train={"lr": 0}), "benchmark.train.lr must be > 0, got 0.0"),
+    (lambda: C.BenchmarkConfig(n_mean_cells=1), "benchmark.n_mean_cells must be >= 2, got 1"),
 ])
 def test_the_python_api_refuses_bad_values_with_one_line(build, message):
     with pytest.raises(ValueError) as e:

@@ -87,7 +87,9 @@ for step in $STEPS; do
          # the alignment at weight 10 on norman_effects (seed 0; the real subset's run is above)
          rm -rf $R/benchmark_norman_effects_alpha10
          $EFF "benchmark.methods=[PerturbedVAE]" model.alpha=10 output.run_dir=$R/benchmark_norman_effects_alpha10
-         $PY analyses/composition_limits.py > $R/composition_limits.md ;;
+         $PY analyses/composition_limits.py > $R/composition_limits.md
+         mkdir -p $R/point_prediction_noise
+         $PY analyses/point_prediction_noise.py | tail -1 > $R/point_prediction_noise/result.json ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

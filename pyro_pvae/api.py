@@ -258,7 +258,7 @@ class PerturbedVAE:
 
         This is the model's point prediction. From ``predict``'s few hundred cells the mean
         carries their sampling noise (shallow cells: a single's held-out Pearson delta 0.28 from
-        200 cells, 0.31 from 2,000 or 10,000). Every condition of a draw starts from the same
+        200 cells, 0.31 from 2,000 or 10,000; analyses/point_prediction_noise.py). Every condition of a draw starts from the same
         training control cells and the same draw of their local latents (common random numbers),
         so the noise of a change between two rows (e.g. a condition and ``"control"``) is
         smaller still."""

@@ -18,8 +18,9 @@ Methods (``benchmark.methods``): ``PerturbedVAE``, ``PerturbedVAE_no_alignment``
 (``model.alpha=0``), ``PerturbedVAE_dense_prior`` (``model.effect_prior=dense``),
 ``control_mean``, ``additive``, ``additive_shrink``, ``linear`` (see :mod:`pyro_pvae.baselines`).
 ``benchmark.seeds=S`` repeats every fit with ``train.seed = 0..S-1`` (the split stays the one
-of ``split.seed``); baselines are deterministic given the split, so their sd over seeds only
-reflects the random control cells their predicted cells start from.
+of ``split.seed``); baselines are deterministic given the split: their point metrics do not
+vary over seeds, their distribution metrics only by the random control cells their predicted
+cells start from.
 
 Two scoring modes
 -----------------
@@ -41,11 +42,13 @@ Norman subset; see ``pyro_pvae/data/splits.py``); no method ever trains on them.
   (:meth:`PerturbedVAE.predict_mean`): ``benchmark.n_mean_cells`` predicted cells of the
   condition and as many predicted controls, spread over ``benchmark.n_change_draws`` posterior
   draws of the global sites (one draw for all cells adds the posterior's spread to the point
-  prediction as noise; a few hundred cells add their sampling noise: the baselines' point
-  predictions have neither). ``benchmark.n_pred_cells`` predicted cells per condition feed the
-  distribution metrics (energy distance, MMD); for the baselines the training
-  controls they were fitted on; for an external file its ``'control'`` cells, else the
-  training controls (noted).
+  prediction as noise; a few hundred cells add their sampling noise). A baseline's point
+  prediction is exact: the mean of the training controls it was fitted on plus its change
+  (``predict_change``), and its change is measured from those controls. ``benchmark.n_pred_cells``
+  predicted cells per condition feed the distribution metrics (energy distance, MMD); a
+  baseline's are training control cells drawn with replacement plus its change. For an external
+  file the means of its cells and of its ``'control'`` cells, else of the training controls
+  (noted).
 * Top-20 DE genes of c (scanpy t-test, :func:`metrics.top_de_genes`, vs the training
   controls) are chosen on cells the ``*_top20de`` metrics do not score: the training cells of
   c when it has at least ``MIN_SELECT_CELLS`` of them (held-out singles; the top-20 metrics
@@ -568,8 +571,11 @@ def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_
                 t_fit = time.perf_counter() - t0
                 if method == "additive_shrink":
                     shrink = (b.c_, len(b.shrink_doubles_))
-                pred = b.predict(conds, n_cells=n_pred_cells, seed=seed)
+                pred = b.predict(conds, n_cells=n_pred_cells, seed=seed)  # for the distribution metrics
                 pred_control = ref.train_control  # the training controls the baseline was fitted on
+                # the point prediction is exact: training control mean + the baseline's change (the
+                # mean of the resampled cells above would add the resampling noise of n_pred_cells)
+                means = {c: b.control_mean_ + b.predict_change(c) for c in conds}
                 notes = dict(b.notes)
             pcond = _conditions(pred)
             PL = pred.layers["lognorm"]
@@ -609,10 +615,11 @@ def protocol_lines(ref: CellReference, external: Sequence[ExternalPrediction] = 
     lines = [
         f"- Observed change of a held-out condition = mean of its held-out cells - mean of the {len(ref.control_idx)} "
         f"held-out control cells (never used in training; {len(ref.train_control_idx)} training controls).",
-        "- Predicted change = mean of the method's predicted cells - mean of the method's own control prediction: "
-        "the model's predicted control cells (same training control cells as starting points, no shift), the "
-        "baselines' training controls, an external file's 'control' cells (else the training controls). No "
-        "control mean is shared between the observed and any predicted change.",
+        "- Predicted change = the method's point prediction of the condition's mean - that of its own control "
+        "prediction: the model's posterior predictive means of the condition and of its predicted control cells "
+        "(same training control cells as starting points, no shift); a baseline's exact change from the training "
+        "controls it was fitted on; an external file's mean of its cells minus that of its 'control' cells (else "
+        "the training controls). No control mean is shared between the observed and any predicted change.",
         f"- Top-{N_TOP} DE genes (t-test vs the training controls) on cells the top-{N_TOP} metrics do not score: "
         + "; ".join(f"{n} condition(s) on {s}" for s, n in src.items())
         + f" (training cells when a condition has >= {MIN_SELECT_CELLS}; otherwise a seeded half of its held-out "

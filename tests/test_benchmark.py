@@ -294,10 +294,40 @@ def test_constant_vector_and_additive_score_zero_without_effects(no_effect, tmp_
     assert miss["value"].isna().all() and miss["note"].str.contains("no predicted cells .* \\(missing\\)").all()
 
 
+def test_baseline_point_prediction_is_exact_and_the_same_every_seed(no_effect):
+    """The additive baseline's predicted change is, by hand, the sum of its two singles' mean
+    training changes from the training controls: its point metrics are computed from exactly
+    that (not from the mean of its resampled cells, which adds resampling noise) and so are
+    identical over seeds, while its distribution metrics use the resampled cells."""
+    from pyro_pvae.metrics import pearson, rmse
+
+    adata, split = no_effect
+    ref = B.observed_reference(adata, split)
+    cond = adata.obs["condition"].astype(str).to_numpy()
+    L = adata.layers["lognorm"]
+    tr = split.train_idx
+    ctrl = L[tr[cond[tr] == "control"]].toarray().mean(0)
+    df, _ = B.cell_benchmark(adata, split, ["additive"], {}, {}, seeds=2, n_pred_cells=40)
+    doubles = [c for c, g in ref.groups.items() if g == "seen2"]
+    for c in doubles:
+        a, b = c.split("+")
+        change = sum(L[tr[cond[tr] == t]].toarray().mean(0) - ctrl for t in (a, b))
+        obs = ref.observed[c].mean(0) - ref.control.mean(0)
+        v = df[(df.condition == c)].pivot_table(index="metric", columns="seed", values="value")
+        for m in ("pearson_delta_all", "delta_rmse_all", "pseudobulk_rmse_all", "pearson_delta_top20de"):
+            assert v.loc[m, 0] == v.loc[m, 1], m
+        # float32 log-normalised cells: agreement to float32 precision
+        assert v.loc["pearson_delta_all", 0] == pytest.approx(pearson(change, obs), rel=1e-4, abs=1e-6)
+        assert v.loc["delta_rmse_all", 0] == pytest.approx(rmse(change, obs), rel=1e-4)
+        assert v.loc["energy_distance", 0] != v.loc["energy_distance", 1]  # other resampled cells
+
+
 def test_external_file_scores_like_the_builtin_method(no_effect, tmp_path):
-    """The additive baseline's own predictions saved as .h5ad score exactly like the built-in
-    additive row; an oracle file (the scored cells' counts, held-out controls as its control)
-    scores a perfect change; conditions a file lacks are missing, in results and summary."""
+    """The additive baseline's predictions saved as .h5ad score exactly like the built-in
+    additive row: its resampled cells on the distribution metrics, every training control cell
+    plus its change (whose mean is its exact point prediction) on the point metrics; an oracle
+    file (the scored cells' counts, held-out controls as its control) scores a perfect change;
+    conditions a file lacks are missing, in results and summary."""
     from pyro_pvae.baselines import make_baseline
 
     adata, split = no_effect
@@ -308,18 +338,25 @@ def test_external_file_scores_like_the_builtin_method(no_effect, tmp_path):
     pc = pred.obs["condition"].astype(str).to_numpy()
     add = _write_external(tmp_path / "mine.h5ad", conds, [pred.layers["lognorm"][pc == c] for c in conds],
                           ref.train_control, layer="lognorm")
+    exact = _write_external(tmp_path / "exact.h5ad", conds, [ref.train_control + b.predict_change(c) for c in conds],
+                            ref.train_control, layer="lognorm")
     X = adata.X
     oracle = _write_external(tmp_path / "oracle.h5ad", conds[1:], [X[ref.score_idx[c]] for c in conds[1:]],
                              X[ref.control_idx])
     counts = _write_external(tmp_path / "counts_layer.h5ad", conds[1:], [X[ref.score_idx[c]] for c in conds[1:]],
                              X[ref.control_idx], layer="counts")
     singles = [c for c in conds[1:] if ref.groups[c] == "single"]
-    ext = B.read_external([add, oracle, counts])
+    ext = B.read_external([add, oracle, counts, exact])
     df, extras = B.cell_benchmark(adata, split, ["additive"], {}, {}, n_pred_cells=60, external=ext)
     a = df[df.method == "additive"].set_index(["condition", "metric"])["value"]
-    m = df[df.method == "mine"].set_index(["condition", "metric"])["value"]
-    assert len(a) == len(conds) * len(B.CELL_METRICS[:-2]) and a.index.equals(m.index)
-    np.testing.assert_allclose(m.to_numpy(), a.to_numpy(), rtol=1e-9, equal_nan=True)
+    assert len(a) == len(conds) * len(B.CELL_METRICS[:-2])
+    cells_metrics = ["nrmse", "r2_mean", "mmd", "energy_distance"]
+    for name, on_cells in (("mine", True), ("exact", False)):
+        m = df[df.method == name].set_index(["condition", "metric"])["value"]
+        assert m.index.equals(a.index)
+        pick = m.index.get_level_values("metric").isin(cells_metrics) == on_cells
+        tol = dict(rtol=1e-9) if on_cells else dict(rtol=1e-4, atol=1e-6)  # float32 cells in the file
+        np.testing.assert_allclose(m[pick].to_numpy(), a[pick].to_numpy(), equal_nan=True, **tol)
     for name in ("oracle", "counts_layer"):
         for c in conds[1:]:
             assert _value(df, name, c, "pearson_delta_all") == pytest.approx(1.0, abs=1e-6)
@@ -328,7 +365,7 @@ def test_external_file_scores_like_the_builtin_method(no_effect, tmp_path):
         for c in singles:  # top-20 metrics scored on the same (all held-out) cells
             assert _value(df, name, c, "pearson_delta_top20de") == pytest.approx(1.0, abs=1e-6)
         assert np.isnan(_value(df, name, conds[0], "pearson_delta_all"))
-    assert extras["missing"] == {"mine": [], "oracle": [conds[0]], "counts_layer": [conds[0]]}
+    assert extras["missing"] == {"mine": [], "oracle": [conds[0]], "counts_layer": [conds[0]], "exact": []}
     text = B.summary_text(df, "x", [], "cells", extras)
     assert f"`oracle` has no predicted cells for 1 of the {len(conds)} held-out conditions ({conds[0]})" in text
     assert "| mine |" in text and "external `mine`" in text

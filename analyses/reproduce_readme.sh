@@ -89,6 +89,11 @@ for step in $STEPS; do
          $NORMAN2 model.gene_effects=true output.run_dir=$R/benchmark_norman_gene_effects
          $NORMAN2 train.min_steps=4000 output.run_dir=$R/benchmark_norman_steps4000
          $NORMAN output.run_dir=$R/benchmark_norman_alpha2
+         # the default (weight 10) with c2 fixed at 1, and where its level error exceeds linear's
+         rm -rf $R/benchmark_norman_c2_fixed
+         $PY -m pyro_pvae.benchmark --config norman "benchmark.methods=[PerturbedVAE]" model.learn_composition=false \
+           output.run_dir=$R/benchmark_norman_c2_fixed
+         $PY analyses/level_error.py --out $R/level_error
          $NORMAN $PC $GI output.run_dir=$R/benchmark_norman_pair_composition_gene_interactions
          $PY analyses/composition_limits.py > $R/composition_limits.md
          mkdir -p $R/point_prediction_noise

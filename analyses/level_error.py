@@ -1,0 +1,86 @@
+"""Where the model's pseudobulk level error on the real held-out doubles comes from, against
+the linear baseline's (README, *Real Norman 2019 cells*).
+
+    python analyses/level_error.py [overrides] [--out analyses/results/level_error]
+
+One fit of ``--config norman`` (one thread, ``train.seed`` 0 unless overridden); the model's
+point prediction exactly as the benchmark's seed 0 computes it (``predict_mean``, 4,000 cells,
+50 draws, seed 7777) and the linear baseline's exact one. Prints and writes (``summary.md``):
+
+* the control level: RMSE of the model's predicted control mean and of the training control
+  mean against the held-out control mean;
+* per held-out double: pseudobulk RMSE of model and linear, and the mean |change| over genes
+  of model, linear and the observed change;
+* the genes where the model's squared error exceeds linear's most (summed over the doubles),
+  and the share of that excess in the 20% most expressed genes (by training control mean).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def rmse(a, b) -> float:
+    return float(np.sqrt(np.mean((np.asarray(a) - np.asarray(b)) ** 2)))
+
+
+def main(argv) -> str:
+    import torch
+
+    from norman_fit import fit_norman
+    from pyro_pvae import benchmark as B
+    from pyro_pvae import data as D
+    from pyro_pvae.baselines import make_baseline
+    from pyro_pvae.utils import atomic_write_text
+
+    out = None
+    if "--out" in argv:
+        i = argv.index("--out")
+        out, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
+    torch.set_num_threads(1)
+    adata, split, vae, _ = fit_norman(argv)
+    D.lognormalize(adata)
+    ref = B.observed_reference(adata, split)
+    doubles = [c for c, g in ref.groups.items() if g == "seen2"]
+    prof = vae.predict_mean(doubles + [D.CONTROL], n_cells=4000, n_draws=50, seed=7777, unknown="ignore")
+    lin = make_baseline("linear", seed=0).fit(adata, split)
+    model_ctrl = prof.loc[D.CONTROL].to_numpy()
+    train_ctrl, held_ctrl = ref.train_control.mean(0), ref.control.mean(0)
+    genes = np.asarray(adata.var_names).astype(str)
+    lines = [f"# Level error on the held-out doubles (`python analyses/level_error.py {' '.join(argv)}`)", "",
+             f"Control level vs the held-out controls: model {rmse(model_ctrl, held_ctrl):.4f}, "
+             f"training controls {rmse(train_ctrl, held_ctrl):.4f} (RMSE over genes).", "",
+             "| double | pseudobulk RMSE model | linear | mean abs change model | linear | observed |",
+             "|---|---|---|---|---|---|"]
+    excess = np.zeros(len(genes))
+    for c in doubles:
+        obs = ref.observed[c].mean(0)
+        model, linear = prof.loc[c].to_numpy(), lin.control_mean_ + lin.predict_change(c)
+        excess += (model - obs) ** 2 - (linear - obs) ** 2
+        lines.append(f"| {c} | {rmse(model, obs):.4f} | {rmse(linear, obs):.4f} | "
+                     f"{np.abs(model - model_ctrl).mean():.3f} | {np.abs(linear - train_ctrl).mean():.3f} | "
+                     f"{np.abs(obs - held_ctrl).mean():.3f} |")
+    high = train_ctrl > np.quantile(train_ctrl, 0.8)
+    top = np.argsort(-excess)[:10]
+    lines += ["", f"Excess squared error of the model over linear, summed over genes and doubles: {excess.sum():.3f}; "
+              f"in the 20% most expressed genes: {excess[high].sum():.3f} ({excess[high].sum() / excess.sum():.0%}).",
+              "", "| gene | excess | training control mean | model control | held-out control mean |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {genes[j]} | {excess[j]:.3f} | {train_ctrl[j]:.2f} | {model_ctrl[j]:.2f} | {held_ctrl[j]:.2f} |"
+              for j in top]
+    text = "\n".join(lines) + "\n"
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "summary.md", text)
+    return text
+
+
+if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        sys.exit(0)
+    print(main(sys.argv[1:]))

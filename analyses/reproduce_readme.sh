@@ -94,6 +94,10 @@ for step in $STEPS; do
          $PY -m pyro_pvae.benchmark --config norman "benchmark.methods=[PerturbedVAE]" model.learn_composition=false \
            output.run_dir=$R/benchmark_norman_c2_fixed
          $PY analyses/level_error.py --out $R/level_error
+         # the library-size model (model.library_model=true): predicted cells' depth follows the perturbation
+         rm -rf $R/benchmark_norman_library_model
+         $PY -m pyro_pvae.benchmark --config norman "benchmark.methods=[PerturbedVAE]" model.library_model=true \
+           output.run_dir=$R/benchmark_norman_library_model
          $NORMAN $PC $GI output.run_dir=$R/benchmark_norman_pair_composition_gene_interactions
          $PY analyses/composition_limits.py > $R/composition_limits.md
          mkdir -p $R/point_prediction_noise

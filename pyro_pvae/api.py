@@ -91,10 +91,20 @@ class PerturbedVAE:
     def build_module(self) -> PerturbedVAEModule:
         """A freshly initialised module (seeded with ``train.seed``) for these genes and perturbations."""
         torch.manual_seed(self.train_config.seed)
+        library = self._mean_log_library() if self.model_config.library_model else 0.0
         self.module = PerturbedVAEModule(self.model_config, n_genes=len(self.gene_names),
                                          n_perts=len(self.vocabulary), pairs=self.training_pairs,
-                                         init_gate_prob=self.train_config.init_gate_prob)
+                                         init_gate_prob=self.train_config.init_gate_prob,
+                                         library_log_mean=library)
         return self.module
+
+    def _mean_log_library(self, chunk: int = 20000) -> float:
+        """Mean log library size (total counts) of the training cells, read in chunks."""
+        if self.adata is None:  # a loaded run: the module's buffer comes from its state
+            return 0.0
+        idx = np.sort(np.asarray(self.split.train_idx))
+        totals = [np.asarray(self.adata.X[idx[s:s + chunk]].sum(axis=1)).ravel() for s in range(0, len(idx), chunk)]
+        return float(np.log(np.maximum(np.concatenate(totals), 1.0)).mean())
 
     @property
     def device(self) -> torch.device:

@@ -296,6 +296,12 @@ class ModelConfig(_Section):
     # prediction of an unseen pair keeps the latent path's (kappa has mean 0), and its draws of kappa widen
     # the intervals by the gene-level departures from composition that the training pairs show
     gene_interactions: bool = False
+    # a model of the library size (the panel's total counts): log l_n ~ N(l_0 + c_m sum_p u_np lambda_p, s^2),
+    # lambda_p ~ N(0, 0.5^2) (composed in doubles like the latent shift), observed in training; a predicted
+    # cell's library is its start control cell's times exp(c_m sum_p u_p lambda_p). Off: predicted cells keep
+    # their start cells' library sizes, so a perturbation that changes the panel's total counts (KLF1
+    # raises it from a median of 106 to 188 on the shipped cells) is missed
+    library_model: bool = False
     gene_scale_prior: Tuple[float, float] = setting((-2.3, 1.0), rule=(lambda v: v[1] > 0,
                                                                         "[loc, scale] with scale > 0"))
 

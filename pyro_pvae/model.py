@@ -30,7 +30,9 @@ each pair composes with its own ``log c_pair ~ N(log c_2, s_c^2)``; pairs unseen
 their interactions and ``c`` from these fitted priors at prediction.
 ``u_n`` is the multi-hot perturbation label, ``m_n = sum_p u_np`` the number of targets and
 ``c_m`` a learned composition scale (``c_1 = 1``; ``c_2`` lets doubles compose sub- or
-super-additively in latent space). ``l_n`` is the observed library size. The decoder ``f``
+super-additively in latent space). ``l_n`` is the observed library size (``model.library_model``
+adds ``log l_n ~ N(l_0 + c_{m_n} sum_p u_np lambda_p, s^2)`` with ``lambda_p ~ N(0, 0.5^2)``, so a
+perturbation can change the panel's total counts and a predicted cell's library follows). The decoder ``f``
 never sees ``u``. The triangular system is solved, never inverted.
 
 Alignment: a ``pyro.factor`` adds ``-alpha * penalty``, pulling the invariant posterior
@@ -84,10 +86,11 @@ GLOBAL_PARAMS = ("gate_logits", "slab_loc", "slab_raw_scale", "pi_raw", "w_loc",
                  "theta_loc", "theta_raw_scale", "c2_loc", "c2_raw_scale", "pair_pi_raw", "pair_scale_loc",
                  "pair_scale_raw_scale", "pair_loc", "pair_raw_scale", "gene_effect_loc", "gene_effect_raw_scale",
                  "gene_scale_loc", "gene_scale_raw_scale", "c_spread_loc", "c_spread_raw_scale",
-                 "pair_log_c_loc", "pair_log_c_raw_scale") + GENE_INTERACTION_PARAMS
+                 "pair_log_c_loc", "pair_log_c_raw_scale", "library_effect_loc", "library_effect_raw_scale"
+                 ) + GENE_INTERACTION_PARAMS
 #: sample sites of the globals and of the per-cell latents
 GLOBAL_SITES = ("pi", "gate", "slab", "W", "theta", "c2", "pair_pi", "pair_scale", "pair_effect", "gene_scale",
-                "gene_effect", "gene_pair_scale", "gene_pair_effect", "c_spread", "pair_log_c")
+                "gene_effect", "gene_pair_scale", "gene_pair_effect", "c_spread", "pair_log_c", "library_effect")
 LOCAL_SITES = ("z_inv", "eps")
 
 
@@ -220,7 +223,8 @@ class PerturbedVAEModule(nn.Module):
     pairs (i < j) of the training doubles, which get their own interaction effects (with
     ``cfg.pair_effects``); ``cfg`` holds sizes and priors."""
 
-    def __init__(self, cfg: ModelConfig, n_genes: int, n_perts: int, pairs=(), init_gate_prob: float = 0.5):
+    def __init__(self, cfg: ModelConfig, n_genes: int, n_perts: int, pairs=(), init_gate_prob: float = 0.5,
+                 library_log_mean: float = 0.0):
         super().__init__()
         self.cfg, self.n_genes, self.n_perts = cfg, int(n_genes), int(n_perts)
         P, K, D, G = self.n_perts, cfg.latent_pert, cfg.latent_inv, self.n_genes
@@ -283,6 +287,13 @@ class PerturbedVAEModule(nn.Module):
         self.register_buffer("gene_interactions_on", torch.tensor(1.0))
         # model: the decoder f
         self.decoder = Decoder(D, K, G, cfg)
+        # model.library_model: log library size l_0 (starts at the training cells' mean, library_log_mean)
+        # and sd; guide: q(lambda_p), the perturbations' effects on it
+        lib = cfg.library_model
+        self._param_or_buffer("library_center", torch.tensor(float(library_log_mean)), lib)
+        self._param_or_buffer("library_raw_scale", torch.tensor(0.0), lib)
+        self._param_or_buffer("library_effect_loc", torch.zeros(P if lib else 0, 1), lib)
+        self._param_or_buffer("library_effect_raw_scale", torch.full((P if lib else 0, 1), -2.0), lib)
         #: (x, m(x)) kept by the guide for the model's alignment factor of the same step, so
         #: the invariant encoder runs once per step (the guide runs before the model)
         self.guide_inv_loc: tuple | None = None
@@ -386,14 +397,17 @@ class PerturbedVAEModule(nn.Module):
 
     # ---- the generative model -----------------------------------------------------------
     def model(self, x, u, x_ctrl=None, kl_weight=1.0, temperature=None, *, n_cells: int,
-              novel_pair_effect=None, novel_gene_pair_effect=None, novel_pair_log_c=None):
+              novel_pair_effect=None, novel_gene_pair_effect=None, novel_pair_log_c=None,
+              library: str = "observed"):
         """x: (B, G) counts (their totals are the library sizes); u: (B, P) multi-hot labels;
         x_ctrl: (B, G) counts of randomly paired control cells (alignment); kl_weight:
         annealing weight of the local KLs; temperature: used by the guide only; n_cells: cells
         in the data (minibatch scale); novel_pair_effect: (B, K) interaction of cells whose
         pair was not in training (prediction; see :meth:`shift`); novel_gene_pair_effect: (B, G),
         their gene-level interaction (see :meth:`shift`); novel_pair_log_c: (B, 1), their log
-        composition scale (see :meth:`composition`)."""
+        composition scale (see :meth:`composition`); library (``model.library_model``): ``"observed"``
+        (the library sizes are data), ``"keep"`` (the cells keep them: posterior-predictive checks) or
+        ``"counterfactual"`` (prediction from control cells: each moves with its latent shift)."""
         cfg = self.cfg
         P, K, D, G = self.n_perts, cfg.latent_pert, cfg.latent_inv, self.n_genes
         pyro.module("pvae", self)
@@ -438,6 +452,13 @@ class PerturbedVAEModule(nn.Module):
                     with pyro.plate("pair_compositions", self.n_pairs, dim=-1):
                         pair_log_c = pyro.sample("pair_log_c", dist.Normal(c2.log(), spread))
 
+            # model.library_model: each perturbation's effect lambda_p on the log library size (the
+            # panel's total counts), composing in doubles like the latent shift
+            library_effect = None
+            if cfg.library_model:
+                with pyro.plate("library_perts", P, dim=-2):
+                    library_effect = pyro.sample("library_effect", dist.Normal(zeros, 0.5).expand([P, 1]))
+
             # Latent causal model: strictly lower-triangular W with a Laplace (shrinkage) prior.
             with pyro.plate("children", K, dim=-2), pyro.plate("parents", K, dim=-1):
                 with poutine.mask(mask=self.tril_mask.bool()):
@@ -481,7 +502,16 @@ class PerturbedVAEModule(nn.Module):
             if gene_effect is not None or gene_pair_effect is not None or novel_gene_pair_effect is not None:
                 beta = gene_effect if gene_effect is not None else x.new_zeros(P, G)
                 gene_shift = self.shift(u, beta, c, gene_pair_effect, novel_gene_pair_effect)
-            log_mu = self.gene_log_mean(z_inv, z_pert, x.sum(-1), gene_shift)
+            library_size = x.sum(-1)
+            if library_effect is not None:
+                lib_shift = self.shift(u, library_effect, c)  # (B, 1)
+                if library == "observed":
+                    pyro.sample("library", dist.Normal(self.library_center + lib_shift,
+                                                       softplus(self.library_raw_scale) + 1e-3),
+                                obs=library_size.log().unsqueeze(-1))
+                elif library == "counterfactual":  # from control cells (shift 0) to condition u
+                    library_size = library_size * lib_shift.squeeze(-1).exp()
+            log_mu = self.gene_log_mean(z_inv, z_pert, library_size, gene_shift)
             with genes:
                 counts = pyro.sample("x", self.likelihood(log_mu, theta), obs=x)
 
@@ -527,6 +557,10 @@ class PerturbedVAEModule(nn.Module):
                     with pyro.plate("pair_compositions", self.n_pairs, dim=-1):
                         pair_log_c = pyro.sample("pair_log_c", dist.Normal(self.pair_log_c_loc,
                                                                            _positive(self.pair_log_c_raw_scale)))
+            if cfg.library_model:
+                with pyro.plate("library_perts", P, dim=-2):
+                    pyro.sample("library_effect", dist.Normal(self.library_effect_loc,
+                                                              _positive(self.library_effect_raw_scale)))
             with pyro.plate("children", K, dim=-2), pyro.plate("parents", K, dim=-1):
                 with poutine.mask(mask=self.tril_mask.bool()):
                     W = pyro.sample("W", dist.Normal(self.w_loc, _positive(self.w_raw_scale))) * self.tril_mask
@@ -750,7 +784,8 @@ class PerturbedVAEModule(nn.Module):
     def sample_cells(self, x_start: torch.Tensor, u: torch.Tensor, global_draw: dict[str, torch.Tensor],
                      local_latents: str = "counterfactual", novel_pairs: str = "draw") -> torch.Tensor:
         """Counts drawn from :meth:`model` with its observation released, given one draw of the
-        global sites. The cells keep the library sizes of ``x_start``.
+        global sites. The cells keep the library sizes of ``x_start`` (with ``model.library_model``
+        a counterfactual cell's library moves with its latent shift: :meth:`model`).
 
         ``local_latents``: ``"counterfactual"`` (prediction): z_inv and eps of the cells
         ``x_start`` encoded as they are observed (their own label must be ``u = 0``, i.e.
@@ -775,7 +810,8 @@ class PerturbedVAEModule(nn.Module):
             locals_ = {name: torch.cat([trace.nodes[name]["value"]] * k) for name in LOCAL_SITES}
         model = poutine.condition(poutine.uncondition(self.model), data={**glob, **locals_})
         novel = self.novel_pair_effects(u, glob) if novel_pairs == "draw" else {}
-        return model(x_start.repeat(k, 1), u, **novel, n_cells=u.shape[0])
+        library = "counterfactual" if local_latents == "counterfactual" else "keep"
+        return model(x_start.repeat(k, 1), u, **novel, n_cells=u.shape[0], library=library)
 
     def novel_pair_effects(self, u: torch.Tensor, global_draw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Interactions of cells whose pair was not in training, one draw per such pair from the

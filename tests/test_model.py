@@ -591,3 +591,33 @@ def test_change_draws_for_many_conditions_share_the_control_block(tiny_fit):
     assert diff < 0.5 * common, (diff, common)
     with pytest.raises(ValueError, match="n_cells of .* must be a positive integer"):
         vae.predict_change_draws({g1: [0]}, n_draws=2)
+
+
+@pytest.mark.parametrize("library_model", [True, False])
+def test_library_model_predicts_a_perturbation_that_doubles_the_panel_counts(library_model):
+    """Known answer: on singles and controls, G0001's cells get the counts of a second G0001
+    cell added (same proportions, twice the library size). With ``model.library_model`` the
+    predicted G0001 cells have about twice the total counts of the predicted controls and an
+    unaffected single about the same; without it every predicted cell keeps its start control
+    cell's library."""
+    import scipy.sparse as sp
+
+    adata = simulate("tiny", seed=0)
+    adata = adata[~adata.obs["condition"].astype(str).str.contains("+", regex=False)].copy()
+    cond = adata.obs["condition"].astype(str).to_numpy()
+    X = adata.X.tocsr().astype(np.float32).tolil()
+    rows = np.flatnonzero(cond == "G0001")
+    X[rows] = X[rows] + X[np.roll(rows, 1)]
+    adata.X = sp.csr_matrix(X)
+    vae = PerturbedVAE(adata, split="iid",
+                       model=dict(latent_inv=4, latent_pert=4, hidden=32, library_model=library_model),
+                       train=dict(epochs=40, min_steps=0, batch_size=128, lr=0.01, progress=False, device="cpu"))
+    vae.fit()
+    pred = vae.predict(["control", "G0001", "G0002"], n_cells=300, seed=0)
+    pc = pred.obs["condition"].astype(str).to_numpy()
+    total = {c: float(np.asarray(pred.X[pc == c].sum(1)).mean()) for c in ("control", "G0001", "G0002")}
+    ratio, other = total["G0001"] / total["control"], total["G0002"] / total["control"]
+    if library_model:
+        assert 1.6 < ratio < 2.5 and 0.8 < other < 1.25, total
+    else:
+        assert 0.85 < ratio < 1.15 and 0.85 < other < 1.15, total

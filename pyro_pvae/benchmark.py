@@ -574,8 +574,10 @@ def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_
                 pred = b.predict(conds, n_cells=n_pred_cells, seed=seed)  # for the distribution metrics
                 pred_control = ref.train_control  # the training controls the baseline was fitted on
                 # the point prediction is exact: training control mean + the baseline's change (the
-                # mean of the resampled cells above would add the resampling noise of n_pred_cells)
-                means = {c: b.control_mean_ + b.predict_change(c) for c in conds}
+                # mean of the resampled cells above would add the resampling noise of n_pred_cells);
+                # the same control mean as score_cells subtracts, so control_mean's change is exactly 0
+                ctrl_mean = pred_control.mean(0)
+                means = {c: ctrl_mean + b.predict_change(c) for c in conds}
                 notes = dict(b.notes)
             pcond = _conditions(pred)
             PL = pred.layers["lognorm"]

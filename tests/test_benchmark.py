@@ -307,7 +307,10 @@ def test_baseline_point_prediction_is_exact_and_the_same_every_seed(no_effect):
     L = adata.layers["lognorm"]
     tr = split.train_idx
     ctrl = L[tr[cond[tr] == "control"]].toarray().mean(0)
-    df, _ = B.cell_benchmark(adata, split, ["additive"], {}, {}, seeds=2, n_pred_cells=40)
+    df, _ = B.cell_benchmark(adata, split, ["additive", "control_mean"], {}, {}, seeds=2, n_pred_cells=40)
+    zero = df[(df.method == "control_mean") & (df.metric == "pearson_delta_all")]
+    assert zero["value"].isna().all() and zero["note"].str.contains("zero variance of the predicted").all()
+    df = df[df.method == "additive"]
     doubles = [c for c, g in ref.groups.items() if g == "seen2"]
     for c in doubles:
         a, b = c.split("+")

@@ -407,7 +407,7 @@ class PerturbedVAEModule(nn.Module):
         their gene-level interaction (see :meth:`shift`); novel_pair_log_c: (B, 1), their log
         composition scale (see :meth:`composition`); library (``model.library_model``): ``"observed"``
         (the library sizes are data), ``"keep"`` (the cells keep them: posterior-predictive checks) or
-        ``"counterfactual"`` (prediction from control cells: each moves with its latent shift)."""
+        ``"counterfactual"`` (prediction from control cells: each moves by its condition's library effects)."""
         cfg = self.cfg
         P, K, D, G = self.n_perts, cfg.latent_pert, cfg.latent_inv, self.n_genes
         pyro.module("pvae", self)
@@ -785,7 +785,7 @@ class PerturbedVAEModule(nn.Module):
                      local_latents: str = "counterfactual", novel_pairs: str = "draw") -> torch.Tensor:
         """Counts drawn from :meth:`model` with its observation released, given one draw of the
         global sites. The cells keep the library sizes of ``x_start`` (with ``model.library_model``
-        a counterfactual cell's library moves with its latent shift: :meth:`model`).
+        a counterfactual cell's library moves by its condition's library effects: :meth:`model`).
 
         ``local_latents``: ``"counterfactual"`` (prediction): z_inv and eps of the cells
         ``x_start`` encoded as they are observed (their own label must be ``u = 0``, i.e.

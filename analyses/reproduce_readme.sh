@@ -19,8 +19,7 @@ for step in $STEPS; do
     effects) rm -rf $R/benchmark_norman_effects
          $PY -m pyro_pvae.benchmark --config norman_effects benchmark.seeds=3 output.run_dir=$R/benchmark_norman_effects ;;
     signal) $PY analyses/signal_imbalance.py --out $R/signal_imbalance ;;
-    identifiability) $PY analyses/identifiability.py --grid small --jobs 2 --fresh
-         $PY analyses/identifiability.py --grid strong_alignment --fresh --no-figures ;;
+    identifiability) $PY analyses/identifiability.py --grid small --jobs 2 --fresh ;;
     # norman_like (59,500 simulated cells x 5,000 genes): held-out doubles only and fewer predictive
     # draws and the default model variant only, to fit a 2-core CPU (the singles' held-out cells add 100
     # conditions, about an hour more; the no-alignment and dense-prior variants about 10 minutes each)

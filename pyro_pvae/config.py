@@ -252,7 +252,7 @@ class ModelConfig(_Section):
     theta_prior: Tuple[float, float] = setting((2.0, 1.5), rule=(lambda v: v[1] > 0, "[loc, scale] with scale > 0"))
     # alignment weight; 0 turns it off. 10: as good as 2 or better, within the seeds' spread, on every benchmark
     # (README, Results: real subset doubles Pearson delta 0.550 vs 0.535, 3 seeds) and it cuts the
-    # identifiability leak of z_pert into z_inv (small grid 0.06 vs 0.25); the PPC holds (tiny simulation, 60
+    # identifiability leak of z_pert into z_inv (small grid: 0.02 vs 0.15); the PPC holds (tiny simulation, 60
     # epochs: gene-mean 90% coverage 0.96 at 10, 0.91 at 2, analyses/ppc_check.py). The unbiased group-mean
     # penalty is a noisy batch estimate: at 20 an earlier model version failed the PPC (coverage 0.59)
     alpha: float = setting(10.0, ge=0)

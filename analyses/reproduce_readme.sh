@@ -100,6 +100,7 @@ for step in $STEPS; do
          rm -rf $R/benchmark_norman_effects_library_model
          $PY -m pyro_pvae.benchmark --config norman_effects "benchmark.methods=[PerturbedVAE]" model.library_model=true \
            output.run_dir=$R/benchmark_norman_effects_library_model
+         $PY analyses/library_diagnostics.py --out $R/library_diagnostics
          $NORMAN $PC $GI output.run_dir=$R/benchmark_norman_pair_composition_gene_interactions
          $PY analyses/composition_limits.py > $R/composition_limits.md
          mkdir -p $R/point_prediction_noise

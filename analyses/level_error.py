@@ -24,25 +24,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def rmse(a, b) -> float:
-    return float(np.sqrt(np.mean((np.asarray(a) - np.asarray(b)) ** 2)))
-
-
 def main(argv) -> str:
-    import torch
-
-    from norman_fit import fit_norman
+    from norman_fit import fit_norman_one_thread, parse_out, write_summary
     from pyro_pvae import benchmark as B
     from pyro_pvae import data as D
     from pyro_pvae.baselines import make_baseline
-    from pyro_pvae.utils import atomic_write_text
+    from pyro_pvae.metrics import rmse
 
-    out = None
-    if "--out" in argv:
-        i = argv.index("--out")
-        out, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
-    torch.set_num_threads(1)
-    adata, split, vae, _ = fit_norman(argv)
+    argv, out = parse_out(argv)
+    adata, split, vae = fit_norman_one_thread(argv)
     D.lognormalize(adata)
     ref = B.observed_reference(adata, split)
     doubles = [c for c, g in ref.groups.items() if g == "seen2"]
@@ -72,15 +62,10 @@ def main(argv) -> str:
               "|---|---|---|---|---|"]
     lines += [f"| {genes[j]} | {excess[j]:.3f} | {train_ctrl[j]:.2f} | {model_ctrl[j]:.2f} | {held_ctrl[j]:.2f} |"
               for j in top]
-    text = "\n".join(lines) + "\n"
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "summary.md", text)
-    return text
+    return write_summary(out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print(__doc__)
-        sys.exit(0)
-    print(main(sys.argv[1:]))
+    from norman_fit import script
+
+    script(__doc__, main)

@@ -23,18 +23,11 @@ CONDITIONS = ("KLF1", "KLF1+MAP2K6", "KLF1+TGFBR2")
 
 
 def main(argv) -> str:
-    import torch
+    from norman_fit import fit_norman_one_thread, parse_out, write_summary
+    from pyro_pvae.utils import to_dense
 
-    from norman_fit import fit_norman
-    from pyro_pvae.utils import atomic_write_text, to_dense
-
-    out = None
-    if "--out" in argv:
-        i = argv.index("--out")
-        out, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
-    torch.set_num_threads(1)
-    overrides = ["model.library_model=true"] + list(argv)
-    adata, split, vae, _ = fit_norman(overrides)
+    argv, out = parse_out(argv)
+    adata, split, vae = fit_norman_one_thread(["model.library_model=true"] + argv)
     cond = adata.obs["condition"].astype(str).to_numpy()
     X = to_dense(adata.X, np.float64)
     genes = np.asarray(adata.var_names).astype(str)
@@ -55,15 +48,10 @@ def main(argv) -> str:
         rest = [np.delete(M, top, 1).sum(1).mean() for M in (obs, P, ctrl)]
         lines.append(f"| {c} | {', '.join(genes[top])} | {' / '.join(f'{v:.3f}' for v in share)} | "
                      f"{' / '.join(f'{v:.0f}' for v in total)} | {' / '.join(f'{v:.0f}' for v in rest)} |")
-    text = "\n".join(lines) + "\n"
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "summary.md", text)
-    return text
+    return write_summary(out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print(__doc__)
-        sys.exit(0)
-    print(main(sys.argv[1:]))
+    from norman_fit import script
+
+    script(__doc__, main)

@@ -103,7 +103,7 @@ class PerturbedVAE:
         if self.adata is None:  # a loaded run: the module's buffer comes from its state
             return 0.0
         idx = np.sort(np.asarray(self.split.train_idx))
-        totals = [np.asarray(self.adata.X[idx[s:s + chunk]].sum(axis=1)).ravel() for s in range(0, len(idx), chunk)]
+        totals = [D.library_size(self.adata.X[idx[s:s + chunk]]) for s in range(0, len(idx), chunk)]
         return float(np.log(np.maximum(np.concatenate(totals), 1.0)).mean())
 
     @property

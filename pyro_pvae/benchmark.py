@@ -494,8 +494,8 @@ def score_cells(method: str, pred: Mapping[str, np.ndarray | None], pred_control
     prediction). ``change_samples[c]``: (draws of the change for ``ref.observed[c]``'s number
     of cells, draws for ``ref.observed_top[c]``'s) for the coverage metrics. ``pred_means[c]``
     (optional): the method's point prediction of c's mean profile when it is known better than
-    from ``pred[c]`` (the model's posterior predictive mean); ``pred_control`` may then be that
-    of the controls (one row). ``deltas`` (optional) receives the predicted changes."""
+    from ``pred[c]`` (the model's posterior predictive mean, a baseline's exact mean);
+    ``pred_control`` may then be that of the controls (one row). ``deltas`` (optional) receives the predicted changes."""
     from .metrics import evaluate_condition
 
     notes = dict(notes or {})
@@ -572,12 +572,12 @@ def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_
                 if method == "additive_shrink":
                     shrink = (b.c_, len(b.shrink_doubles_))
                 pred = b.predict(conds, n_cells=n_pred_cells, seed=seed)  # for the distribution metrics
-                pred_control = ref.train_control  # the training controls the baseline was fitted on
-                # the point prediction is exact: training control mean + the baseline's change (the
-                # mean of the resampled cells above would add the resampling noise of n_pred_cells);
-                # the same control mean as score_cells subtracts, so control_mean's change is exactly 0
-                ctrl_mean = pred_control.mean(0)
-                means = {c: ctrl_mean + b.predict_change(c) for c in conds}
+                # the point prediction is exact: the mean of the training controls the baseline was
+                # fitted on + its change (the mean of the resampled cells above would add the
+                # resampling noise of n_pred_cells); score_cells subtracts that same row, so
+                # control_mean's change is exactly 0
+                pred_control = ref.train_control.mean(0, keepdims=True)
+                means = {c: pred_control[0] + b.predict_change(c) for c in conds}
                 notes = dict(b.notes)
             pcond = _conditions(pred)
             PL = pred.layers["lognorm"]

@@ -32,6 +32,8 @@ def parse_out(argv) -> tuple[list[str], Path | None]:
     if "--out" not in argv:
         return argv, None
     i = argv.index("--out")
+    if i + 1 == len(argv) or argv[i + 1].startswith("-"):
+        raise SystemExit("error: --out needs a directory, e.g. --out analyses/results/level_error")
     return argv[:i] + argv[i + 2:], Path(argv[i + 1])
 
 

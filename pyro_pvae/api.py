@@ -22,6 +22,7 @@ import torch
 
 from . import data as D
 from .config import ModelConfig, TrainConfig
+from .metrics import IntervalCalibration
 from .model import PerturbedVAEModule, sample_globals
 from .train import Trainer, TrainingError, load_checkpoint, plot_training_curves, resolve_device
 from .utils import atomic_torch_save, lognormalize, to_dense
@@ -54,6 +55,7 @@ class PerturbedVAE:
         self.module: PerturbedVAEModule | None = None
         self.training_pairs: list[tuple[int, int]] = []
         self.trained_singles: list[str] = []
+        self.interval_calibration: IntervalCalibration | None = None
         if adata is not None:
             self._prepare(adata, split, split_kwargs or {})
 
@@ -310,7 +312,8 @@ class PerturbedVAE:
 
     @torch.no_grad()
     def predict_change_samples(self, condition: str, n_draws: int = 100, n_cells: int = 100, seed: int = 0,
-                               unknown: str = "error", n_control_cells: int | None = None) -> np.ndarray:
+                               unknown: str = "error", n_control_cells: int | None = None,
+                               calibrated: bool = False) -> np.ndarray:
         """Posterior predictive draws (n_draws x genes) of the condition's pseudobulk change of
         log-normalised expression from control, each from one global posterior draw, ``n_cells``
         predicted cells of the condition and the model's own predicted control cells.
@@ -319,9 +322,53 @@ class PerturbedVAE:
         ``m`` reference control cells) pass ``n_cells=n, n_control_cells=m``: the control block
         is then drawn independently from other starting cells, so both sampling noises are in
         the draws. ``n_control_cells=None`` uses the same starting cells for both blocks (the
-        change of the same cells, without the reference's noise)."""
+        change of the same cells, without the reference's noise). ``calibrated=True`` stretches
+        the draws by :meth:`calibrate_intervals`' fit (run it first)."""
         _check_positive(n_cells=n_cells)
-        return self.predict_change_draws({condition: [n_cells]}, n_draws, seed, unknown, n_control_cells)[condition][0]
+        if calibrated and getattr(self, "interval_calibration", None) is None:
+            raise ValueError("predict_change_samples(calibrated=True): no interval calibration; call "
+                             "calibrate_intervals() first (it needs training doubles)")
+        draws = self.predict_change_draws({condition: [n_cells]}, n_draws, seed, unknown, n_control_cells)[condition][0]
+        return self.interval_calibration.apply(draws).astype(np.float32) if calibrated else draws
+
+    @torch.no_grad()
+    def calibrate_intervals(self, n_draws: int = 50, seed: int = 0, level: float = 0.9, min_cells: int = 10,
+                            max_pairs: int = 100) -> IntervalCalibration | None:
+        """Calibrate the predictive intervals of unseen pairs on the training pairs
+        (:class:`~pyro_pvae.metrics.IntervalCalibration`). Each training double with at least
+        ``min_cells`` training cells is predicted as if unseen (its interaction drawn from the
+        fitted prior, :meth:`PerturbedVAEModule.pairs_as_unseen`), with draws for the number of
+        its training cells against the training controls, and compared with its observed change
+        (mean log-normalised expression of those cells minus that of the training controls).
+
+        The training pairs also shaped the singles' effects, so this is optimistic where pairs
+        are few; the benchmark reports coverage with and without it. Stored as
+        ``self.interval_calibration`` (used by ``predict_change_samples(..., calibrated=True)``
+        and saved with the model); None when training has no such double."""
+        cond = self.adata.obs["condition"].astype(str).to_numpy()
+        train_idx = np.asarray(self.split.train_idx)
+        vocab = set(self.vocabulary)
+        counts = pd.Series(cond[train_idx]).value_counts()
+        pairs = [c for c, n in counts.items() if n >= min_cells and len(D.parse_condition(c)) == 2
+                 and set(D.parse_condition(c)) <= vocab][:max_pairs]
+        if not pairs:
+            log.info("no training double with >= %d cells: intervals left uncalibrated", min_cells)
+            self.interval_calibration = None
+            return None
+        X = self.adata.X
+        ctrl = np.asarray(to_dense(X[np.sort(self.control_idx)]))
+        ctrl_mean = lognormalize(ctrl).mean(0)
+        observed = [np.asarray(lognormalize(np.asarray(to_dense(X[np.sort(train_idx[cond[train_idx] == c])])))).mean(0)
+                    - ctrl_mean for c in pairs]
+        with self.module.pairs_as_unseen():
+            draws = self.predict_change_draws({c: [int(counts[c])] for c in pairs}, n_draws=n_draws, seed=seed,
+                                              n_control_cells=len(self.control_idx))
+        self.interval_calibration = IntervalCalibration.fit([draws[c][0] for c in pairs], observed, level=level)
+        log.info("intervals calibrated on %d training pairs: k %.2f, gamma %.2f (coverage there %.2f -> %.2f, "
+                 "top-20 %.2f -> %.2f)", len(pairs), self.interval_calibration.k, self.interval_calibration.gamma,
+                 self.interval_calibration.coverage_before, self.interval_calibration.coverage_after,
+                 self.interval_calibration.coverage_top_before, self.interval_calibration.coverage_top_after)
+        return self.interval_calibration
 
     @torch.no_grad()
     def predict_change_draws(self, requests: dict, n_draws: int = 100, seed: int = 0, unknown: str = "error",
@@ -426,6 +473,8 @@ class PerturbedVAE:
             "reference_controls": self.reference_controls,
             "history": self.history,
             "split": self.split.to_dict() if self.split is not None else None,
+            "interval_calibration": (None if self.interval_calibration is None
+                                     else self.interval_calibration.to_dict()),
         }, path)
         return path
 
@@ -446,6 +495,8 @@ class PerturbedVAE:
         self.adata = adata
         if state.get("split") is not None:
             self.split = D.Split(**state["split"])
+        if state.get("interval_calibration") is not None:
+            self.interval_calibration = IntervalCalibration(**state["interval_calibration"])
         self.build_module()
         self.module.load_state_dict(state["module"])
         self.module.to(resolve_device(device)).eval()

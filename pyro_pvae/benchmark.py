@@ -62,7 +62,10 @@ Norman subset; see ``pyro_pvae/data/splits.py``); no method ever trains on them.
 * ``coverage90_all`` and ``coverage90_top20de`` (model rows): share of all genes / of the
   top-20 DE genes whose observed change lies in the central 90% of
   :meth:`PerturbedVAE.predict_change_samples`, drawn with ``n_cells`` = the number of cells
-  that observed change was measured on.
+  that observed change was measured on. With ``benchmark.calibrate_intervals`` (default) the
+  draws are first stretched by :meth:`PerturbedVAE.calibrate_intervals`, fitted on the
+  training doubles predicted as if unseen (no held-out cell is used);
+  ``coverage90_*_uncalibrated`` keep the raw draws' coverage.
 
 External predictions: ``benchmark.external=[NAME=path/pred.h5ad, ...]`` adds one row NAME
 per file: predicted cells with ``obs['condition']`` in canonical labels and counts in ``X``
@@ -98,7 +101,8 @@ posterior draw of the globals and the pseudobulk change of as many predicted cel
 many predicted control cells) as the condition has held-out cells, so the intervals include
 that cell-sampling noise; ``coverage90_all_observed`` scores the same draws against the
 held-out simulated cells' own change (from the held-out controls): the calibration for the
-data the model was given, which the real change adds the simulator's closure gap to. An external file's change is computed from its counts like the
+data the model was given, which the real change adds the simulator's closure gap to. The
+interval calibration is fitted as in cells mode, on this scale (:func:`effects_calibration`). An external file's change is computed from its counts like the
 model's. The noise floor is measured from the held-out controls.
 """
 from __future__ import annotations
@@ -126,9 +130,11 @@ BASELINE_METHODS = ("control_mean", "additive", "additive_shrink", "linear")
 ALL_METHODS = tuple(MODEL_VARIANTS) + BASELINE_METHODS
 CELL_METRICS = ("nrmse", "r2_mean", "mmd", "pearson_delta_all", "pearson_delta_top20de",
                 "pseudobulk_rmse_all", "pseudobulk_rmse_top20de", "delta_rmse_all", "l2_mean_all",
-                "energy_distance", "direction_acc_top20de", "coverage90_all", "coverage90_top20de")
+                "energy_distance", "direction_acc_top20de", "coverage90_all", "coverage90_top20de",
+                "coverage90_all_uncalibrated", "coverage90_top20de_uncalibrated")
 EFFECT_METRICS = ("delta_rmse_all", "pearson_delta_all", "pearson_delta_top20de", "coverage90_all",
-                  "coverage90_top20de", "coverage90_all_observed")
+                  "coverage90_top20de", "coverage90_all_observed", "coverage90_all_uncalibrated",
+                  "coverage90_top20de_uncalibrated", "coverage90_all_observed_uncalibrated")
 GROUPS = ("single", "seen0", "seen1", "seen2")
 RESULT_COLUMNS = ["method", "condition", "group", "metric", "value", "seed", "note"]
 N_TOP = 20
@@ -487,7 +493,8 @@ def _missing_metrics(metrics: Sequence[str], reason: str) -> dict:
 def score_cells(method: str, pred: Mapping[str, np.ndarray | None], pred_control: np.ndarray,
                 ref: CellReference, seed: int, notes: Mapping[str, str] | None = None,
                 change_samples: Mapping[str, np.ndarray] | None = None, deltas: dict | None = None,
-                on_condition=None, pred_means: Mapping[str, np.ndarray] | None = None) -> list[dict]:
+                on_condition=None, pred_means: Mapping[str, np.ndarray] | None = None,
+                calibration=None) -> list[dict]:
     """Result rows of one method: for every held-out condition c, its predicted cells
     ``pred[c]`` (log-normalised; None: missing) against ``ref`` (module docstring,
     *Protocol*), its predicted change measured from ``pred_control`` (its own control
@@ -495,7 +502,8 @@ def score_cells(method: str, pred: Mapping[str, np.ndarray | None], pred_control
     of cells, draws for ``ref.observed_top[c]``'s) for the coverage metrics. ``pred_means[c]``
     (optional): the method's point prediction of c's mean profile when it is known better than
     from ``pred[c]`` (the model's posterior predictive mean, a baseline's exact mean);
-    ``pred_control`` may then be that of the controls (one row). ``deltas`` (optional) receives the predicted changes."""
+    ``pred_control`` may then be that of the controls (one row). ``deltas`` (optional) receives the predicted changes.
+    ``calibration``: the method's :class:`~pyro_pvae.metrics.IntervalCalibration` of its change samples."""
     from .metrics import evaluate_condition
 
     notes = dict(notes or {})
@@ -513,7 +521,7 @@ def score_cells(method: str, pred: Mapping[str, np.ndarray | None], pred_control
             m = evaluate_condition(p, ref.observed[c], ref.control, ref.genes, top_de=ref.top_de[c] or [],
                                    pred_change_samples=samples, seed=seed, pred_ctrl_mean=ctrl_mean,
                                    obs_top_lognorm=ref.observed_top[c], top_change_samples=top_samples,
-                                   pred_mean=mean)
+                                   pred_mean=mean, calibration=calibration)
             metrics = {k: m[k] for k in CELL_METRICS if k in m}
             if deltas is not None:
                 deltas[(method, c)] = (p.mean(0) if mean is None else mean) - ctrl_mean
@@ -527,7 +535,7 @@ def score_cells(method: str, pred: Mapping[str, np.ndarray | None], pred_control
 def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_cfg: dict,
                    seeds: int = 1, n_pred_cells: int = 200, n_change_draws: int = 50,
                    keep_deltas: bool = True, external: Sequence[ExternalPrediction] = (),
-                   n_mean_cells: int = 4000):
+                   n_mean_cells: int = 4000, calibrate: bool = True):
     """Cell-level benchmark (module docstring, *Protocol*). Returns (long results frame,
     extras) where extras holds ``timings`` (list of dicts), ``deltas`` {(method, condition):
     predicted change, seed 0}, ``obs_delta`` {condition: observed change}, ``top_de``
@@ -540,13 +548,13 @@ def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_
     external = [e.on_genes(adata.var_names) for e in external]
     ref = observed_reference(adata, split)
     conds = list(ref.groups)
-    rows, timings, deltas, shrink = [], [], {}, None
+    rows, timings, deltas, shrink, calibrations = [], [], {}, None, []
     bar = _progress((seeds * len(methods) + len(external)) * len(conds), "benchmark")
     for seed in range(seeds):
         for method in methods:
             bar.set_description(f"seed {seed} {method}: fit")
             t0 = time.perf_counter()
-            samples = means = None
+            samples = means = calibration = None
             if method in MODEL_VARIANTS:
                 vae = _fit_model(adata, split, model_cfg, train_cfg, method, seed)
                 t_fit = time.perf_counter() - t0
@@ -566,6 +574,9 @@ def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_
                 draws = vae.predict_change_draws(sizes, n_draws=n_change_draws, seed=seed * 100003, unknown="ignore",
                                                  n_control_cells=len(ref.control))
                 samples = {c: (draws[c][0], draws[c][-1]) for c in conds}
+                if calibrate and n_change_draws >= 2:
+                    calibration = vae.calibrate_intervals(n_draws=n_change_draws, seed=seed * 100003 + 1)
+                    calibrations.append({"seed": seed, **(calibration.to_dict() if calibration else {})})
             else:
                 b = _fit_baseline(method, adata, split, seed)
                 t_fit = time.perf_counter() - t0
@@ -584,7 +595,7 @@ def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_
             bar.set_description(f"seed {seed} {method}: evaluate")
             rows += score_cells(method, {c: PL[pcond == c] for c in conds}, pred_control, ref, seed, notes,
                                 samples, deltas if keep_deltas and seed == 0 else None, lambda: bar.update(1),
-                                pred_means=means)
+                                pred_means=means, calibration=calibration)
             timings.append({"method": method, "seed": seed, "fit_seconds": t_fit,
                             "total_seconds": time.perf_counter() - t0})
             log.info("seed %d %s: fit %.1f s, fit+evaluate %.1f s", seed, method, t_fit,
@@ -607,7 +618,7 @@ def cell_benchmark(adata, split, methods: Sequence[str], model_cfg: dict, train_
                 "n_obs": {c: len(ref.observed[c]) for c in conds}, "n_control": len(ref.control_idx),
                 "n_train_control": len(ref.train_control_idx), "shrink": shrink, "reference": ref,
                 "missing": missing, "external": {e.name: e.path for e in external},
-                "protocol": protocol_lines(ref, external)}
+                "protocol": protocol_lines(ref, external), "calibrations": calibrations}
 
 
 def protocol_lines(ref: CellReference, external: Sequence[ExternalPrediction] = ()) -> list[str]:
@@ -639,12 +650,13 @@ def protocol_lines(ref: CellReference, external: Sequence[ExternalPrediction] = 
     return lines
 
 
-COVERAGE_METRICS = ("coverage90_all", "coverage90_top20de")
+COVERAGE_METRICS = ("coverage90_all", "coverage90_top20de", "coverage90_all_uncalibrated",
+                    "coverage90_top20de_uncalibrated")
 
 
 # ----------------------------------------------------------------------------- effects mode
 def score_effects(pred_change, true_change, n_top: int = N_TOP, change_samples=None, observed_change=None,
-                  select_change=None) -> dict:
+                  select_change=None, calibration=None) -> dict:
     """Scores of one condition's predicted change against the real change (log1p-CPM scale):
     ``delta_rmse_all``, ``pearson_delta_all``, ``pearson_delta_top20de`` (the ``n_top`` genes
     with the largest ``|select_change|``: the benchmark passes the held-out simulated cells'
@@ -652,7 +664,9 @@ def score_effects(pred_change, true_change, n_top: int = N_TOP, change_samples=N
     with ``change_samples`` (draws x genes) also ``coverage90_all`` and ``coverage90_top20de``,
     and with ``observed_change`` (the held-out simulated cells' own change)
     ``coverage90_all_observed``: the calibration of the predictive draws for the data they
-    predict, without the simulator's closure gap."""
+    predict, without the simulator's closure gap. ``calibration``: an
+    :class:`~pyro_pvae.metrics.IntervalCalibration` applied to the draws first (the raw draws'
+    coverage is then reported as ``coverage90_*_uncalibrated``)."""
     from .metrics import coverage, pearson, rmse
 
     p, t = np.asarray(pred_change, float).ravel(), np.asarray(true_change, float).ravel()
@@ -660,11 +674,14 @@ def score_effects(pred_change, true_change, n_top: int = N_TOP, change_samples=N
     out = {"delta_rmse_all": rmse(p, t), "pearson_delta_all": pearson(p, t),
            "pearson_delta_top20de": pearson(p[top], t[top])}
     if change_samples is not None:
-        draws = np.asarray(change_samples, float)
-        out["coverage90_all"] = coverage(draws, t, 0.9)
-        out["coverage90_top20de"] = coverage(draws[:, top], t[top], 0.9)
-        if observed_change is not None:
-            out["coverage90_all_observed"] = coverage(draws, np.asarray(observed_change, float).ravel(), 0.9)
+        raw = np.asarray(change_samples, float)
+        versions = {"": raw} if calibration is None else {"": calibration.apply(raw), "_uncalibrated": raw}
+        for suffix, draws in versions.items():
+            out["coverage90_all" + suffix] = coverage(draws, t, 0.9)
+            out["coverage90_top20de" + suffix] = coverage(draws[:, top], t[top], 0.9)
+            if observed_change is not None:
+                out["coverage90_all_observed" + suffix] = coverage(draws, np.asarray(observed_change, float).ravel(),
+                                                                   0.9)
     return out
 
 
@@ -698,6 +715,30 @@ def effects_change_draws(vae, condition: str, n_draws: int, n_cells: int, seed: 
     return np.stack([pseudobulk_log1p_cpm(pc[b]) - pseudobulk_log1p_cpm(p0[b]) for b in blocks])
 
 
+def effects_calibration(vae, adata, train_idx, n_draws: int, seed: int, min_cells: int = 10):
+    """:meth:`PerturbedVAE.calibrate_intervals` on the effects scale: each training double
+    (at least ``min_cells`` training cells) predicted as if unseen by
+    :func:`effects_change_draws` for its number of training cells, against its observed
+    pseudobulk log1p(CPM) change from the training controls. None without such doubles."""
+    from . import data as D
+    from .metrics import IntervalCalibration
+
+    cond = _conditions(adata)[np.asarray(train_idx)]
+    labels, counts = np.unique(cond, return_counts=True)
+    vocab = set(vae.vocabulary)
+    pairs = [(c, int(n)) for c, n in zip(labels, counts) if n >= min_cells and len(D.parse_condition(c)) == 2
+             and set(D.parse_condition(c)) <= vocab]
+    if not pairs or n_draws < 2:
+        return None
+    ctrl = pseudobulk_log1p_cpm(adata.X[np.asarray(train_idx)[cond == D.CONTROL]])
+    observed = [pseudobulk_log1p_cpm(adata.X[np.asarray(train_idx)[cond == c]]) - ctrl for c, _ in pairs]
+    with vae.module.pairs_as_unseen():
+        draws = [effects_change_draws(vae, c, n_draws, n, seed + i) for i, (c, n) in enumerate(pairs)]
+    cal = IntervalCalibration.fit(draws, observed)
+    log.info("intervals calibrated on %d training pairs: k %.2f, gamma %.2f", len(pairs), cal.k, cal.gamma)
+    return cal
+
+
 def pseudobulk_adata(adata, idx) -> "object":
     """One row per condition among cells ``idx``: ``layers['lognorm']`` = pseudobulk
     log1p(CPM) of the condition's summed counts (the scale of the Norman effects file)."""
@@ -715,9 +756,11 @@ def pseudobulk_adata(adata, idx) -> "object":
 
 def effects_benchmark(adata, split, methods: Sequence[str], model_cfg: dict | None = None,
                       train_cfg: dict | None = None, seeds: int = 1, n_mean_cells: int = 4000,
-                      n_change_draws: int = 50, external: Sequence[ExternalPrediction] = ()):
+                      n_change_draws: int = 50, external: Sequence[ExternalPrediction] = (),
+                      calibrate: bool = True):
     """Semi-synthetic Norman-effects benchmark (see module docstring). Returns (frame, extras).
-    ``n_mean_cells``: predicted cells (and as many predicted controls) behind the model's change."""
+    ``n_mean_cells``: predicted cells (and as many predicted controls) behind the model's change.
+    ``calibrate``: the model's change draws are stretched by :func:`effects_calibration`."""
     from . import data as D
     from .metrics import results_frame
 
@@ -758,13 +801,13 @@ def effects_benchmark(adata, split, methods: Sequence[str], model_cfg: dict | No
         gap = {c: float(np.sqrt(np.mean((real[labels.index(c)] - true_of[c]) ** 2))) for c in conds}
     oracle = {c: score_effects(sum(true_of[t] for t in parse_condition(c)), true_of[c])["delta_rmse_all"]
               for c in conds if len(parse_condition(c)) >= 2 and all(t in true_of for t in parse_condition(c))}
-    rows, timings, deltas, shrink = [], [], {}, None
+    rows, timings, deltas, shrink, calibrations = [], [], {}, None, []
     bar = _progress(seeds * len(methods) * len(conds), "benchmark")
     for seed in range(seeds):
         for method in methods:
             bar.set_description(f"seed {seed} {method}: fit")
             t0 = time.perf_counter()
-            draws = {}
+            draws, calibration = {}, None
             if method in MODEL_VARIANTS:
                 vae = _fit_model(adata, split, model_cfg or {}, train_cfg or {}, method, seed)
                 t_fit = time.perf_counter() - t0
@@ -774,6 +817,9 @@ def effects_benchmark(adata, split, methods: Sequence[str], model_cfg: dict | No
                 if n_change_draws >= 2:
                     draws = {c: effects_change_draws(vae, c, n_change_draws, max(n_held[c], 2), seed * 100003 + i)
                              for i, c in enumerate(conds)}
+                    if calibrate:
+                        calibration = effects_calibration(vae, adata, train_idx, n_change_draws, seed * 100003 + 50000)
+                        calibrations.append({"seed": seed, **(calibration.to_dict() if calibration else {})})
             else:
                 b = _fit_baseline(method, pb, None, seed)
                 t_fit = time.perf_counter() - t0
@@ -786,7 +832,7 @@ def effects_benchmark(adata, split, methods: Sequence[str], model_cfg: dict | No
                              "note": notes.get(c, ""),
                              "metrics": score_effects(change[c], true_of[c], change_samples=draws.get(c),
                                                       observed_change=observed[c] if c in draws else None,
-                                                      select_change=observed[c])})
+                                                      select_change=observed[c], calibration=calibration)})
                 if seed == 0:
                     deltas[(method, c)] = change[c]
                 bar.update(1)
@@ -818,7 +864,7 @@ def effects_benchmark(adata, split, methods: Sequence[str], model_cfg: dict | No
     return df, {"timings": timings, "deltas": deltas, "obs_delta": {c: true_of[c] for c in conds},
                 "top_de": top, "noise_floor": floor, "shrink": shrink,
                 "oracle_additive": oracle, "closure_gap": gap, "missing": missing,
-                "external": {e.name: e.path for e in external}}
+                "external": {e.name: e.path for e in external}, "calibrations": calibrations}
 
 
 # ----------------------------------------------------------------------------- summary
@@ -916,6 +962,19 @@ def summary_text(df: pd.DataFrame, config_name: str, header: Sequence[str], mode
     if not nd.empty and nd["group"].nunique() > 1:
         lines += ["", f"## All held-out combinations ({nd['condition'].nunique()} conditions)", ""]
         lines += _table(nd, methods, metrics)
+    cals = [c for c in extras.get("calibrations") or [] if "k" in c]
+    if cals:
+        lines += ["", "Interval calibration (model rows): coverage90_* are the model's intervals stretched about "
+                      "their mean by s_g = k sqrt(1 + (gamma |m_g| / h_g)^2) (pyro_pvae.metrics.IntervalCalibration), "
+                      "fitted on the training doubles predicted as if unseen (their own interaction drawn from the "
+                      "fitted prior); coverage90_*_uncalibrated are the raw intervals. Per seed:", "",
+                  "| seed | training pairs | k | gamma | their coverage, all genes (raw -> calibrated) | "
+                  "top-20 predicted genes |", "|---|---|---|---|---|---|"]
+        lines += [f"| {c['seed']} | {c['n_conditions']} | {c['k']:.2f} | {c['gamma']:.2f} | "
+                  f"{c['coverage_before']:.2f} -> {c['coverage_after']:.2f} | "
+                  f"{c['coverage_top_before']:.2f} -> {c['coverage_top_after']:.2f} |" for c in cals]
+    elif extras.get("calibrations"):
+        lines += ["", "Interval calibration: no training double with enough cells; the model's intervals are raw."]
     if "noise_floor" in extras and extras["noise_floor"]:
         fl = np.array(list(extras["noise_floor"].values()), float)
         lines += ["", "Noise floor (not a method): the held-out *observed* cells' own pseudobulk change vs the real "
@@ -1090,14 +1149,17 @@ def run(name: str, overrides: Sequence[str]):
                  train_cfg.get("epochs", -1))
         if effects_mode:
             df, extras = effects_benchmark(adata, split, methods, model_cfg, train_cfg, seeds, n_mean, n_draws,
-                                           external=external)
+                                           external=external, calibrate=cfg.benchmark.calibrate_intervals)
         else:
             df, extras = cell_benchmark(adata, split, methods, model_cfg, train_cfg, seeds, n_pred, n_draws,
-                                        external=external, n_mean_cells=n_mean)
+                                        external=external, n_mean_cells=n_mean,
+                                        calibrate=cfg.benchmark.calibrate_intervals)
         df = df[RESULT_COLUMNS]
         atomic_write_csv(run_dir / "results.csv", df)
         if extras.get("timings"):
             atomic_write_csv(run_dir / "timings.csv", pd.DataFrame(extras["timings"]))
+        if any("k" in c for c in extras.get("calibrations") or []):
+            atomic_write_csv(run_dir / "calibration.csv", pd.DataFrame([c for c in extras["calibrations"] if "k" in c]))
         wall = time.perf_counter() - t_start
         data_desc = {
             "norman19_subset": "the shipped REAL Norman 2019 subset (3,375 K562 cells, 500 genes)",

@@ -67,6 +67,8 @@ with its observation released.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -230,6 +232,7 @@ class PerturbedVAEModule(nn.Module):
         P, K, D, G = self.n_perts, cfg.latent_pert, cfg.latent_inv, self.n_genes
         keys = sorted({min(i, j) * P + max(i, j) for i, j in pairs}) if cfg.pair_effects else []
         self.n_pairs = len(keys)
+        self.pairs_unseen = False  # see pairs_as_unseen
         depth = max(cfg.n_layers, 1)
         # guide networks: q(z_inv | x) and the z_pert location h(x, u)
         self.inv_encoder = Encoder(G, D, cfg.hidden, depth)
@@ -315,11 +318,22 @@ class PerturbedVAEModule(nn.Module):
         two = u.sum(-1) == 2
         i, j = u.topk(2, dim=-1).indices.sort(-1).values.unbind(-1)
         key = i * self.n_perts + j
-        if self.n_pairs == 0:
+        if self.n_pairs == 0 or self.pairs_unseen:
             return torch.where(two, -1, -2)
         pos = torch.searchsorted(self.pair_keys, key).clamp(max=self.n_pairs - 1)
         known = self.pair_keys[pos] == key
         return torch.where(two, torch.where(known, pos, -1), -2)
+
+    @contextmanager
+    def pairs_as_unseen(self):
+        """Within this block every double is treated as a pair unseen in training: its own
+        interaction (and composition) is replaced by draws from the fitted prior, as for a new
+        pair. For calibrating the intervals of unseen pairs on the training pairs."""
+        self.pairs_unseen = True
+        try:
+            yield self
+        finally:
+            self.pairs_unseen = False
 
     @property
     def per_pair_composition(self) -> bool:

@@ -279,3 +279,81 @@ def test_top20_metrics_score_the_cells_they_are_given():
     assert res["pseudobulk_rmse_top20de"] == pytest.approx(M.rmse(pred.mean(0)[top], other.mean(0)[top]))
     assert res["pseudobulk_rmse_all"] == pytest.approx(M.rmse(pred.mean(0), obs.mean(0)))
     assert res["coverage90_top20de"] == 1.0  # the top draws (around shift + 1) fit the top cells' change
+
+
+def _calibration_data(rng, n_cond, n_genes, sd_draws, err_sd, n_draws=200):
+    """Predictive draws N(m, sd_draws^2) per gene and observed changes m + N(0, err_sd(m)^2)."""
+    draws, observed = [], []
+    for _ in range(n_cond):
+        m = rng.normal(0, 1, n_genes) * (rng.random(n_genes) < 0.1)  # sparse changes
+        draws.append(m + sd_draws * rng.standard_normal((n_draws, n_genes)))
+        observed.append(m + err_sd(m) * rng.standard_normal(n_genes))
+    return draws, observed
+
+
+def _coverage_of(cal, draws, observed, top=None):
+    from pyro_pvae.metrics import coverage
+    vals = []
+    for d, o in zip(draws, observed):
+        d2 = cal.apply(d)
+        idx = np.argsort(-np.abs(d.mean(0)))[:top] if top else slice(None)
+        vals.append(coverage(d2[:, idx], o[idx], 0.9))
+    return float(np.mean(vals))
+
+
+def test_interval_calibration_recovers_a_known_underdispersion_factor():
+    """Draws with sd 0.1 for errors of sd 0.2: intervals half as wide as needed. The fit finds
+    k = 2 (no magnitude term), and on fresh conditions the stretched intervals cover 90%;
+    draws twice too wide are narrowed (k = 0.5)."""
+    from pyro_pvae.metrics import IntervalCalibration
+
+    rng = np.random.default_rng(0)
+    draws, observed = _calibration_data(rng, 20, 500, 0.1, lambda m: 0.2)
+    cal = IntervalCalibration.fit(draws, observed)
+    assert cal.k == pytest.approx(2.0, rel=0.08) and cal.gamma <= 0.1
+    assert cal.coverage_before == pytest.approx(0.59, abs=0.03)  # P(|N(0, 4)| < 1.645)
+    fresh = _calibration_data(rng, 20, 500, 0.1, lambda m: 0.2)
+    assert _coverage_of(cal, *fresh) == pytest.approx(0.9, abs=0.02)
+    wide = IntervalCalibration.fit(*_calibration_data(rng, 20, 500, 0.4, lambda m: 0.2))
+    assert wide.k == pytest.approx(0.5, rel=0.08)
+
+
+def test_interval_calibration_widens_large_changes_more_when_errors_grow_with_them():
+    """Errors of sd sqrt(0.1^2 + (0.5 m)^2): one global factor leaves the largest changes
+    under-covered; the fitted magnitude term (gamma > 0) brings both all genes and each
+    condition's 20 largest predicted changes to about 90% on fresh conditions."""
+    from pyro_pvae.metrics import IntervalCalibration
+
+    rng = np.random.default_rng(1)
+    err = lambda m: np.sqrt(0.1 ** 2 + (0.5 * m) ** 2)  # noqa: E731
+    draws, observed = _calibration_data(rng, 40, 500, 0.1, err)
+    cal = IntervalCalibration.fit(draws, observed)
+    flat = IntervalCalibration.fit(draws, observed, gammas=(0.0,))
+    fresh = _calibration_data(rng, 40, 500, 0.1, err)
+    assert cal.gamma > 0
+    assert _coverage_of(flat, *fresh, top=20) < 0.8  # one factor: the large changes stay under-covered
+    assert _coverage_of(cal, *fresh) == pytest.approx(0.9, abs=0.03)
+    assert _coverage_of(cal, *fresh, top=20) == pytest.approx(0.9, abs=0.05)
+
+
+def test_interval_calibration_refuses_mismatched_inputs():
+    from pyro_pvae.metrics import IntervalCalibration
+
+    with pytest.raises(ValueError, match="one observed change per set of draws"):
+        IntervalCalibration.fit([np.zeros((5, 3))], [])
+
+
+def test_evaluate_condition_reports_calibrated_and_raw_coverage():
+    """With a calibration the coverage metrics score the stretched draws and the raw draws'
+    coverage is kept as coverage90_*_uncalibrated."""
+    from pyro_pvae.metrics import IntervalCalibration, evaluate_condition
+
+    rng = np.random.default_rng(2)
+    genes = [f"g{i}" for i in range(50)]
+    ctrl = rng.poisson(3.0, (200, 50)).astype(float)
+    obs = rng.poisson(3.0, (200, 50)).astype(float)
+    samples = 0.01 * rng.standard_normal((100, 50))  # far too narrow
+    m = evaluate_condition(obs, obs, ctrl, genes, top_de=genes[:20], pred_change_samples=samples,
+                           calibration=IntervalCalibration(k=100.0))
+    assert m["coverage90_all"] == 1.0 and m["coverage90_all_uncalibrated"] < 0.5
+    assert m["coverage90_top20de"] == 1.0 and "coverage90_top20de_uncalibrated" in m

@@ -621,3 +621,53 @@ def test_library_model_predicts_a_perturbation_that_doubles_the_panel_counts(lib
         assert 1.6 < ratio < 2.5 and 0.8 < other < 1.25, total
     else:
         assert 0.85 < ratio < 1.15 and 0.85 < other < 1.15, total
+
+
+def test_pairs_as_unseen_gives_training_pairs_prior_draws_inside_the_block_only():
+    """Inside pairs_as_unseen() a training pair is predicted like a new pair (pair id -1, an
+    interaction drawn from the fitted prior); singles are untouched and the flag is reset on exit."""
+    cfg = ModelConfig(latent_inv=3, latent_pert=4, hidden=16)
+    module = PerturbedVAEModule(cfg, n_genes=30, n_perts=6, pairs=[(0, 1)])
+    u = torch.zeros(3, 6)
+    u[0, [0, 1]] = 1  # training pair
+    u[1, 2] = 1       # single
+    u[2, [2, 3]] = 1  # unseen pair
+    draw = {**module.global_means(), "pair_pi": torch.tensor(1.0), "pair_scale": torch.tensor(1.0)}
+    assert module.pair_ids(u).tolist() == [0, -2, -1]
+    assert (module.novel_pair_effects(u, draw)["novel_pair_effect"][0] == 0).all()
+    with module.pairs_as_unseen():
+        assert module.pair_ids(u).tolist() == [-1, -2, -1]
+        novel = module.novel_pair_effects(u, draw)["novel_pair_effect"]
+        assert (novel[0] != 0).all() and (novel[1] == 0).all()
+    assert module.pair_ids(u).tolist() == [0, -2, -1]
+
+
+@pytest.mark.slow  # uses the 100-epoch tiny fit
+def test_calibrate_intervals_stretches_the_draws_and_is_saved(tiny_fit, tmp_path):
+    """calibrate_intervals fits k and gamma on the training doubles predicted as if unseen (90%
+    coverage there by construction); calibrated draws keep their mean and are at least k times
+    as spread; the calibration is saved with the model; asking for calibrated draws before
+    calibrating is a clear error."""
+    import copy
+
+    from pyro_pvae.api import PerturbedVAE
+
+    adata, split, fitted = tiny_fit
+    vae = copy.copy(fitted)  # the session's fit stays uncalibrated
+    cond = adata.obs["condition"].astype(str).to_numpy()[np.asarray(split.train_idx)]
+    n_pairs = sum(1 for c in set(cond) if "+" in c and (cond == c).sum() >= 10)
+    assert n_pairs > 0
+    target = vae.vocabulary[0]
+    with pytest.raises(ValueError, match="call calibrate_intervals"):
+        vae.predict_change_samples(target, n_draws=5, calibrated=True)
+    cal = vae.calibrate_intervals(n_draws=20, seed=3)
+    assert cal.n_conditions == n_pairs and cal.k > 0
+    assert 0.9 <= cal.coverage_after <= 0.93
+    raw = vae.predict_change_samples(target, n_draws=20, n_cells=30, seed=1)
+    stretched = vae.predict_change_samples(target, n_draws=20, n_cells=30, seed=1, calibrated=True)
+    np.testing.assert_allclose(stretched.mean(0), raw.mean(0), atol=1e-5)
+    spread = raw.std(0) > 1e-6
+    ratio = stretched.std(0)[spread] / raw.std(0)[spread]
+    assert ratio.min() == pytest.approx(cal.k, rel=1e-3)
+    vae.save(tmp_path / "model.pt")
+    assert PerturbedVAE.load(tmp_path / "model.pt").interval_calibration == cal

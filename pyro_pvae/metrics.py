@@ -297,16 +297,21 @@ class IntervalCalibration:
 
     Each gene's draws are stretched about their mean m_g,
 
-        d' = m_g + s_g (d - m_g),   s_g = k sqrt(1 + (gamma |m_g| / h_g)^2),
+        d' = m_g + s_g (d - m_g),   s_g = max(1, k sqrt(1 + (gamma |m_g| / h_g)^2)),
 
     with h_g the half-width of the gene's central ``level`` interval: ``k`` widens every
     interval alike, ``gamma`` widens those of large predicted changes more (errors of
     composition grow with the size of the change). A gene's observed change o_g lies in the
-    stretched interval exactly when t_g = (o_g - m_g) / (q_g - m_g) <= s_g, q_g the interval
-    end on o_g's side; so for each gamma, k is the ``level`` quantile of t_g / (s_g / k) over
-    all genes of all calibration conditions (split-conformal), and gamma is the value whose
+    stretched interval exactly when t_g = |o_g - m_g| / |q_g - m_g| <= s_g, q_g the interval
+    end on o_g's side; so for each gamma, k is the ``level`` quantile over all genes of all
+    calibration conditions (split-conformal) of what each gene needs, 0 where its raw interval
+    covers and t_g / sqrt(1 + (gamma |m_g| / h_g)^2) elsewhere, and gamma is the value whose
     coverage of each condition's ``n_top`` genes of largest |m_g| comes nearest ``level``.
-    A factor below 1 narrows intervals that were too wide."""
+
+    Intervals are only ever widened (s_g >= 1): the calibration conditions also shaped the
+    fit, so they are predicted better than truly unseen ones; their residuals can show that
+    intervals are too narrow, never that they are too wide (on the shipped real cells a
+    two-sided version narrowed the held-out doubles' intervals from 0.92 to 0.80 coverage)."""
 
     k: float = 1.0
     gamma: float = 0.0
@@ -350,7 +355,7 @@ class IntervalCalibration:
         q = min(1.0, math.ceil((len(t) + 1) * level) / len(t))  # split-conformal quantile
         best = None
         for g in gammas:
-            r = t / np.sqrt(1.0 + (g * ratio) ** 2)
+            r = np.where(t <= 1.0, 0.0, t / np.sqrt(1.0 + (g * ratio) ** 2))
             k = float(np.quantile(r, q))
             cov_top = float(np.mean(r[top] <= k))
             if best is None or abs(cov_top - level) < abs(best[2] - level) - 1e-9:
@@ -368,7 +373,7 @@ class IntervalCalibration:
         d = np.asarray(draws, float)
         m, lo, hi = self._bounds(d, self.level)
         ratio = np.abs(m) / np.maximum((hi - lo) / 2.0, 1e-12)
-        return m + self.k * np.sqrt(1.0 + (self.gamma * ratio) ** 2) * (d - m)
+        return m + np.maximum(1.0, self.k * np.sqrt(1.0 + (self.gamma * ratio) ** 2)) * (d - m)
 
     def to_dict(self) -> dict:
         return asdict(self)

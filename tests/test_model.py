@@ -645,8 +645,8 @@ def test_pairs_as_unseen_gives_training_pairs_prior_draws_inside_the_block_only(
 @pytest.mark.slow  # uses the 100-epoch tiny fit
 def test_calibrate_intervals_stretches_the_draws_and_is_saved(tiny_fit, tmp_path):
     """calibrate_intervals fits k and gamma on the training doubles predicted as if unseen (90%
-    coverage there by construction); calibrated draws keep their mean and are at least k times
-    as spread; the calibration is saved with the model; asking for calibrated draws before
+    coverage there by construction, or more where the raw intervals already cover); calibrated
+    draws keep their mean and are at least max(1, k) times as spread; the calibration is saved with the model; asking for calibrated draws before
     calibrating is a clear error."""
     import copy
 
@@ -662,12 +662,12 @@ def test_calibrate_intervals_stretches_the_draws_and_is_saved(tiny_fit, tmp_path
         vae.predict_change_samples(target, n_draws=5, calibrated=True)
     cal = vae.calibrate_intervals(n_draws=20, seed=3)
     assert cal.n_conditions == n_pairs and cal.k > 0
-    assert 0.9 <= cal.coverage_after <= 0.93
+    assert cal.coverage_after >= 0.9 and cal.coverage_after >= cal.coverage_before
     raw = vae.predict_change_samples(target, n_draws=20, n_cells=30, seed=1)
     stretched = vae.predict_change_samples(target, n_draws=20, n_cells=30, seed=1, calibrated=True)
     np.testing.assert_allclose(stretched.mean(0), raw.mean(0), atol=1e-5)
     spread = raw.std(0) > 1e-6
     ratio = stretched.std(0)[spread] / raw.std(0)[spread]
-    assert ratio.min() == pytest.approx(cal.k, rel=1e-3)
+    assert ratio.min() == pytest.approx(max(1.0, cal.k), rel=1e-3)  # intervals are only ever widened
     vae.save(tmp_path / "model.pt")
     assert PerturbedVAE.load(tmp_path / "model.pt").interval_calibration == cal

@@ -306,7 +306,8 @@ class IntervalCalibration:
     end on o_g's side; so for each gamma, k is the ``level`` quantile over all genes of all
     calibration conditions (split-conformal) of what each gene needs, 0 where its raw interval
     covers and t_g / sqrt(1 + (gamma |m_g| / h_g)^2) elsewhere, and gamma is the value whose
-    coverage of each condition's ``n_top`` genes of largest |m_g| comes nearest ``level``.
+    coverage of each condition's ``n_top`` top genes (largest |change| in ``select``, else
+    largest |m_g|) comes nearest ``level``.
 
     Intervals are only ever widened (s_g >= 1): the calibration conditions also shaped the
     fit, so they are predicted better than truly unseen ones; their residuals can show that
@@ -341,17 +342,22 @@ class IntervalCalibration:
 
     @classmethod
     def fit(cls, draws: Sequence[np.ndarray], observed: Sequence[np.ndarray], level: float = 0.9,
-            n_top: int = 20, gammas: Sequence[float] = CALIBRATION_GAMMAS) -> "IntervalCalibration":
+            n_top: int = 20, gammas: Sequence[float] = CALIBRATION_GAMMAS,
+            select: Sequence[np.ndarray] | None = None) -> "IntervalCalibration":
         """Fit from ``draws[i]`` (S x G predictive draws of condition i's change) and
-        ``observed[i]`` (G, its observed change)."""
-        if len(draws) == 0 or len(draws) != len(observed):
+        ``observed[i]`` (G, its observed change). ``select[i]`` (optional, G): the change the
+        ``n_top`` genes of condition i are chosen by (e.g. from other cells of it than
+        ``observed[i]``, as the benchmark chooses its top-20 DE genes; default: the draws' mean)."""
+        if len(draws) == 0 or len(draws) != len(observed) or (select is not None and len(select) != len(draws)):
             raise ValueError(f"IntervalCalibration.fit needs one observed change per set of draws and at least "
-                             f"one condition; got {len(draws)} sets of draws and {len(observed)} changes")
+                             f"one condition; got {len(draws)} sets of draws and {len(observed)} changes"
+                             + ("" if select is None else f" and {len(select)} selection changes"))
         parts = [cls._needed(np.asarray(d, float), np.asarray(o, float).ravel(), level) for d, o in zip(draws, observed)]
         t = np.concatenate([p[0] for p in parts])
         ratio = np.concatenate([p[1] for p in parts])
-        top = np.concatenate([np.isin(np.arange(len(p[2])), np.argsort(-np.abs(p[2]), kind="stable")[:n_top])
-                              for p in parts])
+        chosen_by = [p[2] for p in parts] if select is None else [np.asarray(c, float).ravel() for c in select]
+        top = np.concatenate([np.isin(np.arange(len(c)), np.argsort(-np.abs(c), kind="stable")[:n_top])
+                              for c in chosen_by])
         q = min(1.0, math.ceil((len(t) + 1) * level) / len(t))  # split-conformal quantile
         best = None
         for g in gammas:

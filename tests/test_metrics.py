@@ -343,6 +343,8 @@ def test_interval_calibration_refuses_mismatched_inputs():
 
     with pytest.raises(ValueError, match="one observed change per set of draws"):
         IntervalCalibration.fit([np.zeros((5, 3))], [])
+    with pytest.raises(ValueError, match="and 2 selection changes"):
+        IntervalCalibration.fit([np.zeros((5, 3))], [np.zeros(3)], select=[np.zeros(3)] * 2)
 
 
 def test_evaluate_condition_reports_calibrated_and_raw_coverage():

@@ -655,7 +655,7 @@ def test_calibrate_intervals_stretches_the_draws_and_is_saved(tiny_fit, tmp_path
     adata, split, fitted = tiny_fit
     vae = copy.copy(fitted)  # the session's fit stays uncalibrated
     cond = adata.obs["condition"].astype(str).to_numpy()[np.asarray(split.train_idx)]
-    n_pairs = sum(1 for c in set(cond) if "+" in c and (cond == c).sum() >= 10)
+    n_pairs = sum(1 for c in set(cond) if "+" in c and (cond == c).sum() >= 20)
     assert n_pairs > 0
     target = vae.vocabulary[0]
     with pytest.raises(ValueError, match="call calibrate_intervals"):

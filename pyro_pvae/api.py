@@ -331,32 +331,30 @@ class PerturbedVAE:
         draws = self.predict_change_draws({condition: [n_cells]}, n_draws, seed, unknown, n_control_cells)[condition][0]
         return self.interval_calibration.apply(draws).astype(np.float32) if calibrated else draws
 
-    @torch.no_grad()
     def calibrate_intervals(self, n_draws: int = 50, seed: int = 0, level: float = 0.9, min_cells: int = 20,
-                            max_pairs: int = 100) -> IntervalCalibration | None:
+                            max_pairs: int = 100, cross_fit: bool = True) -> IntervalCalibration | None:
         """Calibrate the predictive intervals of unseen pairs on the training pairs
         (:class:`~pyro_pvae.metrics.IntervalCalibration`). Each training double with at least
-        ``min_cells`` training cells is predicted as if unseen (its interaction drawn from the
-        fitted prior, :meth:`PerturbedVAEModule.pairs_as_unseen`) and its training cells are
-        split in two seeded halves, as the benchmark does with held-out cells: the top genes are
-        chosen by the first half's change, and the draws (for the second half's number of cells,
-        against the training controls) are compared with the second half's observed change
-        (mean log-normalised expression minus that of the training controls).
+        ``min_cells`` training cells is predicted as unseen and its training cells are split in
+        two seeded halves, as the benchmark does with held-out cells: the top genes are chosen by
+        the first half's change, and the draws (for the second half's number of cells, against
+        the training controls) are compared with the second half's observed change (mean
+        log-normalised expression minus that of the training controls).
 
-        The training pairs also shaped the singles' effects, so this is optimistic where pairs
-        are few; the benchmark reports coverage with and without it. Stored as
-        ``self.interval_calibration`` (used by ``predict_change_samples(..., calibrated=True)``
-        and saved with the model); None when training has no such double."""
-        cond = self.adata.obs["condition"].astype(str).to_numpy()
-        train_idx = np.asarray(self.split.train_idx)
-        vocab = set(self.vocabulary)
-        counts = pd.Series(cond[train_idx]).value_counts()
-        pairs = [c for c, n in counts.items() if n >= min_cells and len(D.parse_condition(c)) == 2
-                 and set(D.parse_condition(c)) <= vocab][:max_pairs]
+        ``cross_fit`` (default): a copy of the model is refitted without a seeded half of these
+        pairs and calibrated on that half, which it has never seen (one more fit). Without it the
+        model is calibrated on all of them with their own interaction drawn from the fitted prior
+        (:meth:`PerturbedVAEModule.pairs_as_unseen`): fast, but optimistic, because those pairs
+        also shaped the fit. Stored as ``self.interval_calibration`` (used by
+        ``predict_change_samples(..., calibrated=True)`` and saved with the model); None when
+        training has no such double."""
+        source, pairs = self.calibration_model(self.calibration_pairs(min_cells, max_pairs), seed, cross_fit)
         if not pairs:
             log.info("no training double with >= %d cells: intervals left uncalibrated", min_cells)
             self.interval_calibration = None
             return None
+        cond = self.adata.obs["condition"].astype(str).to_numpy()
+        train_idx = np.asarray(self.split.train_idx)
         X = self.adata.X
         ctrl_mean = lognormalize(np.asarray(to_dense(X[np.sort(self.control_idx)]))).mean(0)
 
@@ -366,16 +364,47 @@ class PerturbedVAE:
         halves = _halves({c: train_idx[cond[train_idx] == c] for c in pairs}, seed)
         select = [change(halves[c][0]) for c in pairs]
         observed = [change(halves[c][1]) for c in pairs]
-        with self.module.pairs_as_unseen():
-            draws = self.predict_change_draws({c: [len(halves[c][1])] for c in pairs}, n_draws=n_draws, seed=seed,
-                                              n_control_cells=len(self.control_idx))
+        with source.module.pairs_as_unseen():
+            draws = source.predict_change_draws({c: [len(halves[c][1])] for c in pairs}, n_draws=n_draws, seed=seed,
+                                                n_control_cells=len(self.control_idx))
         self.interval_calibration = IntervalCalibration.fit([draws[c][0] for c in pairs], observed, level=level,
                                                             select=select)
-        log.info("intervals calibrated on %d training pairs: k %.2f, gamma %.2f (coverage there %.2f -> %.2f, "
-                 "top-20 %.2f -> %.2f)", len(pairs), self.interval_calibration.k, self.interval_calibration.gamma,
+        log.info("intervals calibrated on %d training pairs%s: k %.2f, gamma %.2f (coverage there %.2f -> %.2f, "
+                 "top-20 %.2f -> %.2f)", len(pairs), " (cross-fitted)" if cross_fit else "",
+                 self.interval_calibration.k, self.interval_calibration.gamma,
                  self.interval_calibration.coverage_before, self.interval_calibration.coverage_after,
                  self.interval_calibration.coverage_top_before, self.interval_calibration.coverage_top_after)
         return self.interval_calibration
+
+    def calibration_pairs(self, min_cells: int = 20, max_pairs: int = 100) -> list[str]:
+        """Training doubles with at least ``min_cells`` training cells whose targets the model knows."""
+        cond = self.adata.obs["condition"].astype(str).to_numpy()
+        counts = pd.Series(cond[np.asarray(self.split.train_idx)]).value_counts()
+        vocab = set(self.vocabulary)
+        return [c for c, n in counts.items() if n >= min_cells and len(D.parse_condition(c)) == 2
+                and set(D.parse_condition(c)) <= vocab][:max_pairs]
+
+    def calibration_model(self, pairs: list[str], seed: int = 0, cross_fit: bool = True):
+        """The model and the training pairs to calibrate on: ``(self, pairs)``, or with
+        ``cross_fit`` a copy refitted (same configs) without a seeded half of ``pairs`` (at
+        least one; their validation cells dropped too) and that half, restricted to pairs whose targets the copy still knows."""
+        if not cross_fit or not pairs:
+            return self, list(pairs)
+        from dataclasses import replace
+
+        rng = np.random.default_rng(seed)
+        held = sorted(rng.permutation(np.asarray(pairs, dtype=object))[:max(1, len(pairs) // 2)].tolist())
+        cond = self.adata.obs["condition"].astype(str).to_numpy()
+        train_idx = np.asarray(self.split.train_idx)
+        val_idx = np.asarray(self.split.val_idx)
+        split = replace(self.split, train_idx=train_idx[~np.isin(cond[train_idx], held)],
+                        val_idx=val_idx[~np.isin(cond[val_idx], held)],
+                        train_conditions=[c for c in self.split.train_conditions if c not in held])
+        log.info("cross-fitted calibration: refitting without %d of the %d training pairs", len(held), len(pairs))
+        with torch.enable_grad():  # callers may be inside no_grad
+            other = PerturbedVAE(self.adata, split=split, model=self.model_config, train=self.train_config).fit()
+        vocab = set(other.vocabulary)
+        return other, [c for c in held if set(D.parse_condition(c)) <= vocab]
 
     @torch.no_grad()
     def predict_change_draws(self, requests: dict, n_draws: int = 100, seed: int = 0, unknown: str = "error",

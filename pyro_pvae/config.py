@@ -403,9 +403,11 @@ class BenchmarkConfig(_Section):
         "additive_shrink", "linear"])
     n_pred_cells: int = setting(200, ge=2)  # predicted cells per held-out condition
     n_change_draws: int = setting(50, ge=1)  # posterior predictive draws for coverage90_all / _top20de
-    # the model's intervals stretched by PerturbedVAE.calibrate_intervals (fitted on the training doubles,
-    # predicted as if unseen); coverage90_*_uncalibrated keeps the raw intervals' coverage
-    calibrate_intervals: bool = True
+    # the model's intervals stretched by PerturbedVAE.calibrate_intervals, fitted on training doubles
+    # predicted as unseen: cross_fit (by a copy refitted without half of them: one more fit per seed),
+    # in_sample (all of them, their own interaction drawn from the prior: fast, optimistic) or off;
+    # coverage90_*_uncalibrated keeps the raw intervals' coverage
+    calibrate_intervals: str = setting("cross_fit", choices=("cross_fit", "in_sample", "off"))
     n_mean_cells: int = setting(4000, ge=2)  # predicted cells per condition behind the model's point prediction (not kept)
     external: List[str] = setting(factory=list)  # NAME=path/pred.h5ad: another tool's predicted cells, one method row each
     n_plot_conditions: int = setting(4, ge=0)  # conditions in the predicted-vs-observed plot

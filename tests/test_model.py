@@ -644,7 +644,7 @@ def test_pairs_as_unseen_gives_training_pairs_prior_draws_inside_the_block_only(
 
 @pytest.mark.slow  # uses the 100-epoch tiny fit
 def test_calibrate_intervals_stretches_the_draws_and_is_saved(tiny_fit, tmp_path):
-    """calibrate_intervals fits k and gamma on the training doubles predicted as if unseen (90%
+    """calibrate_intervals (in sample) fits k and gamma on the training doubles predicted as if unseen (90%
     coverage there by construction, or more where the raw intervals already cover); calibrated
     draws keep their mean and are at least max(1, k) times as spread; the calibration is saved with the model; asking for calibrated draws before
     calibrating is a clear error."""
@@ -660,7 +660,7 @@ def test_calibrate_intervals_stretches_the_draws_and_is_saved(tiny_fit, tmp_path
     target = vae.vocabulary[0]
     with pytest.raises(ValueError, match="call calibrate_intervals"):
         vae.predict_change_samples(target, n_draws=5, calibrated=True)
-    cal = vae.calibrate_intervals(n_draws=20, seed=3)
+    cal = vae.calibrate_intervals(n_draws=20, seed=3, cross_fit=False)
     assert cal.n_conditions == n_pairs and cal.k > 0
     assert cal.coverage_after >= 0.9 and cal.coverage_after >= cal.coverage_before
     raw = vae.predict_change_samples(target, n_draws=20, n_cells=30, seed=1)
@@ -671,3 +671,36 @@ def test_calibrate_intervals_stretches_the_draws_and_is_saved(tiny_fit, tmp_path
     assert ratio.min() == pytest.approx(max(1.0, cal.k), rel=1e-3)  # intervals are only ever widened
     vae.save(tmp_path / "model.pt")
     assert PerturbedVAE.load(tmp_path / "model.pt").interval_calibration == cal
+
+
+@pytest.mark.slow  # uses the 100-epoch tiny fit and refits a 20-epoch copy
+def test_cross_fitted_calibration_refits_without_half_of_the_pairs(tiny_fit):
+    """cross_fit: a copy refitted without a seeded half of the training pairs (their training and
+    validation cells gone, so the copy learns no interaction for them) is calibrated on that half
+    only; the original model is left as it was."""
+    import copy
+    from dataclasses import replace
+
+    from pyro_pvae import data as D
+
+    adata, split, fitted = tiny_fit
+    vae = copy.copy(fitted)
+    vae.train_config = replace(vae.train_config, epochs=20)
+    pairs = vae.calibration_pairs(min_cells=20)
+    assert len(pairs) >= 2
+    other, held = vae.calibration_model(pairs, seed=5, cross_fit=True)
+    assert other is not vae and len(held) == len(pairs) // 2 and set(held) < set(pairs)
+    cond = adata.obs["condition"].astype(str).to_numpy()
+    for idx in (other.split.train_idx, other.split.val_idx):
+        assert not np.isin(cond[idx], held).any()
+    kept = set(pairs) - set(held)
+    assert np.isin(cond[other.split.train_idx], list(kept)).sum() == np.isin(cond[split.train_idx], list(kept)).sum()
+    index = {p: i for i, p in enumerate(other.vocabulary)}
+    pair_of = {c: tuple(sorted(index[t] for t in D.parse_condition(c))) for c in pairs}
+    assert not {pair_of[c] for c in held} & set(other.training_pairs)
+    assert {pair_of[c] for c in kept} <= set(other.training_pairs)
+    assert vae.calibration_model(pairs, seed=5, cross_fit=False) == (vae, pairs)
+    module = vae.module
+    cal = vae.calibrate_intervals(n_draws=20, seed=5, cross_fit=True)
+    assert cal.n_conditions == len(held) and vae.module is module
+    assert cal.coverage_after >= 0.9 - 1e-9 and cal.coverage_after >= cal.coverage_before

@@ -742,8 +742,9 @@ def effects_calibration(vae, n_draws: int, seed: int, min_cells: int = 20, cross
     with source.module.pairs_as_unseen():
         draws = [effects_change_draws(source, c, n_draws, len(halves[c][1]), seed + i) for i, c in enumerate(pairs)]
     cal = IntervalCalibration.fit(draws, observed, select=select)
-    log.info("intervals calibrated on %d training pairs%s: k %.2f, gamma %.2f", len(pairs),
-             " (cross-fitted)" if cross_fit else "", cal.k, cal.gamma)
+    log.info("intervals calibrated on %d training pairs%s: k %.2f, gamma %.2f (coverage there %.2f -> %.2f, "
+             "top-20 %.2f -> %.2f)", len(pairs), " (cross-fitted)" if cross_fit else "", cal.k, cal.gamma,
+             cal.coverage_before, cal.coverage_after, cal.coverage_top_before, cal.coverage_top_after)
     return cal
 
 

@@ -286,7 +286,7 @@ def coverage(change_samples, obs_delta, level: float = 0.9) -> float | MetricNot
 
 
 #: widening exponents tried by :meth:`IntervalCalibration.fit` (0: one factor for every gene)
-CALIBRATION_GAMMAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
+CALIBRATION_GAMMAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 
 
 @dataclass

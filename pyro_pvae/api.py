@@ -386,16 +386,28 @@ class PerturbedVAE:
 
     def calibration_model(self, pairs: list[str], seed: int = 0, cross_fit: bool = True):
         """The model and the training pairs to calibrate on: ``(self, pairs)``, or with
-        ``cross_fit`` a copy refitted (same configs) without a seeded half of ``pairs`` (at
-        least one; their validation cells dropped too) and that half, restricted to pairs whose targets the copy still knows."""
+        ``cross_fit`` a copy refitted (same configs) without up to half of ``pairs`` (at least
+        one; their validation cells dropped too) and those held-out pairs. The held pairs are
+        taken in a seeded order among those whose targets all stay in another training
+        condition (a single or a kept pair), so the copy can still predict them."""
         if not cross_fit or not pairs:
             return self, list(pairs)
+        from collections import Counter
         from dataclasses import replace
 
-        rng = np.random.default_rng(seed)
-        held = sorted(rng.permutation(np.asarray(pairs, dtype=object))[:max(1, len(pairs) // 2)].tolist())
         cond = self.adata.obs["condition"].astype(str).to_numpy()
         train_idx = np.asarray(self.split.train_idx)
+        uses = Counter(t for c in set(cond[train_idx]) - {D.CONTROL} for t in D.parse_condition(c))
+        held = []
+        for c in np.random.default_rng(seed).permutation(np.asarray(pairs, dtype=object)).tolist():
+            if len(held) < max(1, len(pairs) // 2) and all(uses[t] >= 2 for t in D.parse_condition(c)):
+                held.append(c)
+                uses.subtract(D.parse_condition(c))
+        if not held:
+            log.info("cross-fitted calibration: every training pair has a target trained in no other condition, "
+                     "so a copy without it could not predict it; intervals left uncalibrated")
+            return self, []
+        held = sorted(held)
         val_idx = np.asarray(self.split.val_idx)
         split = replace(self.split, train_idx=train_idx[~np.isin(cond[train_idx], held)],
                         val_idx=val_idx[~np.isin(cond[val_idx], held)],
@@ -403,8 +415,7 @@ class PerturbedVAE:
         log.info("cross-fitted calibration: refitting without %d of the %d training pairs", len(held), len(pairs))
         with torch.enable_grad():  # callers may be inside no_grad
             other = PerturbedVAE(self.adata, split=split, model=self.model_config, train=self.train_config).fit()
-        vocab = set(other.vocabulary)
-        return other, [c for c in held if set(D.parse_condition(c)) <= vocab]
+        return other, held
 
     @torch.no_grad()
     def predict_change_draws(self, requests: dict, n_draws: int = 100, seed: int = 0, unknown: str = "error",

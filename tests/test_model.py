@@ -675,7 +675,7 @@ def test_calibrate_intervals_stretches_the_draws_and_is_saved(tiny_fit, tmp_path
 
 @pytest.mark.slow  # uses the 100-epoch tiny fit and refits a 20-epoch copy
 def test_cross_fitted_calibration_refits_without_half_of_the_pairs(tiny_fit):
-    """cross_fit: a copy refitted without a seeded half of the training pairs (their training and
+    """cross_fit: a copy refitted without half of the training pairs (their training and
     validation cells gone, so the copy learns no interaction for them) is calibrated on that half
     only; the original model is left as it was."""
     import copy
@@ -690,6 +690,7 @@ def test_cross_fitted_calibration_refits_without_half_of_the_pairs(tiny_fit):
     assert len(pairs) >= 2
     other, held = vae.calibration_model(pairs, seed=5, cross_fit=True)
     assert other is not vae and len(held) == len(pairs) // 2 and set(held) < set(pairs)
+    assert all(set(D.parse_condition(c)) <= set(other.vocabulary) for c in held)  # the copy can predict them
     cond = adata.obs["condition"].astype(str).to_numpy()
     for idx in (other.split.train_idx, other.split.val_idx):
         assert not np.isin(cond[idx], held).any()

@@ -975,8 +975,9 @@ def summary_text(df: pd.DataFrame, config_name: str, header: Sequence[str], mode
         lines += _table(nd, methods, metrics)
     cals = [c for c in extras.get("calibrations") or [] if "k" in c]
     if cals:
-        how = ("by a copy of the model refitted without a seeded half of the training doubles (one more fit per "
-               "seed), on that half, which it never saw" if cals[0].get("mode") == "cross_fit" else
+        how = ("by a copy of the model refitted without up to half of the training doubles (seeded, among those "
+               "whose targets are also trained in another condition; one more fit per seed), on those, which it "
+               "never saw" if cals[0].get("mode") == "cross_fit" else
                "on the training doubles predicted as if unseen (their own interaction drawn from the fitted prior; "
                "they also shaped the fit, so this is optimistic)")
         lines += ["", "Interval calibration (model rows): coverage90_* are the model's intervals stretched about "

@@ -132,10 +132,12 @@ ALL_METHODS = tuple(MODEL_VARIANTS) + BASELINE_METHODS
 CELL_METRICS = ("nrmse", "r2_mean", "mmd", "pearson_delta_all", "pearson_delta_top20de",
                 "pseudobulk_rmse_all", "pseudobulk_rmse_top20de", "delta_rmse_all", "l2_mean_all",
                 "energy_distance", "direction_acc_top20de", "coverage90_all", "coverage90_top20de",
-                "coverage90_all_uncalibrated", "coverage90_top20de_uncalibrated")
+                "coverage90_all_uncalibrated", "coverage90_top20de_uncalibrated", "width90_all", "width90_top20de",
+                "width90_all_uncalibrated", "width90_top20de_uncalibrated")
 EFFECT_METRICS = ("delta_rmse_all", "pearson_delta_all", "pearson_delta_top20de", "coverage90_all",
                   "coverage90_top20de", "coverage90_all_observed", "coverage90_all_uncalibrated",
-                  "coverage90_top20de_uncalibrated", "coverage90_all_observed_uncalibrated")
+                  "coverage90_top20de_uncalibrated", "coverage90_all_observed_uncalibrated", "width90_all",
+                  "width90_top20de", "width90_all_uncalibrated", "width90_top20de_uncalibrated")
 GROUPS = ("single", "seen0", "seen1", "seen2")
 RESULT_COLUMNS = ["method", "condition", "group", "metric", "value", "seed", "note"]
 N_TOP = 20
@@ -513,7 +515,7 @@ def score_cells(method: str, pred: Mapping[str, np.ndarray | None], pred_control
     for c in ref.groups:
         p = pred.get(c)
         if p is None or p.shape[0] == 0:
-            metrics = _missing_metrics([m for m in CELL_METRICS if m not in COVERAGE_METRICS],
+            metrics = _missing_metrics([m for m in CELL_METRICS if m not in INTERVAL_METRICS],
                                        f"{method}: no predicted cells for {c} (missing)")
         else:
             p = _dense(p)
@@ -653,8 +655,9 @@ def protocol_lines(ref: CellReference, external: Sequence[ExternalPrediction] = 
     return lines
 
 
-COVERAGE_METRICS = ("coverage90_all", "coverage90_top20de", "coverage90_all_uncalibrated",
-                    "coverage90_top20de_uncalibrated")
+INTERVAL_METRICS = ("coverage90_all", "coverage90_top20de", "coverage90_all_uncalibrated",
+                    "coverage90_top20de_uncalibrated", "width90_all", "width90_top20de",
+                    "width90_all_uncalibrated", "width90_top20de_uncalibrated")
 
 
 # ----------------------------------------------------------------------------- effects mode
@@ -664,13 +667,14 @@ def score_effects(pred_change, true_change, n_top: int = N_TOP, change_samples=N
     ``delta_rmse_all``, ``pearson_delta_all``, ``pearson_delta_top20de`` (the ``n_top`` genes
     with the largest ``|select_change|``: the benchmark passes the held-out simulated cells'
     observed change, so the genes are not chosen on the scored target; default ``true_change``);
-    with ``change_samples`` (draws x genes) also ``coverage90_all`` and ``coverage90_top20de``,
+    with ``change_samples`` (draws x genes) also ``coverage90_all`` and ``coverage90_top20de``
+    (and the mean widths of those intervals, ``width90_*``),
     and with ``observed_change`` (the held-out simulated cells' own change)
     ``coverage90_all_observed``: the calibration of the predictive draws for the data they
     predict, without the simulator's closure gap. ``calibration``: an
     :class:`~pyro_pvae.metrics.IntervalCalibration` applied to the draws first (the raw draws'
     coverage is then reported as ``coverage90_*_uncalibrated``)."""
-    from .metrics import coverage, pearson, rmse
+    from .metrics import coverage, interval_width, pearson, rmse
 
     p, t = np.asarray(pred_change, float).ravel(), np.asarray(true_change, float).ravel()
     top = top_genes(t if select_change is None else select_change, n_top)
@@ -682,6 +686,8 @@ def score_effects(pred_change, true_change, n_top: int = N_TOP, change_samples=N
         for suffix, draws in versions.items():
             out["coverage90_all" + suffix] = coverage(draws, t, 0.9)
             out["coverage90_top20de" + suffix] = coverage(draws[:, top], t[top], 0.9)
+            out["width90_all" + suffix] = interval_width(draws, 0.9)
+            out["width90_top20de" + suffix] = interval_width(draws[:, top], 0.9)
             if observed_change is not None:
                 out["coverage90_all_observed" + suffix] = coverage(draws, np.asarray(observed_change, float).ravel(),
                                                                    0.9)

@@ -93,7 +93,7 @@ METRIC_NAMES = (
     "pseudobulk_rmse_all", "pseudobulk_rmse_top20de",
     "l2_mean_all", "l2_mean_top20de",
     "energy_distance", "direction_acc_top20de", "coverage90_all", "coverage90_top20de",
-    "delta_rmse_all",
+    "delta_rmse_all", "width90_all", "width90_top20de",
 )
 # metrics where larger is better (everything else: smaller is better)
 HIGHER_IS_BETTER = frozenset({"r2_mean", "pearson_delta_all", "pearson_delta_top20de",
@@ -283,6 +283,17 @@ def coverage(change_samples, obs_delta, level: float = 0.9) -> float | MetricNot
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(s, [alpha, 1.0 - alpha], axis=0)
     return float(np.mean((o >= lo) & (o <= hi)))
+
+
+def interval_width(change_samples, level: float = 0.9) -> float | MetricNote:
+    """Mean over genes of the width of the central ``level`` interval of the samples (S x G):
+    how sharp the intervals whose :func:`coverage` is reported are."""
+    s = np.asarray(change_samples, float)
+    if s.ndim != 2 or s.shape[0] < 2 or s.shape[1] == 0:
+        return MetricNote("interval width undefined: fewer than 2 posterior samples or no genes")
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(s, [alpha, 1.0 - alpha], axis=0)
+    return float(np.mean(hi - lo))
 
 
 #: widening exponents tried by :meth:`IntervalCalibration.fit` (0: one factor for every gene)
@@ -504,6 +515,8 @@ def evaluate_condition(pred_lognorm, obs_lognorm, ctrl_lognorm, gene_names: Sequ
             out["coverage90_all" + suffix] = coverage(s_all, obs_delta, 0.9)
             out["coverage90_top20de" + suffix] = (de_idx if is_note(de_idx)
                                                   else coverage(s_top[:, de_idx], top_delta[de_idx], 0.9))
+            out["width90_all" + suffix] = interval_width(s_all, 0.9)
+            out["width90_top20de" + suffix] = de_idx if is_note(de_idx) else interval_width(s_top[:, de_idx], 0.9)
     return out
 
 

@@ -19,7 +19,8 @@ BASELINES = ("control_mean", "additive", "additive_shrink", "linear")
 CELL_METRICS = {"nrmse", "r2_mean", "mmd", "pearson_delta_all", "pearson_delta_top20de",
                 "pseudobulk_rmse_all", "pseudobulk_rmse_top20de", "delta_rmse_all", "l2_mean_all", "energy_distance",
                 "direction_acc_top20de"}
-COVERAGE = {"coverage90_all", "coverage90_top20de", "coverage90_all_uncalibrated", "coverage90_top20de_uncalibrated"}
+COVERAGE = {"coverage90_all", "coverage90_top20de", "coverage90_all_uncalibrated", "coverage90_top20de_uncalibrated",
+            "width90_all", "width90_top20de", "width90_all_uncalibrated", "width90_top20de_uncalibrated"}
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +142,7 @@ def test_effects_additive_matches_hand_rmse(effects_instance):
     change = lambda c: _pb(adata.X[tr[cond[tr] == c]]) - ctrl  # noqa: E731
     held = [c for c in split.test_groups if "+" in c]
     assert held and set(df["condition"]) == set(split.test_groups)
-    assert set(df["metric"]) == {m for m in B.EFFECT_METRICS if not m.startswith("coverage")}  # baselines: no draws
+    assert set(df["metric"]) == {m for m in B.EFFECT_METRICS if not m.startswith(("coverage", "width"))}  # baselines: no draws
     # training doubles give the shrink factor by least squares
     train_dbl = [c for c in set(cond[tr]) if "+" in c]
     num = sum(float((change(a) + change(b)) @ change(c))
@@ -351,7 +352,7 @@ def test_external_file_scores_like_the_builtin_method(no_effect, tmp_path):
     ext = B.read_external([add, oracle, counts, exact])
     df, extras = B.cell_benchmark(adata, split, ["additive"], {}, {}, n_pred_cells=60, external=ext)
     a = df[df.method == "additive"].set_index(["condition", "metric"])["value"]
-    assert len(a) == len(conds) * len([m for m in B.CELL_METRICS if m not in B.COVERAGE_METRICS])
+    assert len(a) == len(conds) * len([m for m in B.CELL_METRICS if m not in B.INTERVAL_METRICS])
     cells_metrics = ["nrmse", "r2_mean", "mmd", "energy_distance"]
     for name, on_cells in (("mine", True), ("exact", False)):
         m = df[df.method == name].set_index(["condition", "metric"])["value"]
@@ -431,7 +432,14 @@ def test_score_effects_coverage_by_hand():
     s = B.score_effects(np.zeros(4), t, n_top=2, change_samples=draws)
     assert s["coverage90_all"] == 0.5  # 0.5 and 0.0 inside
     assert s["coverage90_top20de"] == 0.0  # the two largest |t|: -2 and 1, both outside
+    assert s["width90_all"] == pytest.approx(1.8) and s["width90_top20de"] == pytest.approx(1.8)
     assert "coverage90_all" not in B.score_effects(np.zeros(4), t)
+    # intervals stretched twice about their mean (0): -1.8..1.8 covers 1, 0.5, 0 but not -2
+    from pyro_pvae.metrics import IntervalCalibration
+
+    s = B.score_effects(np.zeros(4), t, n_top=2, change_samples=draws, calibration=IntervalCalibration(k=2.0))
+    assert s["coverage90_all"] == 0.75 and s["coverage90_all_uncalibrated"] == 0.5
+    assert s["width90_all"] == pytest.approx(3.6) and s["width90_all_uncalibrated"] == pytest.approx(1.8)
     # against the observed change instead: 0.5, 0.0 and 0.8 inside, 2.0 outside
     s = B.score_effects(np.zeros(4), t, n_top=2, change_samples=draws, observed_change=np.array([0.5, 0.0, 0.8, 2.0]))
     assert s["coverage90_all_observed"] == 0.75

@@ -134,8 +134,9 @@ def test_evaluate_condition_keys_and_values():
     expected = {"nrmse", "r2_mean", "mmd", "pearson_delta_all", "pearson_delta_top20de",
                 "pseudobulk_rmse_all", "pseudobulk_rmse_top20de", "l2_mean_all",
                 "l2_mean_top20de", "energy_distance", "direction_acc_top20de",
-                "coverage90_all", "coverage90_top20de", "delta_rmse_all"}
+                "coverage90_all", "coverage90_top20de", "delta_rmse_all", "width90_all", "width90_top20de"}
     assert set(res) == expected
+    assert res["width90_all"] == pytest.approx(2 * 1.645 * 0.05, rel=0.05)  # normal draws, sd 0.05
     assert all(isinstance(v, float) and math.isfinite(v) for v in res.values())
     assert res["pearson_delta_all"] > 0.9
     # the 17 noise genes in the top 20 have ~0 true change, so only the 3 real ones are sure

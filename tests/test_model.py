@@ -1,5 +1,6 @@
 """The generative model, the guide and the PerturbedVAE API (fit / predict / effects / save)."""
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from pyro import poutine
@@ -705,3 +706,18 @@ def test_cross_fitted_calibration_refits_without_half_of_the_pairs(tiny_fit):
     cal = vae.calibrate_intervals(n_draws=20, seed=5, cross_fit=True)
     assert cal.n_conditions == len(held) and vae.module is module
     assert cal.coverage_after >= 0.9 - 1e-9 and cal.coverage_after >= cal.coverage_before
+
+
+def test_cross_fitted_calibration_skips_a_pair_whose_targets_are_trained_nowhere_else(tiny_adata):
+    """A copy refitted without a pair whose targets appear in no other training condition could
+    not predict it, so such a pair is never held out; with only such pairs the intervals stay
+    uncalibrated (no refit is started)."""
+    from pyro_pvae.api import PerturbedVAE
+
+    a = tiny_adata.copy()
+    cond = a.obs["condition"].astype(str).to_numpy()
+    pair = next(c for c in pd.unique(cond) if "+" in c)
+    a.obs["condition"] = np.where(cond == pair, "NEWA+NEWB", cond)
+    vae = PerturbedVAE(a, split=None)
+    assert "NEWA+NEWB" in vae.calibration_pairs(min_cells=5)
+    assert vae.calibration_model(["NEWA+NEWB"], seed=0, cross_fit=True) == (vae, [])

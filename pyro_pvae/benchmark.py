@@ -66,7 +66,8 @@ Norman subset; see ``pyro_pvae/data/splits.py``); no method ever trains on them.
   (default; ``in_sample``: faster, optimistic; ``off``) the draws are first stretched by
   :meth:`PerturbedVAE.calibrate_intervals`, fitted on training doubles a refitted copy of
   the model never saw (no held-out cell is used); ``coverage90_*_uncalibrated`` keep the raw
-  draws' coverage.
+  draws' coverage. ``width90_all`` / ``width90_top20de`` (and ``_uncalibrated``): the mean width
+  of those intervals, what their coverage costs.
 
 External predictions: ``benchmark.external=[NAME=path/pred.h5ad, ...]`` adds one row NAME
 per file: predicted cells with ``obs['condition']`` in canonical labels and counts in ``X``

@@ -341,8 +341,9 @@ class PerturbedVAE:
         the training controls) are compared with the second half's observed change (mean
         log-normalised expression minus that of the training controls).
 
-        ``cross_fit`` (default): a copy of the model is refitted without a seeded half of these
-        pairs and calibrated on that half, which it has never seen (one more fit). Without it the
+        ``cross_fit`` (default): a copy of the model is refitted without up to half of these
+        pairs (:meth:`calibration_model`) and calibrated on them, which it has never seen (one
+        more fit; on few pairs, few or none can be held out). Without it the
         model is calibrated on all of them with their own interaction drawn from the fitted prior
         (:meth:`PerturbedVAEModule.pairs_as_unseen`): fast, but optimistic, because those pairs
         also shaped the fit. Stored as ``self.interval_calibration`` (used by

@@ -349,33 +349,44 @@ class PerturbedVAE:
         also shaped the fit. Stored as ``self.interval_calibration`` (used by
         ``predict_change_samples(..., calibrated=True)`` and saved with the model); None when
         training has no such double."""
-        source, pairs = self.calibration_model(self.calibration_pairs(min_cells, max_pairs), seed, cross_fit)
+        X = self.adata.X
+
+        def changes(groups):  # mean log-normalised expression minus that of the training controls
+            ctrl_mean = lognormalize(np.asarray(to_dense(X[np.sort(self.control_idx)]))).mean(0)
+            return [np.asarray(lognormalize(np.asarray(to_dense(X[np.sort(g)])))).mean(0) - ctrl_mean for g in groups]
+
+        def draws(source, cells):
+            d = source.predict_change_draws({c: [n] for c, n in cells.items()}, n_draws=n_draws, seed=seed,
+                                            n_control_cells=len(self.control_idx))
+            return [d[c][0] for c in cells]
+
+        self.interval_calibration = self.calibrate_on_pairs(changes, draws, seed, level, min_cells, max_pairs, cross_fit)
+        return self.interval_calibration
+
+    def calibrate_on_pairs(self, changes, draws, seed: int = 0, level: float = 0.9, min_cells: int = 20,
+                           max_pairs: int = 100, cross_fit: bool = True) -> IntervalCalibration | None:
+        """The steps of :meth:`calibrate_intervals` on any scale: ``changes(groups)`` gives the
+        observed change of each group of cell positions, ``draws(model, {pair: n_cells})`` the
+        change draws (draws x genes) of each pair, in order, for that many cells (called inside
+        :meth:`PerturbedVAEModule.pairs_as_unseen`). Returns the calibration (not stored)."""
+        candidates = self.calibration_pairs(min_cells, max_pairs)
+        source, pairs = self.calibration_model(candidates, seed, cross_fit)
         if not pairs:
-            log.info("no training double with >= %d cells: intervals left uncalibrated", min_cells)
-            self.interval_calibration = None
+            if not candidates:
+                log.info("no training double with >= %d cells: intervals left uncalibrated", min_cells)
             return None
         cond = self.adata.obs["condition"].astype(str).to_numpy()
         train_idx = np.asarray(self.split.train_idx)
-        X = self.adata.X
-        ctrl_mean = lognormalize(np.asarray(to_dense(X[np.sort(self.control_idx)]))).mean(0)
-
-        def change(idx):
-            return np.asarray(lognormalize(np.asarray(to_dense(X[np.sort(idx)])))).mean(0) - ctrl_mean
-
         halves = _halves({c: train_idx[cond[train_idx] == c] for c in pairs}, seed)
-        select = [change(halves[c][0]) for c in pairs]
-        observed = [change(halves[c][1]) for c in pairs]
+        observed = changes([halves[c][0] for c in pairs] + [halves[c][1] for c in pairs])
+        select, observed = observed[:len(pairs)], observed[len(pairs):]
         with source.module.pairs_as_unseen():
-            draws = source.predict_change_draws({c: [len(halves[c][1])] for c in pairs}, n_draws=n_draws, seed=seed,
-                                                n_control_cells=len(self.control_idx))
-        self.interval_calibration = IntervalCalibration.fit([draws[c][0] for c in pairs], observed, level=level,
-                                                            select=select)
+            drawn = draws(source, {c: len(halves[c][1]) for c in pairs})
+        cal = IntervalCalibration.fit(drawn, observed, level=level, select=select)
         log.info("intervals calibrated on %d training pairs%s: k %.2f, gamma %.2f (coverage there %.2f -> %.2f, "
-                 "top-20 %.2f -> %.2f)", len(pairs), " (cross-fitted)" if cross_fit else "",
-                 self.interval_calibration.k, self.interval_calibration.gamma,
-                 self.interval_calibration.coverage_before, self.interval_calibration.coverage_after,
-                 self.interval_calibration.coverage_top_before, self.interval_calibration.coverage_top_after)
-        return self.interval_calibration
+                 "top-20 %.2f -> %.2f)", len(pairs), " (cross-fitted)" if cross_fit else "", cal.k, cal.gamma,
+                 cal.coverage_before, cal.coverage_after, cal.coverage_top_before, cal.coverage_top_after)
+        return cal
 
     def calibration_pairs(self, min_cells: int = 20, max_pairs: int = 100) -> list[str]:
         """Training doubles with at least ``min_cells`` training cells whose targets the model knows."""

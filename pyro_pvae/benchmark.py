@@ -727,32 +727,22 @@ def effects_change_draws(vae, condition: str, n_draws: int, n_cells: int, seed: 
 
 def effects_calibration(vae, n_draws: int, seed: int, min_cells: int = 20, cross_fit: bool = True):
     """:meth:`PerturbedVAE.calibrate_intervals` on the effects scale: each training double
-    (at least ``min_cells`` training cells; with ``cross_fit`` the seeded half a refitted copy
-    never saw) predicted as unseen by :func:`effects_change_draws`; its training cells split in
-    two seeded halves, the top genes chosen by the first half's pseudobulk log1p(CPM) change
-    from the training controls and the draws (for the second half's number of cells) scored
-    against the second half's change. None without such doubles."""
-    from .api import _halves
-    from .metrics import IntervalCalibration
-
+    (at least ``min_cells`` training cells; with ``cross_fit`` those a refitted copy never saw)
+    predicted as unseen by :func:`effects_change_draws` and scored as there
+    (:meth:`PerturbedVAE.calibrate_on_pairs`), on the pseudobulk log1p(CPM) change from the
+    training controls. None without such doubles."""
     if n_draws < 2:
         return None
-    source, pairs = vae.calibration_model(vae.calibration_pairs(min_cells), seed, cross_fit)
-    if not pairs:
-        return None
-    adata, train_idx = vae.adata, np.asarray(vae.split.train_idx)
-    cond = _conditions(adata)[train_idx]
-    ctrl = pseudobulk_log1p_cpm(adata.X[np.sort(vae.control_idx)])
-    halves = _halves({c: train_idx[cond == c] for c in pairs}, seed)
-    select = [pseudobulk_log1p_cpm(adata.X[np.sort(halves[c][0])]) - ctrl for c in pairs]
-    observed = [pseudobulk_log1p_cpm(adata.X[np.sort(halves[c][1])]) - ctrl for c in pairs]
-    with source.module.pairs_as_unseen():
-        draws = [effects_change_draws(source, c, n_draws, len(halves[c][1]), seed + i) for i, c in enumerate(pairs)]
-    cal = IntervalCalibration.fit(draws, observed, select=select)
-    log.info("intervals calibrated on %d training pairs%s: k %.2f, gamma %.2f (coverage there %.2f -> %.2f, "
-             "top-20 %.2f -> %.2f)", len(pairs), " (cross-fitted)" if cross_fit else "", cal.k, cal.gamma,
-             cal.coverage_before, cal.coverage_after, cal.coverage_top_before, cal.coverage_top_after)
-    return cal
+    X = vae.adata.X
+
+    def changes(groups):
+        ctrl = pseudobulk_log1p_cpm(X[np.sort(vae.control_idx)])
+        return [pseudobulk_log1p_cpm(X[np.sort(g)]) - ctrl for g in groups]
+
+    def draws(source, cells):
+        return [effects_change_draws(source, c, n_draws, n, seed + i) for i, (c, n) in enumerate(cells.items())]
+
+    return vae.calibrate_on_pairs(changes, draws, seed, min_cells=min_cells, cross_fit=cross_fit)
 
 
 def pseudobulk_adata(adata, idx) -> "object":

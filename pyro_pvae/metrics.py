@@ -280,9 +280,15 @@ def coverage(change_samples, obs_delta, level: float = 0.9) -> float | MetricNot
         return MetricNote("coverage undefined: fewer than 2 posterior samples")
     if len(o) == 0:
         return MetricNote("coverage undefined: no genes")
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(s, [alpha, 1.0 - alpha], axis=0)
+    lo, hi = central_interval(s, level)
     return float(np.mean((o >= lo) & (o <= hi)))
+
+
+def central_interval(samples: np.ndarray, level: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of ``samples`` (S x G), the bounds of its central ``level`` interval."""
+    a = (1.0 - level) / 2.0
+    lo, hi = np.quantile(samples, [a, 1.0 - a], axis=0)
+    return lo, hi
 
 
 def interval_width(change_samples, level: float = 0.9) -> float | MetricNote:
@@ -291,8 +297,7 @@ def interval_width(change_samples, level: float = 0.9) -> float | MetricNote:
     s = np.asarray(change_samples, float)
     if s.ndim != 2 or s.shape[0] < 2 or s.shape[1] == 0:
         return MetricNote("interval width undefined: fewer than 2 posterior samples or no genes")
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(s, [alpha, 1.0 - alpha], axis=0)
+    lo, hi = central_interval(s, level)
     return float(np.mean(hi - lo))
 
 
@@ -336,9 +341,7 @@ class IntervalCalibration:
 
     @staticmethod
     def _bounds(draws: np.ndarray, level: float):
-        a = (1.0 - level) / 2.0
-        lo, hi = np.quantile(draws, [a, 1.0 - a], axis=0)
-        return draws.mean(0), lo, hi
+        return (draws.mean(0), *central_interval(draws, level))
 
     @classmethod
     def _needed(cls, draws, observed, level):

@@ -180,3 +180,15 @@ def test_norman_effects_preset_has_50_perturbation_latents_and_the_norman_model(
     cfg = compose("norman_effects")
     assert (cfg.model.latent_pert, cfg.data.source, cfg.train.min_steps) == (50, "norman_effects", 2000)
     assert cfg.model.latent_inv == compose("norman").model.latent_inv
+
+
+def test_calibrate_intervals_takes_a_mode_and_names_the_choices():
+    """benchmark.calibrate_intervals was a bool; it now takes cross_fit | in_sample | off, and a
+    wrong value (including the old true/false) is a ConfigError naming what is accepted."""
+    assert compose("tiny").benchmark.calibrate_intervals == "cross_fit"
+    assert compose("tiny", ["benchmark.calibrate_intervals=off"]).benchmark.calibrate_intervals == "off"
+    with pytest.raises(ConfigError, match=r"benchmark.calibrate_intervals must be 'cross_fit', 'in_sample' or 'off', "
+                                          r"got 'yes'"):
+        compose("tiny", ["benchmark.calibrate_intervals=yes"])
+    with pytest.raises(ConfigError, match="benchmark.calibrate_intervals must be a string, got True"):
+        compose("tiny", ["benchmark.calibrate_intervals=true"])

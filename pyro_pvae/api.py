@@ -29,7 +29,8 @@ from .utils import atomic_torch_save, lognormalize, to_dense
 
 log = logging.getLogger(__name__)
 
-N_REFERENCE_CONTROLS = 2000
+#: the training cells kept (with the model) for predictions to start from
+N_REFERENCE_CELLS = 2000
 
 
 class PerturbedVAE:
@@ -85,9 +86,11 @@ class PerturbedVAE:
         self.training_pairs = sorted({tuple(sorted(index[t] for t in D.parse_condition(c)))
                                       for c in set(cond[train_idx]) if len(D.parse_condition(c)) == 2
                                       and all(t in index for t in D.parse_condition(c))})
-        rng = np.random.default_rng(seed)
-        ref = rng.choice(self.control_idx, size=min(N_REFERENCE_CONTROLS, len(self.control_idx)), replace=False)
-        self.reference_controls = sp.csr_matrix(adata.X[np.sort(ref)], dtype=np.float32)
+        pool = train_idx if self.model_config.prediction_start == "training" else self.control_idx
+        ref = np.sort(np.random.default_rng(seed).choice(pool, size=min(N_REFERENCE_CELLS, len(pool)), replace=False))
+        #: the cells predictions start from (``model.prediction_start``): counts and multi-hot labels
+        self.reference_cells = sp.csr_matrix(adata.X[ref], dtype=np.float32)
+        self.reference_labels = sp.csr_matrix(self.perturbation_matrix(cond[ref]), dtype=np.float32)
         self.build_module()
 
     def build_module(self) -> PerturbedVAEModule:
@@ -210,9 +213,11 @@ class PerturbedVAE:
         draws = sample_globals(self.module, n_draws)
         return [{k: v[s] for k, v in draws.items()} for s in range(n_draws)]
 
-    def _control_block(self, n_cells: int, rng: np.random.Generator):
-        rows = rng.integers(0, self.reference_controls.shape[0], size=n_cells)
-        return torch.as_tensor(self.reference_controls[rows].toarray(), device=self.device), rows
+    def _start_block(self, n_cells: int, rng: np.random.Generator):
+        """``n_cells`` reference cells drawn with replacement: counts, their own labels, rows."""
+        rows = rng.integers(0, self.reference_cells.shape[0], size=n_cells)
+        as_tensor = lambda m: torch.as_tensor(m[rows].toarray(), device=self.device)  # noqa: E731
+        return as_tensor(self.reference_cells), as_tensor(self.reference_labels), rows
 
     def _condition_rows(self, condition: str, n_cells: int, unknown: str) -> torch.Tensor:
         u_row = self.perturbation_matrix([condition], unknown=unknown)[0]
@@ -223,8 +228,9 @@ class PerturbedVAE:
                 posterior_mean: bool = False, n_draws: int = 1) -> ad.AnnData:
         """Predicted cells for each condition (``"KLF1"``, ``"BAK1+KLF1"``, ``"control"``).
 
-        Each predicted cell starts from a randomly drawn training control cell (its z_inv,
-        eps and library size) and is drawn from the model under the condition, with one
+        Each predicted cell starts from a randomly drawn reference cell (a training cell, or a
+        training control with ``model.prediction_start="controls"``): its z_inv, eps and library
+        size, encoded under its own label, are kept, and it is drawn from the model under the condition, with one
         posterior draw of the global sites per condition (``posterior_mean=True``: their
         mean). ``n_draws > 1`` splits each condition's cells into that many blocks, each with
         its own posterior draw: the cells are then draws from the posterior predictive, and
@@ -249,10 +255,11 @@ class PerturbedVAE:
             for cond in conditions:
                 for size in sizes:
                     glob = self._global_draws(1, posterior_mean)[0]
-                    x_ctrl, rows = self._control_block(int(size), rng)
+                    x_start, u_start, rows = self._start_block(int(size), rng)
                     u = self._condition_rows(cond, int(size), unknown)
-                    blocks.append(self.module.sample_cells(x_ctrl, u, glob, novel_pairs=novel).cpu().numpy())
-                    obs.append(pd.DataFrame({"condition": cond, "control_cell": rows}))
+                    blocks.append(self.module.sample_cells(x_start, u, glob, novel_pairs=novel,
+                                                           u_start=u_start).cpu().numpy())
+                    obs.append(pd.DataFrame({"condition": cond, "start_cell": rows}))
         X = np.concatenate(blocks).astype(np.float32)
         obs = pd.concat(obs, ignore_index=True)
         obs.index = [f"pred_{i}" for i in range(len(obs))]
@@ -271,7 +278,7 @@ class PerturbedVAE:
         This is the model's point prediction. From ``predict``'s few hundred cells the mean
         carries their sampling noise (shallow cells: a single's held-out Pearson delta 0.28 from
         200 cells, 0.31 from 2,000 or 10,000; analyses/point_prediction_noise.py). Every condition of a draw starts from the same
-        training control cells and the same draw of their local latents (common random numbers),
+        reference cells and the same draw of their local latents (common random numbers),
         so the noise of a change between two rows (e.g. a condition and ``"control"``) is
         smaller still."""
         conditions = list(dict.fromkeys(D.format_condition(D.parse_condition(c)) for c in _as_list(conditions)))
@@ -288,12 +295,12 @@ class PerturbedVAE:
         self.module.eval()
         with _seeded(seed, self.device):
             for size, glob in zip(sizes, self._global_draws(len(sizes))):
-                x_start, _ = self._control_block(int(size), rng)
+                x_start, u_start, _ = self._start_block(int(size), rng)
                 # the conditions in one batch of cells, at most ~2^24 values at a time
                 step = max(1, (1 << 24) // (int(size) * G))
                 for lo in range(0, len(conditions), step):
                     u = u_rows[lo:lo + step].repeat_interleave(int(size), 0)
-                    x = self.module.sample_cells(x_start, u, glob)  # the same local latents for every condition
+                    x = self.module.sample_cells(x_start, u, glob, u_start=u_start)  # the same local latents for every condition
                     x = lognormalize(x) if scale == "lognorm" else x
                     sums[lo:lo + step] += x.reshape(-1, int(size), G).sum(1).double()
         prof = sums / n_cells if scale == "lognorm" else lognormalize(sums, 1e6)
@@ -447,18 +454,18 @@ class PerturbedVAE:
         out = {c: [np.empty((n_draws, len(self.gene_names)), dtype=np.float32) for _ in sizes]
                for c, sizes in requests.items()}
 
-        def control_mean(x_start, glob):
-            u0 = torch.zeros(x_start.shape[0], len(self.vocabulary), device=self.device)
-            return lognormalize(self.module.sample_cells(x_start, u0, glob)).mean(0)
+        def control_mean(x_start, u_start, glob):
+            u0 = torch.zeros_like(u_start)
+            return lognormalize(self.module.sample_cells(x_start, u0, glob, u_start=u_start)).mean(0)
 
         with _seeded(seed, self.device):
             for s, glob in enumerate(self._global_draws(n_draws)):
-                shared = None if n_control_cells is None else control_mean(self._control_block(n_control_cells, rng)[0], glob)
+                shared = None if n_control_cells is None else control_mean(*self._start_block(n_control_cells, rng)[:2], glob)
                 for c, sizes in requests.items():
                     for j, n in enumerate(sizes):
-                        x_start, _ = self._control_block(n, rng)
-                        pert = lognormalize(self.module.sample_cells(x_start, rows[c][n], glob)).mean(0)
-                        ctrl = shared if shared is not None else control_mean(x_start, glob)
+                        x_start, u_start, _ = self._start_block(n, rng)
+                        pert = lognormalize(self.module.sample_cells(x_start, rows[c][n], glob, u_start=u_start)).mean(0)
+                        ctrl = shared if shared is not None else control_mean(x_start, u_start, glob)
                         out[c][j][s] = (pert - ctrl).cpu().numpy()
         return out
 
@@ -518,10 +525,10 @@ class PerturbedVAE:
 
     # ---- persistence ---------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Save modules, configs, vocabulary, genes, split and reference controls (atomic)."""
+        """Save modules, configs, vocabulary, genes, split and reference cells (atomic)."""
         path = Path(path)
         atomic_torch_save({
-            "format": "pyro_pvae/3",
+            "format": "pyro_pvae/4",
             "model_config": self.model_config.to_dict(),
             "train_config": asdict(self.train_config),
             "module": self.module.state_dict(),
@@ -529,7 +536,8 @@ class PerturbedVAE:
             "training_pairs": self.training_pairs,
             "trained_singles": self.trained_singles,
             "gene_names": self.gene_names,
-            "reference_controls": self.reference_controls,
+            "reference_cells": self.reference_cells,
+            "reference_labels": self.reference_labels,
             "history": self.history,
             "split": self.split.to_dict() if self.split is not None else None,
             "interval_calibration": (None if self.interval_calibration is None
@@ -543,14 +551,15 @@ class PerturbedVAE:
         if not path.exists():
             raise FileNotFoundError(f"no saved model at {path}")
         state = load_checkpoint(path)
-        if state.get("format") != "pyro_pvae/3":
+        if state.get("format") != "pyro_pvae/4":
             raise TrainingError(f"{path} is not a pyro_pvae model file of this version (format "
-                                f"{state.get('format')!r}, expected 'pyro_pvae/3'); refit with this version")
+                                f"{state.get('format')!r}, expected 'pyro_pvae/4'); refit with this version")
         self = cls(model=ModelConfig.from_dict(state["model_config"]), train=TrainConfig.from_dict(state["train_config"]))
         self.vocabulary, self.gene_names = state["vocabulary"], state["gene_names"]
         self.training_pairs = [tuple(p) for p in state["training_pairs"]]
         self.trained_singles = state["trained_singles"]
-        self.reference_controls, self.history = state["reference_controls"], state["history"]
+        self.reference_cells, self.reference_labels = state["reference_cells"], state["reference_labels"]
+        self.history = state["history"]
         self.adata = adata
         if state.get("split") is not None:
             self.split = D.Split(**state["split"])

@@ -37,8 +37,8 @@ Norman subset; see ``pyro_pvae/data/splits.py``); no method ever trains on them.
   every method that subtracts it too: a constant vector (the mean change of the training
   singles) then correlates with every observed change although it knows nothing of c.
 * Predicted change = mean(the method's predicted cells of c) - mean(its own control
-  prediction): for the model its predicted control cells (the same training control cells as
-  starting points, no shift). The model's point prediction is its posterior predictive mean
+  prediction): for the model its predicted control cells (the same reference cells as
+  starting points, moved to control; ``model.prediction_start``). The model's point prediction is its posterior predictive mean
   (:meth:`PerturbedVAE.predict_mean`): ``benchmark.n_mean_cells`` predicted cells of the
   condition and as many predicted controls, spread over ``benchmark.n_change_draws`` posterior
   draws of the global sites (one draw for all cells adds the posterior's spread to the point
@@ -636,7 +636,7 @@ def protocol_lines(ref: CellReference, external: Sequence[ExternalPrediction] = 
         f"held-out control cells (never used in training; {len(ref.train_control_idx)} training controls).",
         "- Predicted change = the method's point prediction of the condition's mean - that of its own control "
         "prediction: the model's posterior predictive means of the condition and of its predicted control cells "
-        "(same training control cells as starting points, no shift); a baseline's exact change from the training "
+        "(same reference cells as starting points, moved to control); a baseline's exact change from the training "
         "controls it was fitted on; an external file's mean of its cells minus that of its 'control' cells (else "
         "the training controls). No control mean is shared between the observed and any predicted change.",
         f"- Top-{N_TOP} DE genes (t-test vs the training controls) on cells the top-{N_TOP} metrics do not score: "

@@ -421,7 +421,8 @@ class PerturbedVAEModule(nn.Module):
         their gene-level interaction (see :meth:`shift`); novel_pair_log_c: (B, 1), their log
         composition scale (see :meth:`composition`); library (``model.library_model``): ``"observed"``
         (the library sizes are data), ``"keep"`` (the cells keep them: posterior-predictive checks) or
-        ``"counterfactual"`` (prediction from control cells: each moves by its condition's library effects)."""
+        ``"counterfactual"`` (prediction: each cell moves from control depth by its condition's library
+        effects; :meth:`sample_cells` first moves start cells of other conditions back to control)."""
         cfg = self.cfg
         P, K, D, G = self.n_perts, cfg.latent_pert, cfg.latent_inv, self.n_genes
         pyro.module("pvae", self)
@@ -796,14 +797,16 @@ class PerturbedVAEModule(nn.Module):
     # ---- prediction: the model run forward -------------------------------------------------
     @torch.no_grad()
     def sample_cells(self, x_start: torch.Tensor, u: torch.Tensor, global_draw: dict[str, torch.Tensor],
-                     local_latents: str = "counterfactual", novel_pairs: str = "draw") -> torch.Tensor:
+                     local_latents: str = "counterfactual", novel_pairs: str = "draw",
+                     u_start: torch.Tensor | None = None) -> torch.Tensor:
         """Counts drawn from :meth:`model` with its observation released, given one draw of the
         global sites. The cells keep the library sizes of ``x_start`` (with ``model.library_model``
         a counterfactual cell's library moves by its condition's library effects: :meth:`model`).
 
         ``local_latents``: ``"counterfactual"`` (prediction): z_inv and eps of the cells
-        ``x_start`` encoded as they are observed (their own label must be ``u = 0``, i.e.
-        control cells), then moved to condition ``u``; ``"posterior"`` (posterior-predictive
+        ``x_start`` encoded as they are observed, under their own labels ``u_start`` (None:
+        control cells), then moved to condition ``u`` (with ``model.library_model`` their
+        library first moves back by their own condition's library effects); ``"posterior"`` (posterior-predictive
         check): z_inv and eps from q(. | x_start, u); ``"prior"``: from N(0, I). Cells of a
         pair unseen in training get one interaction draw per pair from its fitted prior
         (``novel_pairs="draw"``) or its mean, zero (``"mean"``).
@@ -819,12 +822,19 @@ class PerturbedVAEModule(nn.Module):
         glob = {k_: v for k_, v in global_draw.items() if k_ in GLOBAL_SITES}
         locals_ = {}
         if local_latents != "prior":
-            u_guide = torch.zeros_like(u[:n_start]) if local_latents == "counterfactual" else u
+            if local_latents == "counterfactual":
+                u_guide = torch.zeros_like(u[:n_start]) if u_start is None else u_start
+            else:
+                u_guide = u
             trace = poutine.trace(poutine.condition(self.guide, data=glob)).get_trace(x_start, u_guide, n_cells=n_start)
             locals_ = {name: torch.cat([trace.nodes[name]["value"]] * k) for name in LOCAL_SITES}
         model = poutine.condition(poutine.uncondition(self.model), data={**glob, **locals_})
         novel = self.novel_pair_effects(u, glob) if novel_pairs == "draw" else {}
         library = "counterfactual" if local_latents == "counterfactual" else "keep"
+        if library == "counterfactual" and u_start is not None and "library_effect" in glob:
+            # from the start cells' own conditions back to control depth (only the totals of x are used)
+            c = self.composition(u_start, glob.get("c2"), glob.get("pair_log_c"))
+            x_start = x_start * torch.exp(-self.shift(u_start, glob["library_effect"], c))
         return model(x_start.repeat(k, 1), u, **novel, n_cells=u.shape[0], library=library)
 
     def novel_pair_effects(self, u: torch.Tensor, global_draw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

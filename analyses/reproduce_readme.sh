@@ -44,6 +44,10 @@ for step in $STEPS; do
          rm -rf $R/benchmark_simulation_pair_composition_gene_interactions_epochs20
          $SIM "benchmark.methods=[PerturbedVAE,additive]" train.epochs=20 model.pair_composition=true model.gene_interactions=true \
            output.run_dir=$R/benchmark_simulation_pair_composition_gene_interactions_epochs20
+         # predictions from the training controls only (the default before model.prediction_start)
+         rm -rf $R/benchmark_norman_start_controls
+         $PY -m pyro_pvae.benchmark --config norman "benchmark.methods=[PerturbedVAE,linear]" model.prediction_start=controls \
+           output.run_dir=$R/benchmark_norman_start_controls
          rm -rf $R/benchmark_simulation_epochs40_alpha2 $R/benchmark_simulation_epochs40
          $SIM "benchmark.methods=[PerturbedVAE,additive,linear]" train.epochs=40 output.run_dir=$R/benchmark_simulation_epochs40_alpha2
          $SIM0 "benchmark.methods=[PerturbedVAE]" train.epochs=40 output.run_dir=$R/benchmark_simulation_epochs40

@@ -306,8 +306,8 @@ class ModelConfig(_Section):
     # changes the label): "training", a sample of all training cells, each encoded with its own label (z_inv is
     # perturbation-invariant, so every training cell is a draw of the invariant state, and the population is
     # larger than the controls alone); "controls", the training controls only (the earlier default). On the
-    # shipped cells (3 seeds, analyses/prediction_start.py) "training" gave held-out doubles Pearson delta
-    # PLACEHOLDER
+    # shipped cells (benchmark, 3 seeds, same fits): held-out doubles pseudobulk RMSE 0.091 vs 0.094 (lower in
+    # every seed), Pearson delta 0.552 vs 0.550, seen singles 0.289 vs 0.280 (README, Real Norman 2019 cells)
     prediction_start: str = setting("training", choices=("training", "controls"))
     gene_scale_prior: Tuple[float, float] = setting((-2.3, 1.0), rule=(lambda v: v[1] > 0,
                                                                         "[loc, scale] with scale > 0"))

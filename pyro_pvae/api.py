@@ -343,10 +343,11 @@ class PerturbedVAE:
         """Calibrate the predictive intervals of unseen pairs on the training pairs
         (:class:`~pyro_pvae.metrics.IntervalCalibration`). Each training double with at least
         ``min_cells`` training cells is predicted as unseen and its training cells are split in
-        two seeded halves, as the benchmark does with held-out cells: the top genes are chosen by
-        the first half's change, and the draws (for the second half's number of cells, against
-        the training controls) are compared with the second half's observed change (mean
-        log-normalised expression minus that of the training controls).
+        two seeded halves, as the benchmark does with held-out cells: the top-20 genes are the
+        first half's top DE genes against the training controls (the benchmark's t-test,
+        :func:`~pyro_pvae.metrics.top_de_genes`), and the draws (for the second half's number of
+        cells, against the training controls) are compared with the second half's observed change
+        (mean log-normalised expression minus that of the training controls).
 
         ``cross_fit`` (default): a copy of the model is refitted without up to half of these
         pairs (:meth:`calibration_model`) and calibrated on them, which it has never seen (one
@@ -356,26 +357,36 @@ class PerturbedVAE:
         also shaped the fit. Stored as ``self.interval_calibration`` (used by
         ``predict_change_samples(..., calibrated=True)`` and saved with the model); None when
         training has no such double."""
+        from .metrics import top_de_genes
+
         X = self.adata.X
+        cells = lambda g: np.asarray(lognormalize(np.asarray(to_dense(X[np.sort(g)]))))  # noqa: E731
+        ctrl = cells(self.control_idx)
 
         def changes(groups):  # mean log-normalised expression minus that of the training controls
-            ctrl_mean = lognormalize(np.asarray(to_dense(X[np.sort(self.control_idx)]))).mean(0)
-            return [np.asarray(lognormalize(np.asarray(to_dense(X[np.sort(g)])))).mean(0) - ctrl_mean for g in groups]
+            return [cells(g).mean(0) - ctrl.mean(0) for g in groups]
+
+        def top_genes(groups):  # the benchmark's top-20 DE genes of each group, as 0/1 per gene
+            return [np.isin(self.gene_names, top_de_genes(cells(g), ctrl, self.gene_names)).astype(float)
+                    for g in groups]
 
         def draws(source, cells):
             d = source.predict_change_draws({c: [n] for c, n in cells.items()}, n_draws=n_draws, seed=seed,
                                             n_control_cells=len(self.control_idx))
             return [d[c][0] for c in cells]
 
-        self.interval_calibration = self.calibrate_on_pairs(changes, draws, seed, level, min_cells, max_pairs, cross_fit)
+        self.interval_calibration = self.calibrate_on_pairs(changes, draws, seed, level, min_cells, max_pairs, cross_fit,
+                                                            select=top_genes)
         return self.interval_calibration
 
     def calibrate_on_pairs(self, changes, draws, seed: int = 0, level: float = 0.9, min_cells: int = 20,
-                           max_pairs: int = 100, cross_fit: bool = True) -> IntervalCalibration | None:
+                           max_pairs: int = 100, cross_fit: bool = True, select=None) -> IntervalCalibration | None:
         """The steps of :meth:`calibrate_intervals` on any scale: ``changes(groups)`` gives the
         observed change of each group of cell positions, ``draws(model, {pair: n_cells})`` the
         change draws (draws x genes) of each pair, in order, for that many cells (called inside
-        :meth:`PerturbedVAEModule.pairs_as_unseen`). Returns the calibration (not stored)."""
+        :meth:`PerturbedVAEModule.pairs_as_unseen`), ``select(groups)`` a per-gene score whose
+        largest |values| are each group's top genes (default ``changes``: the largest |change|),
+        given each pair's first half. Returns the calibration (not stored)."""
         candidates = self.calibration_pairs(min_cells, max_pairs)
         source, pairs = self.calibration_model(candidates, seed, cross_fit)
         if not pairs:
@@ -385,11 +396,11 @@ class PerturbedVAE:
         cond = self.adata.obs["condition"].astype(str).to_numpy()
         train_idx = np.asarray(self.split.train_idx)
         halves = _halves({c: train_idx[cond[train_idx] == c] for c in pairs}, seed)
-        observed = changes([halves[c][0] for c in pairs] + [halves[c][1] for c in pairs])
-        select, observed = observed[:len(pairs)], observed[len(pairs):]
+        observed = changes([halves[c][1] for c in pairs])
+        chosen_by = (select or changes)([halves[c][0] for c in pairs])
         with source.module.pairs_as_unseen():
             drawn = draws(source, {c: len(halves[c][1]) for c in pairs})
-        cal = IntervalCalibration.fit(drawn, observed, level=level, select=select)
+        cal = IntervalCalibration.fit(drawn, observed, level=level, select=chosen_by)
         log.info("intervals calibrated on %d training pairs%s: k %.2f, gamma %.2f (coverage there %.2f -> %.2f, "
                  "top-20 %.2f -> %.2f)", len(pairs), " (cross-fitted)" if cross_fit else "", cal.k, cal.gamma,
                  cal.coverage_before, cal.coverage_after, cal.coverage_top_before, cal.coverage_top_after)

@@ -980,7 +980,8 @@ def summary_text(df: pd.DataFrame, config_name: str, header: Sequence[str], mode
         lines += ["", "Interval calibration (model rows): coverage90_* are the model's intervals stretched about "
                       "their mean by s_g = max(1, k sqrt(1 + (gamma |m_g| / h_g)^2)) (pyro_pvae.metrics.IntervalCalibration; "
                       f"only widened, never narrowed), fitted {how}, each pair scored on half of its training cells "
-                      "with its top-20 genes chosen on the other half; coverage90_*_uncalibrated are the raw "
+                      "with its top-20 DE genes chosen on the other half (the t-test the benchmark uses); "
+                      "coverage90_*_uncalibrated are the raw "
                       "intervals. Per seed:", "",
                   "| seed | training pairs | k | gamma | their coverage, all genes (raw -> calibrated) | "
                   "top-20 genes (chosen on the other half of their cells) |", "|---|---|---|---|---|---|"]

@@ -48,14 +48,14 @@ def oracle_z_inv(adata, idx, n_iter: int = 200):
     zp = torch.as_tensor(adata.obsm["z_pert_true"][idx], dtype=torch.float64)
     log_lib = torch.as_tensor(np.log(adata.obs["library_true"].to_numpy()[idx]), dtype=torch.float64)
 
-    def objective(z_inv):  # negative log posterior summed over cells (independent across cells)
+    def neg_log_posterior(z_inv):  # per cell (cells are independent)
         z = torch.cat([z_inv, zp], -1)
         logits = base + z @ A.T
         if nonlinear:
             logits = logits + (torch.tanh(z @ C.T + b) - torch.tanh(b)) @ B.T
         log_mu = log_lib.unsqueeze(-1) + torch.log_softmax(logits, -1)
         nb = torch.distributions.NegativeBinomial(total_count=theta, logits=log_mu - theta.log())
-        return -(nb.log_prob(x).sum() - 0.5 * (z_inv ** 2).sum())
+        return -(nb.log_prob(x).sum(-1) - 0.5 * (z_inv ** 2).sum(-1))
 
     best, best_val = None, None
     for start in (torch.zeros(len(idx), D, dtype=torch.float64),
@@ -65,19 +65,13 @@ def oracle_z_inv(adata, idx, n_iter: int = 200):
 
         def closure():
             opt.zero_grad()
-            loss = objective(z)
+            loss = neg_log_posterior(z).sum()
             loss.backward()
             return loss
 
         opt.step(closure)
-        with torch.no_grad():  # per-cell objective, to keep each cell's better optimum
-            zz = torch.cat([z, zp], -1)
-            logits = base + zz @ A.T
-            if nonlinear:
-                logits = logits + (torch.tanh(zz @ C.T + b) - torch.tanh(b)) @ B.T
-            log_mu = log_lib.unsqueeze(-1) + torch.log_softmax(logits, -1)
-            nb = torch.distributions.NegativeBinomial(total_count=theta, logits=log_mu - theta.log())
-            val = -(nb.log_prob(x).sum(-1) - 0.5 * (z ** 2).sum(-1))
+        with torch.no_grad():  # keep each cell's better optimum of the two starts
+            val = neg_log_posterior(z)
         if best is None:
             best, best_val = z.detach().clone(), val
         else:

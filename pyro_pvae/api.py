@@ -357,23 +357,29 @@ class PerturbedVAE:
         also shaped the fit. Stored as ``self.interval_calibration`` (used by
         ``predict_change_samples(..., calibrated=True)`` and saved with the model); None when
         training has no such double."""
+        from functools import cache
+
         from .metrics import top_de_genes
 
         X = self.adata.X
         cells = lambda g: np.asarray(lognormalize(np.asarray(to_dense(X[np.sort(g)]))))  # noqa: E731
-        ctrl = cells(self.control_idx)
+
+        @cache  # the training controls, log-normalised once and only when there are pairs to calibrate on
+        def controls():
+            ctrl = cells(self.control_idx)
+            return ctrl, ctrl.mean(0)
 
         def changes(groups):  # mean log-normalised expression minus that of the training controls
-            return [cells(g).mean(0) - ctrl.mean(0) for g in groups]
+            return [cells(g).mean(0) - controls()[1] for g in groups]
 
         def top_genes(groups):  # the benchmark's top-20 DE genes of each group, as 0/1 per gene
-            return [np.isin(self.gene_names, top_de_genes(cells(g), ctrl, self.gene_names)).astype(float)
+            return [np.isin(self.gene_names, top_de_genes(cells(g), controls()[0], self.gene_names)).astype(float)
                     for g in groups]
 
-        def draws(source, cells):
-            d = source.predict_change_draws({c: [n] for c, n in cells.items()}, n_draws=n_draws, seed=seed,
+        def draws(source, n_cells):
+            d = source.predict_change_draws({c: [n] for c, n in n_cells.items()}, n_draws=n_draws, seed=seed,
                                             n_control_cells=len(self.control_idx))
-            return [d[c][0] for c in cells]
+            return [d[c][0] for c in n_cells]
 
         self.interval_calibration = self.calibrate_on_pairs(changes, draws, seed, level, min_cells, max_pairs, cross_fit,
                                                             select=top_genes)

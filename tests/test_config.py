@@ -192,3 +192,12 @@ def test_calibrate_intervals_takes_a_mode_and_names_the_choices():
         compose("tiny", ["benchmark.calibrate_intervals=yes"])
     with pytest.raises(ConfigError, match="benchmark.calibrate_intervals must be a string, got True"):
         compose("tiny", ["benchmark.calibrate_intervals=true"])
+
+
+def test_prediction_start_takes_training_or_controls():
+    """model.prediction_start: 'training' by default; a wrong value (e.g. 'control') is a
+    ConfigError naming both choices, raised when the settings are composed, before any data."""
+    assert ModelConfig().prediction_start == "training"
+    assert compose("norman", ["model.prediction_start=controls"]).model.prediction_start == "controls"
+    with pytest.raises(ConfigError, match=r"model.prediction_start must be 'training' or 'controls', got 'control'"):
+        compose("norman", ["model.prediction_start=control"])

@@ -511,12 +511,19 @@ class PerturbedVAE:
         return self.module.w_mean().detach().cpu().numpy()
 
     @torch.no_grad()
-    def latents(self, adata: ad.AnnData | None = None, idx=None) -> dict[str, np.ndarray]:
-        """Posterior means of z_inv and z_pert for cells of ``adata`` (default: the training data)."""
+    def latents(self, adata: ad.AnnData | None = None, idx=None, refine_steps: int = 0) -> dict[str, np.ndarray]:
+        """Posterior means of z_inv and z_pert for cells of ``adata`` (default: the training data).
+
+        ``refine_steps > 0``: each cell's posterior is refined from the encoders' output by that
+        many optimisation steps of its own ELBO (semi-amortised inference,
+        ``PerturbedVAEModule.refine_local_posteriors``; about 300 steps converge): closer to the
+        model's posterior, at a cost linear in the cells."""
         adata = self.adata if adata is None else adata
         if adata is None:
             raise ValueError("latents() needs cells: pass adata=..., or load the run with load_run(path, "
                              "with_data=True)")
+        if int(refine_steps) != refine_steps or refine_steps < 0:
+            raise ValueError(f"latents(): refine_steps must be a whole number >= 0, got {refine_steps!r}")
         idx = np.arange(adata.n_obs) if idx is None else np.asarray(idx)
         cond = adata.obs["condition"].astype(str).to_numpy()[idx]
         U = self.perturbation_matrix(cond, unknown="ignore")
@@ -526,7 +533,7 @@ class PerturbedVAE:
             rows = idx[start:start + 4096]
             x = torch.as_tensor(to_dense(adata.X[rows]), device=self.device)
             u = torch.as_tensor(U[start:start + 4096], device=self.device)
-            zi, zp = self.module.latent_means(x, u)
+            zi, zp = self.module.latent_means(x, u, refine_steps=refine_steps)
             z_inv.append(zi.cpu().numpy())
             z_pert.append(zp.cpu().numpy())
         return {"z_inv": np.concatenate(z_inv), "z_pert": np.concatenate(z_pert)}

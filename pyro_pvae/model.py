@@ -731,11 +731,18 @@ class PerturbedVAEModule(nn.Module):
         return {k: v.detach() for k, v in out.items()}
 
     @torch.no_grad()
-    def latent_means(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def latent_means(self, x: torch.Tensor, u: torch.Tensor, refine_steps: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior means of z_inv and of z_pert: the encoder location from the control centre
         (group: from the cell's group centre), plus (group, noncentered) the cell's shift
         ``(I - W)^{-1} shift(u)`` at the posterior means. Call in eval mode (training mode
-        would move the group centres)."""
+        would move the group centres). ``refine_steps > 0``: the means of each cell's refined
+        posterior (:meth:`refine_local_posteriors`), ``z_pert = (I - W)^{-1}(e + shift(u))``."""
+        if refine_steps > 0:
+            g = self.global_means()
+            c = self.composition(u, g.get("c2"), g.get("pair_log_c"))
+            shift = self.shift(u, self.effect_mean(), c, g.get("pair_effect"))
+            m, _, e, _ = self.refine_local_posteriors(x, u, refine_steps)
+            return m, propagate(e + shift, g["W"])
         xn = lognormalize(x)
         z_loc = self.pert_encoder(torch.cat([xn, u], -1))[0]
         z_pert = z_loc - self.group_reference(z_loc, u, self.running_control_center)
@@ -744,6 +751,52 @@ class PerturbedVAEModule(nn.Module):
             c = self.composition(u, g.get("c2"), g.get("pair_log_c"))
             z_pert = z_pert + propagate(self.shift(u, self.effect_mean(), c, g.get("pair_effect")), g["W"])
         return self.inv_encoder(xn)[0], z_pert
+
+    def refine_local_posteriors(self, x: torch.Tensor, u: torch.Tensor, steps: int = 300, lr: float = 0.05,
+                                seed: int = 0) -> tuple[torch.Tensor, ...]:
+        r"""Semi-amortised inference: each cell's ``q(z_inv) = N(m, s)`` and ``q(eps) = N(e, s')``,
+        started at the encoders' outputs, moved towards a maximum of that cell's own ELBO with the
+        globals at their posterior means,
+
+        .. math::
+
+            \mathbb E_q[\log p(x \mid z_{inv}, (I - W)^{-1}(\varepsilon + c\,u\,\delta))]
+            - \mathrm{KL}(q(z_{inv}) \| \mathcal N(0, I)) - \mathrm{KL}(q(\varepsilon) \| \mathcal N(0, I)),
+
+        by ``steps`` Adam steps on ``(m, log s, e, log s')`` (one reparameterised draw per step,
+        learning rate decaying linearly to 0). The encoders are one network for all cells, trained
+        beside the alignment penalty, so their outputs are not each cell's optimum (the
+        amortisation gap); the refined posterior is the model's, without the alignment. The
+        likelihood is :meth:`model`'s own (every option), run with the globals and the cell's draws
+        conditioned. Returns ``(m, s, e, s')``, each (cells, dim)."""
+        glob = {k: v for k, v in self.global_means().items() if k in GLOBAL_SITES}
+        n = x.shape[0]
+        with torch.no_grad():
+            q = poutine.trace(poutine.condition(self.guide, data=glob)).get_trace(x, u, n_cells=n).nodes
+            start = [(q[k]["fn"].base_dist.loc.squeeze(-2), q[k]["fn"].base_dist.scale.squeeze(-2)) for k in LOCAL_SITES]
+        params = [t.detach().clone().requires_grad_(True) for loc, scale in start for t in (loc, scale.log())]
+        opt = torch.optim.Adam(params, lr=lr)
+        decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - t / steps)
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+
+        def kl_to_standard_normal(loc, log_scale):
+            return (0.5 * (loc ** 2 + (2 * log_scale).exp() - 1) - log_scale).sum()
+
+        with torch.enable_grad():
+            for _ in range(steps):
+                draws = {name: (loc + log_scale.exp() * torch.randn(loc.shape, generator=gen, device=x.device,
+                                                                  dtype=loc.dtype)).unsqueeze(-2)
+                         for name, loc, log_scale in zip(LOCAL_SITES, params[0::2], params[1::2])}
+                run = poutine.trace(poutine.condition(self.model, data={**glob, **draws})).get_trace(x, u, n_cells=n)
+                loss = -run.nodes["x"]["fn"].log_prob(x).sum() + sum(
+                    kl_to_standard_normal(loc, log_scale) for loc, log_scale in zip(params[0::2], params[1::2]))
+                grads = torch.autograd.grad(loss, params)  # the module's own parameters stay untouched
+                for p, g in zip(params, grads):
+                    p.grad = g
+                opt.step()
+                decay.step()
+        m, log_s, e, log_s_eps = (p.detach() for p in params)
+        return m, log_s.exp(), e, log_s_eps.exp()
 
     # ---- re-expression in another z_pert basis -------------------------------------------
     @torch.no_grad()

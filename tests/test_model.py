@@ -810,3 +810,26 @@ def test_calibration_scores_the_top_genes_the_benchmark_would_choose(tiny_fit, m
     pairs = vae.calibration_pairs()
     vae.calibrate_intervals(n_draws=5, cross_fit=False)
     assert len(calls) == len(pairs) > 0
+
+
+@pytest.mark.slow  # uses the 100-epoch tiny fit
+def test_refined_posteriors_recover_the_invariant_latents_better(tiny_fit):
+    """Semi-amortised inference: moving each cell's posterior from the encoders' output to its own
+    ELBO optimum recovers the simulation's true z_inv better (tiny preset: R^2 0.12 -> 0.20), has
+    converged by 100 steps and leaves the shared module untouched."""
+    from pyro_pvae import identifiability as idf
+
+    adata, split, vae = tiny_fit
+    idx = np.asarray(split.train_idx)
+    truth = adata.obsm["z_inv_true"][idx]
+    before = {k: v.detach().clone() for k, v in vae.module.state_dict().items()}
+    encoder = vae.latents(adata, idx)
+    refined = vae.latents(adata, idx, refine_steps=300)
+    r2_encoder = idf.linear_r2(encoder["z_inv"], truth, seed=0)
+    r2_refined = idf.linear_r2(refined["z_inv"], truth, seed=0)
+    assert r2_refined > r2_encoder + 0.03, (r2_encoder, r2_refined)
+    shorter = vae.latents(adata, idx[:200], refine_steps=100)
+    assert np.abs(shorter["z_inv"] - refined["z_inv"][:200]).mean() < 0.1 * np.abs(refined["z_inv"][:200]).mean()
+    assert all(torch.equal(before[k], v) for k, v in vae.module.state_dict().items())
+    with pytest.raises(ValueError, match="refine_steps must be a whole number >= 0, got -1"):
+        vae.latents(adata, idx, refine_steps=-1)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -19,6 +20,7 @@ import pandas as pd
 import pyro
 import scipy.sparse as sp
 import torch
+from tqdm.auto import tqdm
 
 from . import data as D
 from .config import ModelConfig, TrainConfig
@@ -516,20 +518,22 @@ class PerturbedVAE:
 
         ``refine_steps > 0``: each cell's posterior is refined from the encoders' output by that
         many optimisation steps of its own ELBO (semi-amortised inference,
-        ``PerturbedVAEModule.refine_local_posteriors``; about 300 steps converge): closer to the
-        model's posterior, at a cost linear in the cells."""
+        ``PerturbedVAEModule.refine_local_posteriors``; 100 steps converged on the simulations): closer
+        to the model's posterior, at a cost linear in the cells (a progress bar per block of 4,096)."""
         adata = self.adata if adata is None else adata
         if adata is None:
             raise ValueError("latents() needs cells: pass adata=..., or load the run with load_run(path, "
                              "with_data=True)")
-        if int(refine_steps) != refine_steps or refine_steps < 0:
+        if isinstance(refine_steps, bool) or not isinstance(refine_steps, (int, np.integer)) or refine_steps < 0:
             raise ValueError(f"latents(): refine_steps must be a whole number >= 0, got {refine_steps!r}")
         idx = np.arange(adata.n_obs) if idx is None else np.asarray(idx)
         cond = adata.obs["condition"].astype(str).to_numpy()[idx]
         U = self.perturbation_matrix(cond, unknown="ignore")
         self.module.eval()
         z_inv, z_pert = [], []
-        for start in range(0, len(idx), 4096):
+        starts = range(0, len(idx), 4096)
+        for start in tqdm(starts, desc="refining posteriors", disable=refine_steps == 0 or len(starts) < 2,
+                          file=sys.stderr):
             rows = idx[start:start + 4096]
             x = torch.as_tensor(to_dense(adata.X[rows]), device=self.device)
             u = torch.as_tensor(U[start:start + 4096], device=self.device)

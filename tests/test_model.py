@@ -831,5 +831,6 @@ def test_refined_posteriors_recover_the_invariant_latents_better(tiny_fit):
     shorter = vae.latents(adata, idx[:200], refine_steps=100)
     assert np.abs(shorter["z_inv"] - refined["z_inv"][:200]).mean() < 0.1 * np.abs(refined["z_inv"][:200]).mean()
     assert all(torch.equal(before[k], v) for k, v in vae.module.state_dict().items())
-    with pytest.raises(ValueError, match="refine_steps must be a whole number >= 0, got -1"):
-        vae.latents(adata, idx, refine_steps=-1)
+    for bad in (-1, 1.5, "100"):
+        with pytest.raises(ValueError, match=f"refine_steps must be a whole number >= 0, got {bad!r}"):
+            vae.latents(adata, idx, refine_steps=bad)

@@ -74,6 +74,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from torch import nn
+from torch.distributions import kl_divergence
 from torch.nn.functional import softplus
 
 from .config import ModelConfig
@@ -737,19 +738,17 @@ class PerturbedVAEModule(nn.Module):
         ``(I - W)^{-1} shift(u)`` at the posterior means. Call in eval mode (training mode
         would move the group centres). ``refine_steps > 0``: the means of each cell's refined
         posterior (:meth:`refine_local_posteriors`), ``z_pert = (I - W)^{-1}(e + shift(u))``."""
+        g = self.global_means()
+        shift = self.shift(u, self.effect_mean(), self.composition(u, g.get("c2"), g.get("pair_log_c")),
+                           g.get("pair_effect"))
         if refine_steps > 0:
-            g = self.global_means()
-            c = self.composition(u, g.get("c2"), g.get("pair_log_c"))
-            shift = self.shift(u, self.effect_mean(), c, g.get("pair_effect"))
             m, _, e, _ = self.refine_local_posteriors(x, u, refine_steps)
             return m, propagate(e + shift, g["W"])
         xn = lognormalize(x)
         z_loc = self.pert_encoder(torch.cat([xn, u], -1))[0]
         z_pert = z_loc - self.group_reference(z_loc, u, self.running_control_center)
         if self.cfg.parameterisation != "centered":
-            g = self.global_means()
-            c = self.composition(u, g.get("c2"), g.get("pair_log_c"))
-            z_pert = z_pert + propagate(self.shift(u, self.effect_mean(), c, g.get("pair_effect")), g["W"])
+            z_pert = z_pert + propagate(shift, g["W"])
         return self.inv_encoder(xn)[0], z_pert
 
     def refine_local_posteriors(self, x: torch.Tensor, u: torch.Tensor, steps: int = 300, lr: float = 0.05,
@@ -778,9 +777,7 @@ class PerturbedVAEModule(nn.Module):
         opt = torch.optim.Adam(params, lr=lr)
         decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - t / steps)
         gen = torch.Generator(device=x.device).manual_seed(seed)
-
-        def kl_to_standard_normal(loc, log_scale):
-            return (0.5 * (loc ** 2 + (2 * log_scale).exp() - 1) - log_scale).sum()
+        standard = dist.Normal(torch.zeros((), device=x.device), 1.0)
 
         with torch.enable_grad():
             for _ in range(steps):
@@ -789,7 +786,8 @@ class PerturbedVAEModule(nn.Module):
                          for name, loc, log_scale in zip(LOCAL_SITES, params[0::2], params[1::2])}
                 run = poutine.trace(poutine.condition(self.model, data={**glob, **draws})).get_trace(x, u, n_cells=n)
                 loss = -run.nodes["x"]["fn"].log_prob(x).sum() + sum(
-                    kl_to_standard_normal(loc, log_scale) for loc, log_scale in zip(params[0::2], params[1::2]))
+                    kl_divergence(dist.Normal(loc, log_scale.exp()), standard).sum()
+                    for loc, log_scale in zip(params[0::2], params[1::2]))
                 grads = torch.autograd.grad(loss, params)  # the module's own parameters stay untouched
                 for p, g in zip(params, grads):
                     p.grad = g

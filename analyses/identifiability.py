@@ -122,9 +122,19 @@ def _exogenous(adata, idx) -> np.ndarray:
     return out
 
 
-def fit_and_score(cond: dict, seed: int, n_threads: int = 1) -> list[dict]:
+def fit_and_score(cond: dict, seed: int, n_threads: int = 1, blas_threads: int = 1) -> list[dict]:
     """Simulate, fit and score one condition x seed; rows ``{condition, factor, level, seed,
-    score, value}``."""
+    score, value}``. ``n_threads``: torch threads; ``blas_threads``: numpy's and scipy's BLAS
+    threads (whatever OMP_NUM_THREADS says). The fit is chaotic: a change in the last bits of the
+    simulated data (numpy's BLAS sums in another order with more threads) can end SVI in another
+    optimum, so a result is reproducible bit for bit only at the same thread counts."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=max(1, int(blas_threads)), user_api="blas"):
+        return _fit_and_score(cond, seed, n_threads)
+
+
+def _fit_and_score(cond: dict, seed: int, n_threads: int) -> list[dict]:
     import torch
 
     torch.set_num_threads(max(1, int(n_threads)))
@@ -229,8 +239,8 @@ def _ridge_r2(X, Y, seed: int) -> float:
     return float(r2_score(Y[te], fit.predict(X[te]), multioutput="variance_weighted"))
 
 
-def _job(cond, seed, n_threads, rows_dir):
-    rows = fit_and_score(cond, seed, n_threads)
+def _job(cond, seed, n_threads, rows_dir, blas_threads=1):
+    rows = fit_and_score(cond, seed, n_threads, blas_threads)
     if rows_dir is not None:
         pd.DataFrame(rows).to_csv(Path(rows_dir) / f"{cond['name']}__{seed}.csv", index=False)
     return rows
@@ -241,8 +251,9 @@ def _job(cond, seed, n_threads, rows_dir):
 # --------------------------------------------------------------------------------------------
 def run_study(grid="small", seeds: int | None = None, out: str | os.PathLike | None = None,
               jobs: int = 1, threads: int = 1, only: list[str] | None = None, fresh: bool = False,
-              figures: bool = True, progress: bool = True) -> pd.DataFrame:
-    """Run the grid; write results.csv, summary.md and figures into ``out``; return the rows."""
+              figures: bool = True, progress: bool = True, blas_threads: int = 1) -> pd.DataFrame:
+    """Run the grid; write results.csv, summary.md and figures into ``out``; return the rows.
+    ``threads`` / ``blas_threads``: torch / BLAS threads per fit (:func:`fit_and_score`)."""
     from tqdm.auto import tqdm
 
     g = load_grid(grid)
@@ -267,13 +278,14 @@ def run_study(grid="small", seeds: int | None = None, out: str | os.PathLike | N
     if jobs <= 1:
         for c, seed in tasks:
             bar.set_postfix_str(f"{c['name']} seed {seed}")
-            rows += _job(c, seed, threads, rows_dir)
+            rows += _job(c, seed, threads, rows_dir, blas_threads)
             bar.update()
     else:
         import multiprocessing as mp
 
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-            futs = {ex.submit(_job, c, seed, threads, str(rows_dir)): (c["name"], seed) for c, seed in tasks}
+            futs = {ex.submit(_job, c, seed, threads, str(rows_dir), blas_threads): (c["name"], seed)
+                    for c, seed in tasks}
             for fut in as_completed(futs):
                 rows += fut.result()
                 bar.set_postfix_str("%s seed %d" % futs[fut])
@@ -398,13 +410,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default analyses/results/identifiability_<grid>/)")
     ap.add_argument("--jobs", type=int, default=1, help="fits in parallel processes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per fit")
+    ap.add_argument("--blas-threads", type=int, default=1,
+                    help="numpy/scipy BLAS threads per fit (results are bitwise reproducible at equal thread counts)")
     ap.add_argument("--only", nargs="*", default=None, help="run only these conditions")
     ap.add_argument("--fresh", action="store_true", help="ignore per-fit results of earlier runs")
     ap.add_argument("--no-figures", action="store_true")
     args = ap.parse_args(argv)
     t0 = time.time()
     df = run_study(args.grid, args.seeds, args.out, jobs=args.jobs, threads=args.threads, only=args.only,
-                   fresh=args.fresh, figures=not args.no_figures)
+                   fresh=args.fresh, figures=not args.no_figures, blas_threads=args.blas_threads)
     conds = resolve_conditions(load_grid(args.grid))
     print(summary_table(df, conds).to_string())
     print(f"wall time {time.time() - t0:.0f} s")

@@ -179,6 +179,9 @@ def main(argv) -> str:
     ap.add_argument("--fit", action="store_true", help="also fit the study's model: encoder vs refined R^2")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")  # as the study's fits (bitwise reproducible: fit_and_score)
     grid = load_grid(args.grid)
     conds = {c["name"]: c for c in resolve_conditions(grid)}
     unknown = [c for c in args.conditions if c not in conds]

@@ -202,3 +202,20 @@ def test_oracle_bounds_known_answers():
     test = np.random.default_rng(3).permutation(len(idx))[int(round(0.5 * len(idx))):]
     share = perturbed[test].mean()
     assert share * r2["perturbed"] + (1 - share) * r2["controls"] == pytest.approx(r2["all"], abs=1e-9)
+
+
+def test_fit_and_score_fixes_blas_threads(monkeypatch):
+    """The study's fits run with the BLAS threads it is given, whatever the environment (numpy's
+    BLAS sums in another order with more threads, and SVI carries the rounding to other optima)."""
+    from threadpoolctl import threadpool_info
+
+    study = _study()
+    seen = {}
+
+    def inside(cond, seed, n_threads):
+        seen["blas"] = {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+        return []
+
+    monkeypatch.setattr(study, "_fit_and_score", inside)
+    study.fit_and_score({}, 0, n_threads=1, blas_threads=1)
+    assert seen["blas"] == {1}

@@ -124,14 +124,9 @@ def group_r2(z_hat, z_true, perturbed, seed: int) -> dict:
     the scale of ``all``."""
     from pyro_pvae import identifiability as idf
 
-    n = len(z_hat)
-    perm = np.random.default_rng(seed).permutation(n)  # linear_r2's split
-    n_tr = min(max(int(round(0.5 * n)), 2), n - 2)
-    tr, te = perm[:n_tr], perm[n_tr:]
-    Z = np.c_[z_hat, np.ones(n)]
-    coef = np.linalg.lstsq(Z[tr], z_true[tr], rcond=None)[0]
-    sq_err = ((z_true[te] - Z[te] @ coef) ** 2).sum(1)
-    total = ((z_true[te] - z_true[te].mean(0)) ** 2).sum(1).mean()
+    te, resid, y = idf.heldout_linear_fit(z_hat, z_true, seed=seed)
+    sq_err = (resid ** 2).sum(1)
+    total = ((y - y.mean(0)) ** 2).sum(1).mean()
     return {"all": idf.linear_r2(z_hat, z_true, seed=seed),
             "controls": float(1 - sq_err[~perturbed[te]].mean() / total),
             "perturbed": float(1 - sq_err[perturbed[te]].mean() / total)}

@@ -47,6 +47,7 @@ __all__ = [
     "hungarian_match",
     "mcc",
     "linear_r2",
+    "heldout_linear_fit",
     "match_effects",
     "pip_scores",
     "average_precision",
@@ -125,13 +126,10 @@ def mcc(z_true, z_hat) -> Matching:
     return hungarian_match(abs_corr(z_true, z_hat))
 
 
-def linear_r2(z_from, z_to, seed: int = 0, train_fraction: float = 0.5) -> float:
-    """Held-out R^2 of the least-squares linear prediction (with intercept) of ``z_to`` from
-    ``z_from``: fit on a random ``train_fraction`` of the rows, score on the rest.
-
-    R^2 = 1 - SSE / SST summed over all output dimensions (variance-weighted); can be
-    negative for a map worse than the held-out mean.
-    """
+def heldout_linear_fit(z_from, z_to, seed: int = 0, train_fraction: float = 0.5):
+    """The least-squares linear map (with intercept) of :func:`linear_r2`, fitted on a random
+    ``train_fraction`` of the rows: returns the held-out row indices, their residuals and their
+    targets (``z_to`` rows), so callers can split the held-out error (e.g. by cell group)."""
     X, Y = _as2d(z_from), _as2d(z_to)
     n = X.shape[0]
     if Y.shape[0] != n:
@@ -144,8 +142,19 @@ def linear_r2(z_from, z_to, seed: int = 0, train_fraction: float = 0.5) -> float
     tr, te = perm[:n_tr], perm[n_tr:]
     Xa = np.hstack([X, np.ones((n, 1))])
     coef, *_ = np.linalg.lstsq(Xa[tr], Y[tr], rcond=None)
-    resid = Y[te] - Xa[te] @ coef
-    sst = ((Y[te] - Y[te].mean(0)) ** 2).sum()
+    return te, Y[te] - Xa[te] @ coef, Y[te]
+
+
+def linear_r2(z_from, z_to, seed: int = 0, train_fraction: float = 0.5) -> float:
+    """Held-out R^2 of the least-squares linear prediction (with intercept) of ``z_to`` from
+    ``z_from``: fit on a random ``train_fraction`` of the rows, score on the rest
+    (:func:`heldout_linear_fit`).
+
+    R^2 = 1 - SSE / SST summed over all output dimensions (variance-weighted); can be
+    negative for a map worse than the held-out mean.
+    """
+    _, resid, Y = heldout_linear_fit(z_from, z_to, seed, train_fraction)
+    sst = ((Y - Y.mean(0)) ** 2).sum()
     return float(1.0 - (resid ** 2).sum() / sst) if sst > 0 else np.nan
 
 

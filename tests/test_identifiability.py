@@ -11,11 +11,16 @@ from pyro_pvae import identifiability as idf
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _study():
-    spec = importlib.util.spec_from_file_location("identifiability_study", REPO / "analyses" / "identifiability.py")
+def _analysis(name: str):
+    """The script analyses/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(f"analysis_{name}", REPO / "analyses" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _study():
+    return _analysis("identifiability")
 
 
 # ---------------------------------------------------------------------------- MCC
@@ -167,20 +172,13 @@ def test_grids_resolve():
             ModelConfig.from_dict(c["model"]), TrainConfig.from_dict(c["train"])
 
 
-def _bounds():
-    spec = importlib.util.spec_from_file_location("inv_recovery_bound", REPO / "analyses" / "inv_recovery_bound.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_oracle_bounds_known_answers():
     """analyses/inv_recovery_bound.py: with deep sequencing the joint oracle (true globals,
     z_inv and eps inferred) recovers both blocks; the exogenous latents equal z_pert exactly when
     the DAG has no edge and not when it has; the by-group R^2s average to the study's linear_r2."""
     from pyro_pvae.simulate import simulate
 
-    bounds = _bounds()
+    bounds = _analysis("inv_recovery_bound")
     study = _study()
     small = dict(n_genes=120, n_inv_latents=2, n_pert_latents=3, n_singles=6, n_doubles=0, cells_per_single=25,
                  n_control=60, library_median=20000, inv_scale=0.4, pert_scale=0.4, effect_size=2.0)

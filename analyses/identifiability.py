@@ -402,15 +402,26 @@ def make_figures(df: pd.DataFrame, conds: list[dict], grid: dict, out: Path) -> 
     return paths
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (thread and job counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or str(value) != text.strip():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", default="small", help="small | full | path to a grid YAML")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per condition (default: the grid's)")
     ap.add_argument("--out", default=None, help="output folder (default analyses/results/identifiability_<grid>/)")
-    ap.add_argument("--jobs", type=int, default=1, help="fits in parallel processes")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per fit")
-    ap.add_argument("--blas-threads", type=int, default=1,
+    ap.add_argument("--jobs", type=_positive_int, default=1, help="fits in parallel processes")
+    ap.add_argument("--threads", type=_positive_int, default=1, help="torch threads per fit")
+    ap.add_argument("--blas-threads", type=_positive_int, default=1,
                     help="numpy/scipy BLAS threads per fit (results are bitwise reproducible at equal thread counts)")
     ap.add_argument("--only", nargs="*", default=None, help="run only these conditions")
     ap.add_argument("--fresh", action="store_true", help="ignore per-fit results of earlier runs")

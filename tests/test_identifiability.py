@@ -217,3 +217,13 @@ def test_fit_and_score_fixes_blas_threads(monkeypatch):
     monkeypatch.setattr(study, "_fit_and_score", inside)
     study.fit_and_score({}, 0, n_threads=1, blas_threads=1)
     assert seen["blas"] == {1}
+
+
+@pytest.mark.parametrize("flag", ["--blas-threads", "--threads", "--jobs"])
+@pytest.mark.parametrize("bad", ["0", "-2", "1.5", "two"])
+def test_study_cli_rejects_bad_thread_counts(flag, bad, capsys):
+    study = _study()
+    with pytest.raises(SystemExit) as exc:
+        study.main(["--grid", "small", flag, bad])
+    assert exc.value.code == 2
+    assert f"expected a whole number >= 1, got {bad!r}" in capsys.readouterr().err

@@ -29,7 +29,9 @@ for step in $STEPS; do
            benchmark.n_pred_cells=100 benchmark.n_change_draws=20 output.run_dir=$R/benchmark_simulation ;;
     # the options and schedules compared in README.md (not in the default list: about 5 hours). Every
     # option here except the 40-epoch simulation was measured at the previous default alignment weight,
-    # 2 (model.alpha=2); the *_alpha2 folders are the presets at weight 2, for the comparison with 10
+    # 2 (model.alpha=2); the *_alpha2 folders are the presets at weight 2, for the comparison with 10.
+    # The real-subset variants were measured before the norman preset had the library-size model,
+    # so they run with model.library_model=false
     variants)
          SIM0="$PY -m pyro_pvae.benchmark --config simulation +split.kwargs.single_test_fraction=0.0 benchmark.n_pred_cells=100 benchmark.n_change_draws=20"
          SIM="$SIM0 model.alpha=2"
@@ -47,7 +49,7 @@ for step in $STEPS; do
          # predictions from the training controls only (the default before model.prediction_start)
          rm -rf $R/benchmark_norman_start_controls
          $PY -m pyro_pvae.benchmark --config norman "benchmark.methods=[PerturbedVAE,linear]" model.prediction_start=controls \
-           output.run_dir=$R/benchmark_norman_start_controls
+           model.library_model=false output.run_dir=$R/benchmark_norman_start_controls
          rm -rf $R/benchmark_simulation_epochs40_alpha2 $R/benchmark_simulation_epochs40
          $SIM "benchmark.methods=[PerturbedVAE,additive,linear]" train.epochs=40 output.run_dir=$R/benchmark_simulation_epochs40_alpha2
          $SIM0 "benchmark.methods=[PerturbedVAE]" train.epochs=40 output.run_dir=$R/benchmark_simulation_epochs40
@@ -86,21 +88,22 @@ for step in $STEPS; do
          # and with the composition options recommended for many training pairs
          rm -rf $R/benchmark_norman_latent50 $R/benchmark_norman_pair_composition_gene_interactions
          rm -rf $R/benchmark_norman_gene_effects $R/benchmark_norman_steps4000 $R/benchmark_norman_alpha2
-         NORMAN="$PY -m pyro_pvae.benchmark --config norman benchmark.methods=[PerturbedVAE,control_mean,additive,additive_shrink,linear] model.alpha=2"
-         NORMAN2="$PY -m pyro_pvae.benchmark --config norman benchmark.methods=[PerturbedVAE,additive] model.alpha=2"
+         NORMAN="$PY -m pyro_pvae.benchmark --config norman benchmark.methods=[PerturbedVAE,control_mean,additive,additive_shrink,linear] model.alpha=2 model.library_model=false"
+         NORMAN2="$PY -m pyro_pvae.benchmark --config norman benchmark.methods=[PerturbedVAE,additive] model.alpha=2 model.library_model=false"
          $NORMAN2 model.latent_pert=50 output.run_dir=$R/benchmark_norman_latent50
          $NORMAN2 model.gene_effects=true output.run_dir=$R/benchmark_norman_gene_effects
          $NORMAN2 train.min_steps=4000 output.run_dir=$R/benchmark_norman_steps4000
          $NORMAN output.run_dir=$R/benchmark_norman_alpha2
          # the default (weight 10) with c2 fixed at 1, and where its level error exceeds linear's
          rm -rf $R/benchmark_norman_c2_fixed
-         $PY -m pyro_pvae.benchmark --config norman "benchmark.methods=[PerturbedVAE]" model.learn_composition=false \
+         $PY -m pyro_pvae.benchmark --config norman "benchmark.methods=[PerturbedVAE]" model.learn_composition=false model.library_model=false \
            output.run_dir=$R/benchmark_norman_c2_fixed
          $PY analyses/level_error.py --out $R/level_error
-         # the library-size model (model.library_model=true): predicted cells' depth follows the perturbation
-         rm -rf $R/benchmark_norman_library_model
-         $PY -m pyro_pvae.benchmark --config norman "benchmark.methods=[PerturbedVAE]" model.library_model=true \
-           output.run_dir=$R/benchmark_norman_library_model
+         # without the library-size model (the norman preset's default before 2026-12-03: predicted
+         # cells keep their start cells' depth), and with it on norman_effects (whose preset has it off)
+         rm -rf $R/benchmark_norman_library_off
+         $PY -m pyro_pvae.benchmark --config norman "benchmark.methods=[PerturbedVAE,control_mean,additive,additive_shrink,linear]" \
+           model.library_model=false output.run_dir=$R/benchmark_norman_library_off
          rm -rf $R/benchmark_norman_effects_library_model
          $PY -m pyro_pvae.benchmark --config norman_effects "benchmark.methods=[PerturbedVAE]" model.library_model=true \
            output.run_dir=$R/benchmark_norman_effects_library_model
@@ -108,7 +111,7 @@ for step in $STEPS; do
          $NORMAN $PC $GI output.run_dir=$R/benchmark_norman_pair_composition_gene_interactions
          $PY analyses/composition_limits.py > $R/composition_limits.md
          mkdir -p $R/point_prediction_noise
-         $PY analyses/point_prediction_noise.py model.alpha=2 | tail -1 > $R/point_prediction_noise/result.json ;;
+         $PY analyses/point_prediction_noise.py model.alpha=2 model.library_model=false | tail -1 > $R/point_prediction_noise/result.json ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -55,11 +55,16 @@ def _leaves(d, prefix=""):
 @pytest.mark.parametrize("path", sorted(p.relative_to(C.CONFIG_DIR).as_posix()
                                         for p in C.CONFIG_DIR.rglob("*.yaml") if p.name != "base.yaml"))
 def test_presets_hold_only_their_differences(path):
+    """Every key of a preset changes what it would otherwise get: the package defaults, with the
+    model / train group presets its defaults list selects laid over them."""
     preset = OmegaConf.to_container(OmegaConf.load(C.CONFIG_DIR / path))
-    preset.pop("defaults", None)
+    selected = [next(iter(d.items())) for d in preset.pop("defaults", []) if isinstance(d, dict)]
     group = path.split("/")[0] if "/" in path else None
     defaults = {"model": ModelConfig().to_dict(), "train": asdict(TrainConfig())}.get(group) or \
         OmegaConf.to_container(OmegaConf.structured(Settings))
+    for key, name in selected:  # e.g. "override /model": "norman"
+        sub = key.split("/")[-1]
+        defaults[sub].update(OmegaConf.to_container(OmegaConf.load(C.CONFIG_DIR / sub / f"{name}.yaml")))
     assert preset, path
     for key, value in _leaves(preset):
         default = OmegaConf.select(OmegaConf.create(defaults), key, default="<no default>")
@@ -201,3 +206,15 @@ def test_prediction_start_takes_training_or_controls():
     assert compose("norman", ["model.prediction_start=controls"]).model.prediction_start == "controls"
     with pytest.raises(ConfigError, match=r"model.prediction_start must be 'training' or 'controls', got 'control'"):
         compose("norman", ["model.prediction_start=control"])
+
+
+def test_library_model_is_on_for_the_real_norman_presets_only():
+    """The real Norman presets model each cell's library size (a perturbation changes the panel's
+    depth there); the simulated presets, whose depth does not depend on the condition, the
+    package default and the paper's settings do not."""
+    assert ModelConfig().library_model is False
+    assert compose("norman").model.library_model and compose("norman_full").model.library_model
+    assert not compose("norman_effects").model.library_model
+    assert not compose("simulation").model.library_model and not compose("tiny").model.library_model
+    assert not compose("norman", ["model=paper"]).model.library_model
+    assert not compose("norman", ["model.library_model=false"]).model.library_model

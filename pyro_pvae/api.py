@@ -503,6 +503,21 @@ class PerturbedVAE:
             "q05": q05.ravel(), "q95": q95.ravel(), "pip": pip.ravel(),
         })
 
+    def library_effects(self, n_draws: int = 500) -> pd.DataFrame:
+        """Tidy posterior of each perturbation's effect lambda_p on the log library size
+        (``model.library_model``): mean, sd, 5%/95% quantiles, and ``fold_change`` = exp(mean),
+        the factor by which a single of p multiplies the controls' total counts. Sorted by
+        |mean|, largest first."""
+        if not self.model_config.library_model:
+            raise ValueError("library_effects() needs a model fitted with model.library_model=true; this one keeps "
+                             "each predicted cell's start depth and has no library effects")
+        with torch.no_grad():
+            lam = sample_globals(self.module, n_draws)["library_effect"][..., 0].cpu().numpy()  # draws x P
+        q05, q95 = np.quantile(lam, [0.05, 0.95], axis=0)
+        out = pd.DataFrame({"perturbation": list(self.vocabulary), "mean": lam.mean(0), "sd": lam.std(0),
+                            "q05": q05, "q95": q95, "fold_change": np.exp(lam.mean(0))})
+        return out.iloc[np.argsort(-np.abs(out["mean"].to_numpy()), kind="stable")].reset_index(drop=True)
+
     def pip(self) -> np.ndarray:
         """Posterior inclusion probabilities, perturbations x latents."""
         return self.module.pip().detach().cpu().numpy()

@@ -2,8 +2,9 @@
 
 The run directory holds the resolved config (``config.yaml``), the split (``split.json``),
 the checkpoint, ``metrics.csv`` and ``training_curves.png``, the fitted model
-(``model.pt``, load with ``pyro_pvae.load_run``) and ``effects.csv`` (posterior of the
-perturbation effects with PIPs). While the fit runs, ``.lock`` in the directory names the
+(``model.pt``, load with ``pyro_pvae.load_run``), ``effects.csv`` (posterior of the
+perturbation effects with PIPs) and, with ``model.library_model``, ``library_effects.csv`` (each
+perturbation's effect on the log library size). While the fit runs, ``.lock`` in the directory names the
 process holding it; a second fit refuses to share the directory, and a fit that fails keeps
 only what ``train.resume=true`` needs (``pyro_pvae/rundir.py``).
 """
@@ -39,6 +40,9 @@ def run(name: str, overrides: list[str]):
         seconds = time.perf_counter() - t0
         effects = vae.effects()
         atomic_write(run_dir / "effects.csv", lambda tmp: effects.to_csv(tmp, index=False))
+        library = vae.library_effects() if vae.model_config.library_model else None
+        if library is not None:
+            atomic_write(run_dir / "library_effects.csv", lambda tmp: library.to_csv(tmp, index=False))
         spread = vae.invariant_spread()
         summary = {"cells": adata.n_obs, "genes": adata.n_vars, "perturbations": len(vae.vocabulary),
                    "epochs": len(vae.history), "seconds": round(seconds, 1),
@@ -59,6 +63,9 @@ def run(name: str, overrides: list[str]):
               "1/sqrt(cells per perturbation) wide; README, Signal imbalance)")
     print(f"invariant latents: mean across-cell sd of the z_inv posterior means {spread:.3f} "
           "(near 0: collapsed, carrying no cell state)")
+    if library is not None:
+        top = ", ".join(f"{r.perturbation} x{r.fold_change:.2f}" for r in library.head(3).itertuples())
+        print(f"library size: the perturbations that change the total counts most (library_effects.csv): {top}")
     print(f"outputs in {run_dir}/ : {' '.join(run_dir_claim.files())}")
     print(f"load with: pyro_pvae.load_run('{run_dir}')")
     return vae, run_dir

@@ -548,7 +548,8 @@ def to_inference_data(run_or_model, adata=None, n_draws: int = 200, *, result: P
                       **ppc_kwargs):
     """An :class:`arviz.InferenceData` of the fitted model.
 
-    Groups: ``posterior`` (``delta``, ``gate``, ``slab``, ``pi``, ``W``, ``theta``; dims
+    Groups: ``posterior`` (``delta``, ``gate``, ``slab``, ``pi``, ``W``, ``theta``, and the sites of
+    the options the model has, e.g. ``c2``, ``library_effect``; dims
     ``perturbation``, ``pert_latent``, ``pert_latent_parent``, ``gene``; one chain),
     ``posterior_predictive`` and ``observed_data`` (the PPC statistics of the checked cells:
     per-gene mean/variance/zero fraction, per-cell library size, per (condition, DE gene)
@@ -578,13 +579,15 @@ def to_inference_data(run_or_model, adata=None, n_draws: int = 200, *, result: P
                  "theta": ["gene"], "pi": [], "c2": [], "pair_pi": [], "pair_scale": [],
                  "pair_effect": ["pair", "pert_latent"], "gene_scale": [], "gene_effect": ["perturbation", "gene"],
                  "gene_pair_scale": [], "gene_pair_effect": ["pair", "gene"], "c_spread": [],
-                 "pair_log_c": ["pair"]}
+                 "pair_log_c": ["pair"], "library_effect": ["perturbation"]}
     post = {}
     for name, dims in site_dims.items():
         if name in result.globals:
             v = np.asarray(result.globals[name], dtype=np.float32)
             if name == "W":
                 v = v * np.tril(np.ones((K, K), np.float32), -1)
+            if name == "library_effect":  # (draws, P, 1): one effect on the log library size per perturbation
+                v = v[..., 0]
             post[name] = xr.DataArray(v[None], dims=["chain", "draw", *dims],
                                       coords={d: coords[d] for d in ["chain", "draw", *dims]})
     unit_coords = {"gene": list(result.genes), "cell": list(result.cell_names),

@@ -1,6 +1,7 @@
 """`python -m pyro_pvae.fit`: --help, bad invocations and settings refused before anything is read
 or written, and one short fit on the shipped real cells."""
 import numpy as np
+import pandas as pd
 import pytest
 
 from pyro_pvae import load_run
@@ -79,8 +80,11 @@ def test_short_fit_on_the_shipped_real_norman_cells(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fitted PerturbedVAE on 3375 cells x 500 genes" in out and str(run) in out
     for f in ("config.yaml", "split.json", "checkpoint.pt", "metrics.csv", "training_curves.png", "model.pt",
-              "effects.csv"):
+              "effects.csv", "library_effects.csv"):  # the norman preset models the library size
         assert (run / f).exists(), f
+    assert "library size: the perturbations that change the total counts most (library_effects.csv): " in out
+    lib = pd.read_csv(run / "library_effects.csv")
+    assert list(lib.columns) == ["perturbation", "mean", "sd", "q05", "q95", "fold_change"] and len(lib) == 31
     vae = load_run(run)
     pred = vae.predict(["KLF1+MAP2K6"], n_cells=20, seed=0)
     assert pred.n_obs == 20 and pred.obs["condition"].iloc[0] == "KLF1+MAP2K6"

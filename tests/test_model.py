@@ -628,8 +628,20 @@ def test_library_model_predicts_a_perturbation_that_doubles_the_panel_counts(lib
         vae.reference_labels = sp.csr_matrix(vae.perturbation_matrix(["G0001"] * len(g_rows)), dtype=np.float32)
         back = vae.predict(["control"], n_cells=300, seed=0).X.sum(1).mean() / total["control"]
         assert 0.8 < back < 1.25, back
+        # the fitted effects on the library size say the same: G0001 doubles it, first in the table
+        lib = vae.library_effects(n_draws=200).set_index("perturbation")
+        assert lib.index[0] == "G0001" and 1.6 < lib.loc["G0001", "fold_change"] < 2.5, lib.head()
+        assert lib.loc["G0001", "q05"] < np.log(2) < lib.loc["G0001", "q95"], lib.loc["G0001"]
+        assert 0.8 < lib.loc["G0002", "fold_change"] < 1.25, lib.loc["G0002"]
+        # and the ArviZ export carries them, one per perturbation
+        from pyro_pvae.ppc import to_inference_data
+        post = to_inference_data(vae, adata, n_draws=20, max_cells=200).posterior["library_effect"]
+        assert post.dims == ("chain", "draw", "perturbation")
+        assert abs(float(post.sel(perturbation="G0001").mean()) - lib.loc["G0001", "mean"]) < 0.1
     else:
         assert 0.85 < ratio < 1.15 and 0.85 < other < 1.15, total
+        with pytest.raises(ValueError, match="library_effects\\(\\) needs a model fitted with model.library_model=true"):
+            vae.library_effects()
 
 
 def test_pairs_as_unseen_gives_training_pairs_prior_draws_inside_the_block_only():

@@ -160,7 +160,7 @@ def test_tiny_study_end_to_end(tmp_path):
 
 def test_grids_resolve():
     study = _study()
-    for name in ("small", "full", "capacity", "training"):
+    for name in ("small", "full", "capacity", "training", "decoder"):
         g = study.load_grid(name)
         conds = study.resolve_conditions(g)
         assert conds[0]["name"] == "base"

@@ -166,7 +166,7 @@ class PerturbedVAE:
         cfg = self.model_config
         lines = [f"PerturbedVAE: {cfg.latent_pert} perturbation + {cfg.latent_inv} invariant latents, "
                  f"effect prior {cfg.effect_prior}, likelihood {cfg.likelihood}, alignment {cfg.alignment} "
-                 f"(alpha {cfg.alpha})"]
+                 f"(alpha {cfg.alpha})" + (", library-size model" if cfg.library_model else "")]
         if self.module is not None:
             lines.append(f"  {len(self.gene_names)} genes, {len(self.vocabulary)} perturbations in the vocabulary")
         if self.adata is not None:

@@ -615,6 +615,7 @@ def test_library_model_predicts_a_perturbation_that_doubles_the_panel_counts(lib
                        model=dict(latent_inv=4, latent_pert=4, hidden=32, library_model=library_model),
                        train=dict(epochs=40, min_steps=0, batch_size=128, lr=0.01, progress=False, device="cpu"))
     vae.fit()
+    assert ("library-size model" in repr(vae)) == library_model, repr(vae)
     pred = vae.predict(["control", "G0001", "G0002"], n_cells=300, seed=0)
     pc = pred.obs["condition"].astype(str).to_numpy()
     total = {c: float(np.asarray(pred.X[pc == c].sum(1)).mean()) for c in ("control", "G0001", "G0002")}

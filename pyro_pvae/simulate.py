@@ -13,7 +13,9 @@ Generative process, per cell n (see docs/ARCHITECTURE.md for the canonical AnnDa
   latent cuts its parent edges for the cells that carry that perturbation);
 * gene proportions ``rho = softmax(baseline_logit + f([z_inv, z_pert]))`` with
   ``f(x) = A x + B (tanh(C x + b) - tanh(b))`` (``decoder="nonlinear"``) or ``f(x) = A x``
-  (``decoder="linear"``); mean ``mu = library * rho``;
+  (``decoder="linear"``); mean ``mu = library * rho``, ``log library ~ N(log library_median +
+  sum_p u[c, p] library_effect[p], library_log_sd^2)`` (``library_effect_sd`` > 0: perturbations
+  change the depth, as on real Perturb-seq panels; 0 by default);
 * counts ``~ NegativeBinomial(mean mu, inverse dispersion theta_g)``.
 
 Public API: :func:`simulate`, :data:`PRESETS`, :func:`true_condition_means`,
@@ -159,6 +161,8 @@ _DEFAULTS: dict[str, Any] = dict(
     hidden_gain=1.5,
     library_median=None,      # None -> CALIBRATION['umis_per_gene'] * n_genes
     library_log_sd=CALIBRATION["library_log_sd"],
+    library_effect_sd=0.0,    # sd of each perturbation's effect lambda_p on the log library size (0: depth
+                              # does not depend on the condition; doubles add their singles' lambda)
     baseline_log_sd=CALIBRATION["baseline_log_sd"],
     theta_median=CALIBRATION["theta_median"],
     theta_log_sd=CALIBRATION["theta_log_sd"],
@@ -343,6 +347,9 @@ def _make_truth(cfg: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]
     base = rng.normal(0.0, cfg["baseline_log_sd"], size=G)
     base -= np.log(np.exp(base - base.max()).sum()) + base.max()   # log-proportions at z = 0
     theta = np.exp(np.log(cfg["theta_median"]) + cfg["theta_log_sd"] * rng.normal(size=G))
+    # drawn last, and only when asked for: the other draws (and so every earlier simulation) are unchanged
+    library_effect = rng.normal(0.0, cfg["library_effect_sd"], size=P) if cfg["library_effect_sd"] > 0 \
+        else np.zeros(P)
 
     return {
         "genes": genes,
@@ -367,9 +374,19 @@ def _make_truth(cfg: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]
         "cell_cycle_phase": phase,
         "library_median": float(cfg["library_median"]),
         "library_log_sd": float(cfg["library_log_sd"]),
+        "library_effect": library_effect,
         "n_inv_latents": int(D),
         "n_pert_latents": int(K),
     }
+
+
+def condition_library_shift(truth: Mapping[str, Any], label: str) -> float:
+    """The condition's shift of the log library size: the sum of its targets' ``library_effect``."""
+    effect = truth.get("library_effect")
+    if effect is None:  # a truth simulated before library effects existed
+        return 0.0
+    idx = {str(p): i for i, p in enumerate(np.asarray(truth["perturbations"]))}
+    return float(sum(np.asarray(effect, dtype=np.float64)[idx[t]] for t in parse_condition(label)))
 
 
 def condition_spec(truth: Mapping[str, Any], label: str) -> tuple[np.ndarray, np.ndarray]:
@@ -419,6 +436,7 @@ def _draw_cells(truth: Mapping[str, Any], label: str, n: int, rng: np.random.Gen
     shift, Wc = condition_spec(truth, label)
     IminusW = np.eye(K) - Wc
     theta = np.asarray(truth["theta"], dtype=np.float64)
+    log_library = np.log(truth["library_median"]) + condition_library_shift(truth, label)
     mats, zi, zp, ep, libs = [], [], [], [], []
     for s in range(0, n, chunk_size):
         m = min(chunk_size, n - s)
@@ -429,7 +447,7 @@ def _draw_cells(truth: Mapping[str, Any], label: str, n: int, rng: np.random.Gen
         logits -= logits.max(1, keepdims=True)
         np.exp(logits, out=logits)
         logits /= logits.sum(1, keepdims=True)
-        lib = np.exp(np.log(truth["library_median"]) + truth["library_log_sd"] * rng.normal(size=m))
+        lib = np.exp(log_library + truth["library_log_sd"] * rng.normal(size=m))
         mu = logits * lib[:, None].astype(np.float32)
         mats.append(_sample_nb(rng, mu, theta))
         zi.append(z_inv)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Re-run every table quoted in README.md (CPU; about 2 hours on 2 cores). Each step writes
-# analyses/results/<name>/; pass step names to run only some: fit norman effects signal
+# analyses/results/<name>/; pass step names to run only some: fit norman effects signal library
 # identifiability simulation (and variants, not run by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 R=analyses/results
-STEPS=${*:-fit norman effects signal identifiability simulation}
+STEPS=${*:-fit norman effects signal library identifiability simulation}
 for step in $STEPS; do
   case $step in
     fit) rm -rf $R/fit_norman
@@ -23,6 +23,16 @@ for step in $STEPS; do
     # norman_like (59,500 simulated cells x 5,000 genes): held-out doubles only and fewer predictive
     # draws and the default model variant only, to fit a 2-core CPU (the singles' held-out cells add 100
     # conditions, about an hour more; the no-alignment and dense-prior variants about 10 minutes each)
+    # the library-size model on a simulation whose depth depends on the condition (tiny preset, 20
+    # singles, 40 doubles, library_effect_sd 0.5: about the spread of the shipped cells' effects), with
+    # and without it, 3 seeds each (about 6 minutes each on one thread)
+    library) for lm in true false; do
+           rm -rf $R/benchmark_sim_depth_library_$lm
+           $PY -m pyro_pvae.benchmark --config tiny +data.simulation.overrides.library_effect_sd=0.5 \
+             +data.simulation.overrides.n_singles=20 +data.simulation.overrides.n_doubles=40 benchmark.seeds=3 \
+             "benchmark.methods=[PerturbedVAE,control_mean,additive,linear]" model.library_model=$lm \
+             output.run_dir=$R/benchmark_sim_depth_library_$lm
+         done ;;
     simulation) rm -rf $R/benchmark_simulation
          $PY -m pyro_pvae.benchmark --config simulation +split.kwargs.single_test_fraction=0.0 \
            "benchmark.methods=[PerturbedVAE,control_mean,additive,additive_shrink,linear]" \

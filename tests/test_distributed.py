@@ -20,9 +20,9 @@ def _data():
     return adata
 
 
-def _rank(rank, world, adata, path):
+def _rank(rank, world, adata, path, model):
     torch.set_num_threads(1)
-    vae, trainer = PD.fit_ddp(rank, world, adata, None, MODEL, TRAIN, max_steps=STEPS)
+    vae, trainer = PD.fit_ddp(rank, world, adata, None, model, TRAIN, max_steps=STEPS)
     if rank == 0:
         torch.save({"loss": trainer.step_losses, "module": vae.module.state_dict()}, path)
     torch.distributed.destroy_process_group()
@@ -36,16 +36,20 @@ def test_shard_is_disjoint_and_equal():
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("library_model", [False, True], ids=["default", "library_model"])
+def test_two_gloo_processes_match_one_process(tmp_path, library_model):
+    """Also with the library-size model (on in the real Norman presets, which large data sets
+    train data-parallel): its sites are used on every rank."""
+    model = {**MODEL, "library_model": library_model}
     adata = _data()
     path = tmp_path / "rank0.pt"
-    PD.spawn(_rank, 2, args=(adata, str(path)))
+    PD.spawn(_rank, 2, args=(adata, str(path), model))
     ddp = torch.load(path, weights_only=False)
     assert len(ddp["loss"]) == STEPS
 
     # (1) exact: one process doing what the two ranks do (shards, RNG streams, averaged grads)
     torch.set_num_threads(1)
-    vae, trainer = PD.emulate_ddp(adata, None, MODEL, TRAIN, world=2, max_steps=STEPS)
+    vae, trainer = PD.emulate_ddp(adata, None, model, TRAIN, world=2, max_steps=STEPS)
     np.testing.assert_allclose(ddp["loss"], trainer.step_losses, rtol=1e-4)
     for k, v in vae.module.state_dict().items():
         if k == "running_control_center":  # an EMA of rank-local control batches (DDP broadcasts
@@ -54,7 +58,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
     # (2) one ordinary process with the same global batch (64 cells, one RNG stream, its own
     # batch order): the same trajectory up to Monte-Carlo and batch noise
-    _, one = PD.emulate_ddp(adata, None, MODEL, TRAIN, world=1, max_steps=STEPS)
+    _, one = PD.emulate_ddp(adata, None, model, TRAIN, world=1, max_steps=STEPS)
     a, b = np.array(ddp["loss"]), np.array(one.step_losses)
     assert a[-1] < 0.9 * a[0] and b[-1] < 0.9 * b[0]  # both learn
     assert abs(a[-4:].mean() - b[-4:].mean()) < 0.05 * abs(b[-4:].mean()), (a, b)

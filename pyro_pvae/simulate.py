@@ -380,36 +380,42 @@ def _make_truth(cfg: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]
     }
 
 
+def _target_rows(truth: Mapping[str, Any], label: str) -> list[int]:
+    """Rows of the truth's perturbation arrays for the targets of a canonical condition label."""
+    idx = {str(p): i for i, p in enumerate(np.asarray(truth["perturbations"]))}
+    rows = []
+    for t in parse_condition(label):
+        if t not in idx:
+            raise KeyError(f"condition {label!r}: {t!r} is not a simulated perturbation")
+        rows.append(idx[t])
+    return rows
+
+
 def condition_library_shift(truth: Mapping[str, Any], label: str) -> float:
     """The condition's shift of the log library size: the sum of its targets' ``library_effect``."""
     effect = truth.get("library_effect")
     if effect is None:  # a truth simulated before library effects existed
         return 0.0
-    idx = {str(p): i for i, p in enumerate(np.asarray(truth["perturbations"]))}
-    return float(sum(np.asarray(effect, dtype=np.float64)[idx[t]] for t in parse_condition(label)))
+    return float(np.asarray(effect, dtype=np.float64)[_target_rows(truth, label)].sum())
 
 
 def condition_spec(truth: Mapping[str, Any], label: str) -> tuple[np.ndarray, np.ndarray]:
     """(shift vector, W_c) of a canonical condition label under the truth."""
-    perts = [str(p) for p in np.asarray(truth["perturbations"])]
-    idx = {p: i for i, p in enumerate(perts)}
     W = np.asarray(truth["W"], dtype=np.float64)
     K = W.shape[0]
-    targets = parse_condition(label)
+    rows = _target_rows(truth, label)
     shift = np.zeros(K)
     Wc = W.copy()
     delta = np.asarray(truth["delta"], dtype=np.float64)
     hard = np.asarray(truth["hard_targets"], dtype=bool)
-    for t in targets:
-        if t not in idx:
-            raise KeyError(f"condition {label!r}: {t!r} is not a simulated perturbation")
-        shift += delta[idx[t]]
-        Wc[hard[idx[t]], :] = 0.0
-    if len(targets) == 2:
+    for r in rows:
+        shift += delta[r]
+        Wc[hard[r], :] = 0.0
+    if len(rows) == 2:
         dbl = [str(d) for d in np.asarray(truth["doubles"])]
         if label in dbl:
             shift += np.asarray(truth["interaction"], dtype=np.float64)[dbl.index(label)]
-    elif len(targets) > 2:
+    elif len(rows) > 2:
         raise ValueError(f"only singles and doubles are simulated, got {label!r}")
     return shift, Wc
 

@@ -198,6 +198,9 @@ def _config(preset: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
     cfg.update(overrides)
     if cfg["decoder"] not in ("linear", "nonlinear"):
         raise ValueError(f"decoder must be 'linear' or 'nonlinear', got {cfg['decoder']!r}")
+    if not cfg["library_effect_sd"] >= 0:
+        raise ValueError(f"library_effect_sd must be >= 0 (0: depth independent of the condition), "
+                         f"got {cfg['library_effect_sd']!r}")
     if cfg["n_doubles"] > cfg["n_singles"] * (cfg["n_singles"] - 1) // 2:
         raise ValueError("n_doubles exceeds the number of distinct pairs of singles")
     if cfg["library_median"] is None:

@@ -259,3 +259,5 @@ def test_library_effects_shift_each_conditions_depth():
         assert abs(log_lib[cond == label].mean() - base - expected) < 0.25, label
     # the same draws otherwise: the latents are unchanged
     np.testing.assert_array_equal(ad.obsm["z_inv_true"], plain.obsm["z_inv_true"])
+    with pytest.raises(ValueError, match=r"library_effect_sd must be >= 0 .*got -0.5"):
+        simulate("tiny", seed=3, library_effect_sd=-0.5)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Re-run every table quoted in README.md (CPU; about 2 hours on 2 cores). Each step writes
-# analyses/results/<name>/; pass step names to run only some: fit norman effects signal library
-# identifiability simulation (and variants, not run by default)
+# Re-run every table quoted in README.md (CPU; about 2.5 hours on 2 cores). Each step writes
+# analyses/results/<name>/; pass step names to run only some: fit norman splits effects signal
+# library identifiability simulation (and variants, not run by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 R=analyses/results
-STEPS=${*:-fit norman effects signal library identifiability simulation}
+STEPS=${*:-fit norman splits effects signal library identifiability simulation}
 for step in $STEPS; do
   case $step in
     fit) rm -rf $R/fit_norman
@@ -18,6 +18,19 @@ for step in $STEPS; do
            output.run_dir=$R/benchmark_norman ;;
     effects) rm -rf $R/benchmark_norman_effects
          $PY -m pyro_pvae.benchmark --config norman_effects benchmark.seeds=3 output.run_dir=$R/benchmark_norman_effects ;;
+    # the real subset at two more splits (other held-out controls and single cells, the same five
+    # doubles), with and without the library-size model, then the table over the three splits
+    # (split 0 is the norman step and, without the library-size model, the variants step)
+    splits) for s in 1 2; do
+           for lm in true false; do
+             name=benchmark_norman_split$s; [ $lm = false ] && name=${name}_library_off
+             rm -rf $R/$name
+             $PY -m pyro_pvae.benchmark --config norman \
+               "benchmark.methods=[PerturbedVAE,control_mean,additive,additive_shrink,linear]" \
+               split.seed=$s model.library_model=$lm output.run_dir=$R/$name
+           done
+         done
+         $PY analyses/split_robustness.py --out $R/norman_splits ;;
     signal) $PY analyses/signal_imbalance.py --out $R/signal_imbalance ;;
     identifiability) $PY analyses/identifiability.py --grid small --jobs 2 --fresh ;;
     # norman_like (59,500 simulated cells x 5,000 genes): held-out doubles only and fewer predictive

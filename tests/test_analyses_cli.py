@@ -15,3 +15,44 @@ def test_parse_out_splits_the_output_directory_from_the_overrides():
     for bad in (["--out"], ["--out", "--help"]):
         with pytest.raises(SystemExit, match="--out needs a directory"):
             parse_out(bad)
+
+
+def _write_results(folder: Path, values: dict) -> None:
+    """results.csv in the benchmark's long form: values[(method, group, condition, metric)] = [per seed]."""
+    import pandas as pd
+
+    rows = [{"method": m, "condition": c, "group": g, "metric": k, "value": v, "seed": s, "note": ""}
+            for (m, g, c, k), vs in values.items() for s, v in enumerate(vs)]
+    folder.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(folder / "results.csv", index=False)
+
+
+def test_split_robustness_counts_the_model_wins_over_the_splits(tmp_path, capsys):
+    import split_robustness as sr
+
+    # per split s: the model's doubles Pearson 0.5 (seeds 0.4 / 0.6) on A and B; linear 0.45 on A, 0.55 on B
+    # (model wins A in every split, loses B); RMSE model 0.09, linear 0.08 + 0.02 s (model wins splits 1 and 2)
+    for s, runs in sr.RUNS.items():
+        for label, folder in runs.items():
+            vals = {}
+            for c in ("A", "B"):
+                vals[("PerturbedVAE", "seen2", c, "pearson_delta_all")] = [0.4, 0.6]
+                vals[("PerturbedVAE", "seen2", c, "pseudobulk_rmse_all")] = [0.09, 0.09]
+                vals[("PerturbedVAE", "single", c, "pearson_delta_all")] = [0.3, 0.3]
+                vals[("PerturbedVAE", "single", c, "pseudobulk_rmse_all")] = [0.1, 0.1]
+                for b in sr.BASELINES:
+                    vals[(b, "seen2", c, "pearson_delta_all")] = [0.45 if c == "A" else 0.55]
+                    vals[(b, "seen2", c, "pseudobulk_rmse_all")] = [0.08 + 0.02 * s]
+                    vals[(b, "single", c, "pearson_delta_all")] = [0.2]
+                    vals[(b, "single", c, "pseudobulk_rmse_all")] = [0.2]
+            _write_results(tmp_path / folder, vals)
+    assert sr.main(["--results", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "| linear | 0.500 / 0.0800 | 0.500 / 0.1000 | 0.500 / 0.1200 | **0.500 / 0.1000** |" in text
+    assert "| model | 0.500 / 0.0900 | 0.500 / 0.0900 | 0.500 / 0.0900 | **0.500 / 0.0900** |" in text
+    assert ("against linear, per condition and split: pearson_delta_all: model better in 3 of 6, mean difference "
+            "+0.0000 ± 0.0224; pseudobulk_rmse_all: model better in 4 of 6, mean difference -0.0100 ± 0.0073") in text
+    # a missing run folder is a clear error naming the step that makes it
+    (tmp_path / "benchmark_norman_split2" / "results.csv").unlink()
+    assert sr.main(["--results", str(tmp_path), "--out", str(tmp_path / "out2")]) == 2
+    assert "reproduce_readme.sh norman splits" in capsys.readouterr().err

@@ -1,0 +1,110 @@
+"""The real-subset benchmark over three splits: is a difference between the model and a baseline
+a property of the methods or of which 50 controls and which 35% of each single's cells were held out?
+
+    bash analyses/reproduce_readme.sh norman splits     # the six benchmark runs this reads
+    python analyses/split_robustness.py [--results analyses/results] [--out analyses/results/norman_splits]
+
+Reads ``results.csv`` of the `norman` benchmark at ``split.seed`` 0 (``benchmark_norman``,
+``benchmark_norman_library_off``), 1 and 2 (``benchmark_norman_split{1,2}`` and
+``..._library_off``); the five held-out doubles are the same in every split (the doubles whose two
+singles are trained), the held-out controls and single cells differ. Writes ``summary.md``: per
+split and group, each method's Pearson delta (all genes) and pseudobulk RMSE (the model: mean over
+its 3 training seeds), their mean over the splits, and per condition how often the model (the
+preset, with the library-size model) beats each baseline over the splits.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = {"pearson_delta_all": "higher", "pseudobulk_rmse_all": "lower"}
+RUNS = {  # split seed -> {row label: run folder}
+    0: {"model": "benchmark_norman", "model, no library-size model": "benchmark_norman_library_off"},
+    1: {"model": "benchmark_norman_split1", "model, no library-size model": "benchmark_norman_split1_library_off"},
+    2: {"model": "benchmark_norman_split2", "model, no library-size model": "benchmark_norman_split2_library_off"},
+}
+BASELINES = ("additive", "linear")
+
+
+def per_condition(results: Path) -> pd.DataFrame:
+    """Rows (split, method, group, condition, metric, value): seeds averaged per condition."""
+    frames = []
+    for split, runs in RUNS.items():
+        for label, folder in runs.items():
+            path = results / folder / "results.csv"
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is missing: run `bash analyses/reproduce_readme.sh norman splits` "
+                                        "(and `variants` for benchmark_norman_library_off) first")
+            df = pd.read_csv(path)
+            df = df[df["metric"].isin(list(METRICS)) & df["group"].isin(["seen2", "single"])]
+            keep = ["PerturbedVAE"] + (list(BASELINES) if label == "model" else [])
+            df = df[df["method"].isin(keep)].copy()
+            df["method"] = df["method"].replace({"PerturbedVAE": label})
+            df = df.groupby(["method", "group", "condition", "metric"], as_index=False)["value"].mean()
+            df["split"] = split
+            frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def summary(pc: pd.DataFrame) -> str:
+    means = pc.groupby(["split", "group", "method", "metric"])["value"].mean().unstack("metric")
+    methods = ["model", "model, no library-size model", *BASELINES]
+    lines = ["# The real-subset benchmark over three splits", "",
+             "Command: `python analyses/split_robustness.py` (after `bash analyses/reproduce_readme.sh norman splits`).",
+             "Each split holds out other controls (50) and other cells of each single (35%); the 5 held-out",
+             "doubles are the same. The model's values are the mean over its 3 training seeds.", ""]
+    for group, title in (("seen2", "Held-out doubles (5)"), ("single", "Held-out cells of the 18 trained singles")):
+        lines += [f"## {title}", "", "| method | " + " | ".join(
+            f"split {s}: Pearson / RMSE" for s in RUNS) + " | mean over splits |", "|---" * (len(RUNS) + 2) + "|"]
+        for m in methods:
+            cells = []
+            for s in RUNS:
+                r = means.loc[(s, group, m)]
+                cells.append(f"{r['pearson_delta_all']:.3f} / {r['pseudobulk_rmse_all']:.4f}")
+            avg = means.xs((group, m), level=("group", "method")).mean()
+            cells.append(f"**{avg['pearson_delta_all']:.3f} / {avg['pseudobulk_rmse_all']:.4f}**")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+        wide = pc[pc["group"] == group].pivot_table(index=["split", "condition"], columns=["method", "metric"],
+                                                    values="value")
+        for b in BASELINES:
+            parts = []
+            for metric, better in METRICS.items():
+                diff = wide[("model", metric)] - wide[(b, metric)]
+                wins = int((diff > 0).sum() if better == "higher" else (diff < 0).sum())
+                se = diff.std(ddof=1) / np.sqrt(len(diff))
+                parts.append(f"{metric}: model better in {wins} of {len(diff)}, mean difference "
+                             f"{round(diff.mean(), 4) + 0.0:+.4f} ± {se:.4f}")
+            lines.append(f"- Model (preset) against {b}, per condition and split: " + "; ".join(parts) + ".")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default=str(REPO / "analyses" / "results"))
+    ap.add_argument("--out", default=str(REPO / "analyses" / "results" / "norman_splits"))
+    args = ap.parse_args(argv)
+    try:
+        pc = per_condition(Path(args.results))
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    text = summary(pc)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "summary.md.tmp"
+    tmp.write_text(text + "\n")
+    tmp.replace(out / "summary.md")
+    pc.to_csv(out / "per_condition.csv", index=False)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

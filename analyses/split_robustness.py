@@ -85,6 +85,42 @@ def summary(pc: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def figure(pc: pd.DataFrame, path: Path) -> Path:
+    """The held-out doubles, one point per double and split: the model (preset) against linear, Pearson
+    delta and pseudobulk RMSE, with the diagonal (above it on the left / below it on the right: the
+    model is better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wide = pc[pc["group"] == "seen2"].pivot_table(index=["split", "condition"], columns=["method", "metric"],
+                                                  values="value").reset_index()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    markers = {0: "o", 1: "s", 2: "^"}
+    for ax, (metric, label) in zip(axes, [("pearson_delta_all", "Pearson delta (all genes)"),
+                                          ("pseudobulk_rmse_all", "pseudobulk RMSE")]):
+        x, y = wide[("linear", metric)], wide[("model", metric)]
+        for split, marker in markers.items():
+            rows = wide["split"] == split
+            ax.scatter(x[rows], y[rows], marker=marker, label=f"split {split}")
+        for _, r in wide[wide["split"] == 0].iterrows():
+            ax.annotate(r[("condition", "")], (r[("linear", metric)], r[("model", metric)]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        lo, hi = min(x.min(), y.min()), max(x.max(), y.max())
+        pad = 0.05 * (hi - lo)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", lw=0.8)
+        ax.set_xlabel(f"linear: {label}")
+        ax.set_ylabel(f"model (preset): {label}")
+        ax.set_title(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Real subset, held-out doubles over three splits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=str(REPO / "analyses" / "results"))
@@ -102,6 +138,7 @@ def main(argv=None) -> int:
     tmp.write_text(text + "\n")
     tmp.replace(out / "summary.md")
     pc.to_csv(out / "per_condition.csv", index=False)
+    figure(pc, out / "doubles_model_vs_linear.png")
     print(text)
     return 0
 

@@ -48,6 +48,7 @@ def test_split_robustness_counts_the_model_wins_over_the_splits(tmp_path, capsys
             _write_results(tmp_path / folder, vals)
     assert sr.main(["--results", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "summary.md").read_text()
+    assert (tmp_path / "out" / "doubles_model_vs_linear.png").stat().st_size > 10_000
     assert "| linear | 0.500 / 0.0800 | 0.500 / 0.1000 | 0.500 / 0.1200 | **0.500 / 0.1000** |" in text
     assert "| model | 0.500 / 0.0900 | 0.500 / 0.0900 | 0.500 / 0.0900 | **0.500 / 0.0900** |" in text
     assert ("against linear, per condition and split: pearson_delta_all: model better in 3 of 6, mean difference "

@@ -134,6 +134,25 @@ def fit_and_score(cond: dict, seed: int, n_threads: int = 1, blas_threads: int =
         return _fit_and_score(cond, seed, n_threads)
 
 
+def simulate_condition(cond: dict, seed: int):
+    """The simulated data of one condition x seed, as the study draws them."""
+    from pyro_pvae.simulate import simulate
+
+    sim = dict(cond["sim"])
+    return simulate(sim.pop("preset", "tiny"), seed, **sim)
+
+
+def fit_condition(cond: dict, seed: int, adata):
+    """The study's fit of one condition x seed on its simulated ``adata``: its split (every double
+    held out) and its model and training settings, ``train.seed`` = ``seed``."""
+    from pyro_pvae.api import PerturbedVAE
+    from pyro_pvae.data import make_split
+
+    split = make_split(adata, "norman_discrepancy", seed, heldout_singles=())
+    return PerturbedVAE(adata, split=split, model=dict(cond["model"]),
+                        train={**cond["train"], "seed": int(seed)}).fit()
+
+
 def _fit_and_score(cond: dict, seed: int, n_threads: int) -> list[dict]:
     import torch
 
@@ -141,19 +160,14 @@ def _fit_and_score(cond: dict, seed: int, n_threads: int) -> list[dict]:
     import logging
     logging.getLogger("pyro_pvae").setLevel(logging.WARNING)
     from pyro_pvae import identifiability as idf
-    from pyro_pvae.api import PerturbedVAE
     from pyro_pvae.baselines import make_baseline
-    from pyro_pvae.data import make_split
-    from pyro_pvae.simulate import simulate, true_condition_means
+    from pyro_pvae.simulate import true_condition_means
 
-    sim = dict(cond["sim"])
-    preset = sim.pop("preset", "tiny")
-    adata = simulate(preset, seed, **sim)
+    adata = simulate_condition(cond, seed)
     truth = adata.uns["truth"]
-    split = make_split(adata, "norman_discrepancy", seed, heldout_singles=())
-    train = {**cond["train"], "seed": int(seed)}
     t0 = time.perf_counter()
-    vae = PerturbedVAE(adata, split=split, model=dict(cond["model"]), train=train).fit()
+    vae = fit_condition(cond, seed, adata)
+    split = vae.split
     fit_s = time.perf_counter() - t0
 
     s: dict[str, float] = {"fit_seconds": fit_s}

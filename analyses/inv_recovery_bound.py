@@ -136,13 +136,10 @@ def fitted_scores(cond: dict, seed: int, adata, idx, perturbed) -> dict:
     """The study's fit of ``cond`` on ``adata``, scored on cells ``idx``: ``r2_inv`` of the encoder
     means; ``r2_inv_refined`` (all, controls, perturbed) and ``mcc_pert_refined`` of each cell's
     refined posterior under the fitted model (module docstring)."""
-    from identifiability import REFINE_STEPS
+    from identifiability import REFINE_STEPS, fit_condition
     from pyro_pvae import identifiability as idf
-    from pyro_pvae.api import PerturbedVAE
-    from pyro_pvae.data import make_split
 
-    split = make_split(adata, "norman_discrepancy", seed, heldout_singles=())
-    vae = PerturbedVAE(adata, split=split, model=dict(cond["model"]), train={**cond["train"], "seed": int(seed)}).fit()
+    vae = fit_condition(cond, seed, adata)
     zi_true = adata.obsm["z_inv_true"][idx]
     refined = vae.latents(adata, idx, refine_steps=REFINE_STEPS)
     r2 = group_r2(refined["z_inv"], zi_true, perturbed, seed)
@@ -159,11 +156,10 @@ def main(argv) -> str:
 
     import pandas as pd
 
-    from identifiability import _exogenous, _lognorm, _ridge_r2, load_grid, resolve_conditions
+    from identifiability import _exogenous, _lognorm, _ridge_r2, load_grid, resolve_conditions, simulate_condition
     from norman_fit import write_summary
     from signal_imbalance import _markdown
     from pyro_pvae import identifiability as idf
-    from pyro_pvae.simulate import simulate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", default="small")
@@ -185,8 +181,7 @@ def main(argv) -> str:
     rows = []
     for name in args.conditions:
         for seed in range(args.seeds or int(grid.get("seeds", 2))):
-            sim = dict(conds[name]["sim"])
-            adata = simulate(sim.pop("preset", "tiny"), seed, **sim)
+            adata = simulate_condition(conds[name], seed)
             idx = np.flatnonzero(adata.obs["n_targets"].to_numpy() <= 1)  # as the study scores
             perturbed = adata.obs["n_targets"].to_numpy()[idx] > 0
             zi_true, zp_true = adata.obsm["z_inv_true"][idx], adata.obsm["z_pert_true"][idx]

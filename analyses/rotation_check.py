@@ -35,19 +35,13 @@ def main(argv=None) -> int:
     import identifiability as study
     from norman_fit import write_summary
     from pyro_pvae import identifiability as idf
-    from pyro_pvae.api import PerturbedVAE
-    from pyro_pvae.data import make_split
     from pyro_pvae.model import sparse_rotation
-    from pyro_pvae.simulate import simulate
 
     torch.set_num_threads(1)
     cond = {c["name"]: c for c in study.resolve_conditions(study.load_grid("small"))}["base"]
     with threadpool_limits(limits=1, user_api="blas"):
-        sim = dict(cond["sim"])
-        adata = simulate(sim.pop("preset", "tiny"), args.seed, **sim)
-        split = make_split(adata, "norman_discrepancy", args.seed, heldout_singles=())
-        vae = PerturbedVAE(adata, split=split, model=dict(cond["model"]),
-                           train={**cond["train"], "seed": args.seed}).fit()
+        adata = study.simulate_condition(cond, args.seed)
+        vae = study.fit_condition(cond, args.seed, adata)
         idx = np.flatnonzero(adata.obs["n_targets"].to_numpy() <= 1)
         m = vae.latents(adata, idx)["z_pert"]
         exo = study._exogenous(adata, idx)

@@ -51,6 +51,12 @@ def per_condition(results: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def _by_condition(pc: pd.DataFrame, group: str) -> pd.DataFrame:
+    """One row per (split, condition) of ``group``, one column per (method, metric)."""
+    return pc[pc["group"] == group].pivot_table(index=["split", "condition"], columns=["method", "metric"],
+                                                values="value")
+
+
 def summary(pc: pd.DataFrame) -> str:
     means = pc.groupby(["split", "group", "method", "metric"])["value"].mean().unstack("metric")
     methods = ["model", "model, no library-size model", *BASELINES]
@@ -70,8 +76,7 @@ def summary(pc: pd.DataFrame) -> str:
             cells.append(f"**{avg['pearson_delta_all']:.3f} / {avg['pseudobulk_rmse_all']:.4f}**")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
-        wide = pc[pc["group"] == group].pivot_table(index=["split", "condition"], columns=["method", "metric"],
-                                                    values="value")
+        wide = _by_condition(pc, group)
         for b in BASELINES:
             parts = []
             for metric, better in METRICS.items():
@@ -94,10 +99,9 @@ def figure(pc: pd.DataFrame, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    wide = pc[pc["group"] == "seen2"].pivot_table(index=["split", "condition"], columns=["method", "metric"],
-                                                  values="value").reset_index()
+    wide = _by_condition(pc, "seen2").reset_index()
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
-    markers = {0: "o", 1: "s", 2: "^"}
+    markers = dict(zip(RUNS, "os^"))
     for ax, (metric, label) in zip(axes, [("pearson_delta_all", "Pearson delta (all genes)"),
                                           ("pseudobulk_rmse_all", "pseudobulk RMSE")]):
         x, y = wide[("linear", metric)], wide[("model", metric)]
@@ -131,15 +135,14 @@ def main(argv=None) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    text = summary(pc)
+    from norman_fit import write_summary
+    from pyro_pvae.utils import atomic_write
+
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "summary.md.tmp"
-    tmp.write_text(text + "\n")
-    tmp.replace(out / "summary.md")
-    pc.to_csv(out / "per_condition.csv", index=False)
+    text = write_summary(out, summary(pc) + "\n")
+    atomic_write(out / "per_condition.csv", lambda tmp: pc.to_csv(tmp, index=False))
     figure(pc, out / "doubles_model_vs_linear.png")
-    print(text)
+    print(text, end="")
     return 0
 
 

@@ -20,7 +20,8 @@ for step in $STEPS; do
          $PY -m pyro_pvae.benchmark --config norman_effects benchmark.seeds=3 output.run_dir=$R/benchmark_norman_effects ;;
     # the real subset at two more splits (other held-out controls and single cells, the same five
     # doubles), with and without the library-size model, then the table over the three splits
-    # (split 0 is the norman step and, without the library-size model, the variants step)
+    # (split 0 is the norman step and, without the library-size model, the variants step) and
+    # where split 1's level error and composition stand
     splits) for s in 1 2; do
            for lm in true false; do
              name=benchmark_norman_split$s; [ $lm = false ] && name=${name}_library_off
@@ -30,7 +31,8 @@ for step in $STEPS; do
                split.seed=$s model.library_model=$lm output.run_dir=$R/$name
            done
          done
-         $PY analyses/split_robustness.py --out $R/norman_splits ;;
+         $PY analyses/split_robustness.py --out $R/norman_splits
+         $PY analyses/level_error.py split.seed=1 --out $R/level_error_split1 ;;
     signal) $PY analyses/signal_imbalance.py --out $R/signal_imbalance ;;
     identifiability) $PY analyses/identifiability.py --grid small --jobs 2 --fresh ;;
     # norman_like (59,500 simulated cells x 5,000 genes): held-out doubles only and fewer predictive

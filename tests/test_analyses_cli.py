@@ -57,3 +57,19 @@ def test_split_robustness_counts_the_model_wins_over_the_splits(tmp_path, capsys
     (tmp_path / "benchmark_norman_split2" / "results.csv").unlink()
     assert sr.main(["--results", str(tmp_path), "--out", str(tmp_path / "out2")]) == 2
     assert "reproduce_readme.sh norman splits" in capsys.readouterr().err
+
+
+def test_level_error_composition_factor_reads_the_scale_of_a_double_on_its_singles():
+    """A double that is 0.6 times the sum of its singles reads 0.6; one orthogonal to the sum
+    reads 0; noise orthogonal to the sum does not move it."""
+    import numpy as np
+    from level_error import composition_factor
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=500), rng.normal(size=500)
+    assert composition_factor(0.6 * (a + b), [a, b]) == pytest.approx(0.6)
+    s = a + b
+    noise = rng.normal(size=500)
+    noise -= (noise @ s) / (s @ s) * s
+    assert composition_factor(noise, [a, b]) == pytest.approx(0.0, abs=1e-12)
+    assert composition_factor(1.2 * s + noise, [a, b]) == pytest.approx(1.2)

@@ -51,6 +51,8 @@ def _label(cond, fmt):
         return "_".join(t) if t else "control"
     if fmt == "generic":
         return "|".join(t) if t else "NT"
+    if fmt == "replogle":
+        return "+".join(t) if t else "non-targeting"
     return "+".join(t[::-1]) if t else "control"  # canonical-ish, unsorted doubles
 
 
@@ -61,8 +63,15 @@ def _make(fmt="canonical", seed=0):
     obs = pd.DataFrame(index=[f"c{i}" for i in range(len(cond))])
     var = pd.DataFrame(index=list(GENES))
     key = {"cpa": "guide_ids", "gears": "condition", "scperturb": "perturbation",
-           "generic": "guide", "canonical": "condition"}[fmt]
+           "generic": "guide", "canonical": "condition", "replogle": "gene"}[fmt]
     obs[key] = labels
+    if fmt == "replogle":  # as the Replogle 2022 single-cell files: dense float32 counts in X, Ensembl
+        # IDs as var_names with the symbols in var['gene_name'], and more per-cell columns
+        obs["gene_id"] = [f"ENSG9{i:04d}" for i in range(len(cond))]
+        obs["sgID_AB"] = [f"{lab}_sg{i}" for i, lab in enumerate(labels)]
+        obs["UMI_count"] = x.sum(1).astype(np.float32)
+        var = pd.DataFrame({"gene_name": GENES}, index=[f"ENSG{i:05d}" for i in range(len(GENES))])
+        return ad.AnnData(X=x.astype(np.float32), obs=obs, var=var), x, cond
     if fmt == "gears":
         var = pd.DataFrame({"gene_name": GENES}, index=[f"ENSG{i:05d}" for i in range(len(GENES))])
         a = ad.AnnData(X=sp.csr_matrix(np.log1p(x / x.sum(1, keepdims=True) * 1e4)), obs=obs, var=var)
@@ -81,7 +90,7 @@ def _write(a, tmp_path, name="d.h5ad"):
 # readers
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fmt", ["cpa", "gears", "scperturb", "canonical", "generic"])
+@pytest.mark.parametrize("fmt", ["cpa", "gears", "scperturb", "canonical", "generic", "replogle"])
 def test_readers_give_same_canonical_form(fmt, tmp_path, caplog):
     a, x, cond = _make(fmt)
     p = _write(a, tmp_path)
@@ -98,10 +107,11 @@ def test_readers_give_same_canonical_form(fmt, tmp_path, caplog):
     assert f"using format '{expected_fmt}'" in caplog.text
     # original label column kept
     orig = {"cpa": "guide_ids", "gears": "condition_original", "scperturb": "perturbation",
-            "generic": "guide", "canonical": "condition_original"}[fmt]
+            "generic": "guide", "canonical": "condition_original", "replogle": "gene"}[fmt]
     assert list(c.obs[orig].astype(str)) == list(a.obs.iloc[:, 0].astype(str))
     if fmt == "gears":
         assert c.uns["pyro_pvae"]["counts_source"] == "layers['counts']"
+    if fmt in ("gears", "replogle"):
         assert list(c.var["gene_id"])[:2] == ["ENSG00000", "ENSG00001"]
 
 

@@ -91,3 +91,29 @@ def test_short_fit_on_the_shipped_real_norman_cells(tmp_path, capsys):
     assert np.isfinite(pred.layers["lognorm"].toarray()).all()
     with pytest.raises(Exception, match="KLF1"):
         vae.predict(["KLF2"], n_cells=5)
+
+
+@pytest.mark.slow
+def test_replogle_preset_fits_a_file_in_the_replogle_layout(tmp_path, capsys):
+    """The replogle preset reads a file laid out as the Replogle 2022 single-cell files (labels in
+    obs['gene'], controls 'non-targeting', dense float32 counts, Ensembl IDs with the symbols in
+    var['gene_name']) and fits it with its library-size model."""
+    import anndata as ad
+    from pyro_pvae.simulate import simulate
+
+    sim = simulate("tiny", 0, n_doubles=0, n_singles=6, n_genes=60)
+    labels = sim.obs["condition"].astype(str).replace({"control": "non-targeting"}).to_numpy()
+    obs = pd.DataFrame({"gene": labels, "sgID_AB": [f"{g}_sg" for g in labels],
+                        "UMI_count": np.asarray(sim.X.sum(1)).ravel()}, index=[f"cell{i}" for i in range(sim.n_obs)])
+    var = pd.DataFrame({"gene_name": sim.var_names.astype(str)}, index=[f"ENSG{i:05d}" for i in range(sim.n_vars)])
+    path = tmp_path / "K562_essential_like.h5ad"
+    ad.AnnData(X=sim.X.toarray().astype(np.float32), obs=obs, var=var).write_h5ad(path)
+    run = tmp_path / "run"
+    assert main(["--config", "replogle", f"data.path={path}", "train.epochs=1", "train.progress=false",
+                 f"output.run_dir={run}"]) == 0
+    out = capsys.readouterr().out
+    assert f"fitted PerturbedVAE on {sim.n_obs} cells x 60 genes (6 perturbations)" in out
+    lib = pd.read_csv(run / "library_effects.csv")
+    assert sorted(lib["perturbation"]) == sorted(set(labels) - {"non-targeting"})
+    vae = load_run(run)
+    assert list(vae.gene_names) == list(sim.var_names.astype(str))  # symbols, not Ensembl IDs

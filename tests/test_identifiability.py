@@ -174,7 +174,7 @@ def test_tiny_study_end_to_end(tmp_path):
 
 def test_grids_resolve():
     study = _study()
-    for name in ("small", "full", "capacity", "training", "decoder"):
+    for name in ("small", "full", "capacity", "training", "decoder", "controls"):
         g = study.load_grid(name)
         conds = study.resolve_conditions(g)
         assert conds[0]["name"] == "base"
@@ -184,6 +184,35 @@ def test_grids_resolve():
             _config(sim.pop("preset"), sim)  # valid simulator keys
             from pyro_pvae.config import ModelConfig, TrainConfig
             ModelConfig.from_dict(c["model"]), TrainConfig.from_dict(c["train"])
+
+
+def test_a_conditions_split_decides_which_controls_the_study_trains_on(monkeypatch):
+    """By default the study's split holds out half of the controls (the benchmark's reference);
+    grid `controls`' all_controls condition trains on every control. Doubles are always held out."""
+    import pyro_pvae.api
+
+    study = _study()
+    seen = {}
+
+    class Capture:
+        def __init__(self, adata, split, model, train):
+            seen["split"] = split
+
+        def fit(self):
+            return self
+
+    monkeypatch.setattr(pyro_pvae.api, "PerturbedVAE", Capture)
+    conds = {c["name"]: c for c in study.resolve_conditions(study.load_grid("controls"))}
+    base = conds["base"]
+    adata = study.simulate_condition({**base, "sim": {**base["sim"], "n_genes": 40}}, 0)
+    labels = adata.obs["condition"].astype(str).to_numpy()
+    n_ctrl = int((labels == "control").sum())
+    for name, held in (("base", n_ctrl // 2), ("all_controls", 0)):
+        study.fit_condition(conds[name], 0, adata)
+        test = labels[np.asarray(seen["split"].test_idx)]
+        assert (test == "control").sum() == held
+        assert (adata.obs["n_targets"].to_numpy()[np.asarray(seen["split"].test_idx)] == 2).sum() == \
+            (adata.obs["n_targets"].to_numpy() == 2).sum()
 
 
 def test_oracle_bounds_known_answers():

@@ -271,7 +271,7 @@ class PerturbedVAE:
 
     @torch.no_grad()
     def predict_mean(self, conditions, n_cells: int = 4000, n_draws: int = 50, seed: int = 0,
-                     unknown: str = "error", scale: str = "lognorm") -> pd.DataFrame:
+                     unknown: str = "error", scale: str = "lognorm", posterior_mean: bool = False) -> pd.DataFrame:
         """The posterior predictive mean profile of each condition (rows; columns = genes): the
         average over ``n_cells`` predicted cells spread over ``n_draws`` posterior draws of the
         globals, without keeping the cells. ``scale="lognorm"``: mean of ``log1p(1e4 x / l)``
@@ -282,7 +282,8 @@ class PerturbedVAE:
         200 cells, 0.31 from 2,000 or 10,000; analyses/point_prediction_noise.py). Every condition of a draw starts from the same
         reference cells and the same draw of their local latents (common random numbers),
         so the noise of a change between two rows (e.g. a condition and ``"control"``) is
-        smaller still."""
+        smaller still. ``posterior_mean=True``: every block uses the globals' posterior mean
+        instead of a draw (a plug-in prediction, as ``predict``'s; not the predictive mean)."""
         conditions = list(dict.fromkeys(D.format_condition(D.parse_condition(c)) for c in _as_list(conditions)))
         if not conditions:
             raise ValueError("predict_mean() needs at least one condition, e.g. ['KLF1', 'control']")
@@ -296,7 +297,9 @@ class PerturbedVAE:
         rng = np.random.default_rng(seed)
         self.module.eval()
         with _seeded(seed, self.device):
-            for size, glob in zip(sizes, self._global_draws(len(sizes))):
+            globs = self._global_draws(1, posterior_mean=True) * len(sizes) if posterior_mean \
+                else self._global_draws(len(sizes))
+            for size, glob in zip(sizes, globs):
                 x_start, u_start, _ = self._start_block(int(size), rng)
                 # the conditions in one batch of cells, at most ~2^24 values at a time
                 step = max(1, (1 << 24) // (int(size) * G))

@@ -326,6 +326,18 @@ def test_predict_mean_is_the_predictive_mean_without_the_cells_sampling_noise(ti
         vae.module.sample_cells(x, torch.zeros(7, len(vae.vocabulary)), vae.module.global_means())
     with pytest.raises(ValueError, match="scale must be 'lognorm' or 'pseudobulk', got 'log'"):
         vae.predict_mean([g1], scale="log")
+    # posterior_mean=True never draws the globals: the plug-in prediction
+    import pyro_pvae.api as api_module
+
+    def no_draws(*args, **kwargs):
+        raise AssertionError("drew the globals")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api_module, "sample_globals", no_draws)
+        plug = vae.predict_mean(conds, n_cells=400, n_draws=4, seed=1, posterior_mean=True)
+        assert np.isfinite(plug.to_numpy()).all()
+        with pytest.raises(AssertionError, match="drew the globals"):
+            vae.predict_mean(conds, n_cells=400, n_draws=4, seed=1)
     with pytest.raises(D.DataError, match=g1 + "X"):
         vae.predict_mean([g1 + "X"])
 

@@ -209,9 +209,10 @@ class PerturbedVAE:
         return D.perturbation_matrix(conditions, self.vocabulary, unknown=unknown)
 
     def _global_draws(self, n_draws: int, posterior_mean: bool = False) -> list[dict[str, torch.Tensor]]:
-        """``n_draws`` draws of the global sites (or their posterior mean, once), one dict each."""
+        """``n_draws`` draws of the global sites (or their posterior mean, the same dict ``n_draws``
+        times), one dict each."""
         if posterior_mean:
-            return [self.module.global_means()]
+            return [self.module.global_means()] * n_draws
         draws = sample_globals(self.module, n_draws)
         return [{k: v[s] for k, v in draws.items()} for s in range(n_draws)]
 
@@ -297,9 +298,7 @@ class PerturbedVAE:
         rng = np.random.default_rng(seed)
         self.module.eval()
         with _seeded(seed, self.device):
-            globs = self._global_draws(1, posterior_mean=True) * len(sizes) if posterior_mean \
-                else self._global_draws(len(sizes))
-            for size, glob in zip(sizes, globs):
+            for size, glob in zip(sizes, self._global_draws(len(sizes), posterior_mean)):
                 x_start, u_start, _ = self._start_block(int(size), rng)
                 # the conditions in one batch of cells, at most ~2^24 values at a time
                 step = max(1, (1 << 24) // (int(size) * G))

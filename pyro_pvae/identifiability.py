@@ -126,11 +126,9 @@ def mcc(z_true, z_hat) -> Matching:
     return hungarian_match(abs_corr(z_true, z_hat))
 
 
-def heldout_linear_fit(z_from, z_to, seed: int = 0, train_fraction: float = 0.5):
-    """The least-squares linear map (with intercept) of :func:`linear_r2`, fitted on a random
-    ``train_fraction`` of the rows: returns the held-out row indices, their residuals and their
-    targets (``z_to`` rows), so callers can split the held-out error (e.g. by cell group)."""
-    X, Y = _as2d(z_from), _as2d(z_to)
+def _heldout_halves(X, Y, seed: int, train_fraction: float):
+    """(fitting rows, held-out rows): a seeded random ``train_fraction`` of the rows and the rest,
+    shared by :func:`linear_r2` and :func:`nonlinear_r2`."""
     n = X.shape[0]
     if Y.shape[0] != n:
         raise ValueError(f"row counts differ: {n} vs {Y.shape[0]}")
@@ -139,8 +137,22 @@ def heldout_linear_fit(z_from, z_to, seed: int = 0, train_fraction: float = 0.5)
     perm = np.random.default_rng(seed).permutation(n)
     n_tr = int(round(train_fraction * n))
     n_tr = min(max(n_tr, 2), n - 2)
-    tr, te = perm[:n_tr], perm[n_tr:]
-    Xa = np.hstack([X, np.ones((n, 1))])
+    return perm[:n_tr], perm[n_tr:]
+
+
+def _heldout_r2(resid, Y) -> float:
+    """1 - SSE / SST over all output dimensions of the held-out targets ``Y`` (NaN if constant)."""
+    sst = ((Y - Y.mean(0)) ** 2).sum()
+    return float(1.0 - (resid ** 2).sum() / sst) if sst > 0 else np.nan
+
+
+def heldout_linear_fit(z_from, z_to, seed: int = 0, train_fraction: float = 0.5):
+    """The least-squares linear map (with intercept) of :func:`linear_r2`, fitted on a random
+    ``train_fraction`` of the rows: returns the held-out row indices, their residuals and their
+    targets (``z_to`` rows), so callers can split the held-out error (e.g. by cell group)."""
+    X, Y = _as2d(z_from), _as2d(z_to)
+    tr, te = _heldout_halves(X, Y, seed, train_fraction)
+    Xa = np.hstack([X, np.ones((X.shape[0], 1))])
     coef, *_ = np.linalg.lstsq(Xa[tr], Y[tr], rcond=None)
     return te, Y[te] - Xa[te] @ coef, Y[te]
 
@@ -154,8 +166,7 @@ def linear_r2(z_from, z_to, seed: int = 0, train_fraction: float = 0.5) -> float
     negative for a map worse than the held-out mean.
     """
     _, resid, Y = heldout_linear_fit(z_from, z_to, seed, train_fraction)
-    sst = ((Y - Y.mean(0)) ** 2).sum()
-    return float(1.0 - (resid ** 2).sum() / sst) if sst > 0 else np.nan
+    return _heldout_r2(resid, Y)
 
 
 def nonlinear_r2(z_from, z_to, seed: int = 0, train_fraction: float = 0.5) -> float:
@@ -169,10 +180,8 @@ def nonlinear_r2(z_from, z_to, seed: int = 0, train_fraction: float = 0.5) -> fl
     from sklearn.model_selection import GridSearchCV
 
     X, Y = _as2d(z_from), _as2d(z_to)
-    if Y.shape[0] != X.shape[0]:
-        raise ValueError(f"row counts differ: {X.shape[0]} vs {Y.shape[0]}")
-    te, _, _ = heldout_linear_fit(X, Y, seed, train_fraction)  # the same halves as linear_r2
-    tr = np.setdiff1d(np.arange(X.shape[0]), te)
+    tr, te = _heldout_halves(X, Y, seed, train_fraction)
+    tr = np.sort(tr)  # in row order: the cross-validation folds are contiguous blocks of it
     mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-12
     Xs = (X - mu) / sd
     dim = X.shape[1]
@@ -180,9 +189,7 @@ def nonlinear_r2(z_from, z_to, seed: int = 0, train_fraction: float = 0.5) -> fl
                           param_grid={"alpha": [1e-4, 1e-3, 1e-2, 1e-1, 1.0],
                                       "gamma": [g / dim for g in (0.01, 0.03, 0.1, 0.3, 1.0)]})
     search.fit(Xs[tr], Y[tr] - Y[tr].mean(0))
-    resid = Y[te] - Y[tr].mean(0) - search.predict(Xs[te])
-    sst = ((Y[te] - Y[te].mean(0)) ** 2).sum()
-    return float(1.0 - (resid ** 2).sum() / sst) if sst > 0 else np.nan
+    return _heldout_r2(Y[te] - Y[tr].mean(0) - search.predict(Xs[te]), Y[te])
 
 
 def match_effects(delta_true, delta_hat) -> Matching:

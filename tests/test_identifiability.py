@@ -63,6 +63,15 @@ def test_linear_r2_recovers_linear_map_and_detects_independence():
     assert idf.linear_r2(z[:, :1], y) == pytest.approx(0.5, abs=0.05)
 
 
+@pytest.mark.parametrize("score", ["linear_r2", "nonlinear_r2"])
+def test_r2_scores_refuse_mismatched_or_too_few_rows(score):
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="row counts differ: 50 vs 40"):
+        getattr(idf, score)(rng.normal(size=(50, 2)), rng.normal(size=(40, 2)))
+    with pytest.raises(ValueError, match="need at least 4 rows"):
+        getattr(idf, score)(rng.normal(size=(3, 2)), rng.normal(size=(3, 2)))
+
+
 def test_nonlinear_r2_tells_a_smooth_warp_from_lost_information():
     """Latents that are a smooth invertible warp of the truth (a cube, then mixed) lose linear
     R^2 (0.82) but keep most of it nonlinearly (0.95; the kernel regression cannot invert the

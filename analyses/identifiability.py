@@ -79,17 +79,36 @@ LOWER_IS_BETTER = {"leak_inv_from_pert", "leak_pert_from_inv", "leak_pert_from_i
 # --------------------------------------------------------------------------------------------
 # Grid
 # --------------------------------------------------------------------------------------------
-def load_grid(grid: str | os.PathLike | dict) -> dict:
-    """The grid as a dict: a name in analyses/grids/, a YAML path, or a dict."""
+def load_grid(grid: str | os.PathLike | dict, _seen: tuple = ()) -> dict:
+    """The grid as a dict: a name in analyses/grids/, a YAML path, or a dict.
+
+    A grid may name another with ``extends: NAME``: it then takes that grid's ``base``,
+    ``seeds`` and ``dag_threshold``; its own ``base`` parts (sim, model, train, split) update the
+    inherited ones key by key, its own top-level keys win, and its ``conditions`` are its own."""
     if isinstance(grid, dict):
-        return copy.deepcopy(grid)
-    p = Path(grid)
-    if not p.suffix:
-        p = CONFIG_DIR / f"{grid}.yaml"
-    if not p.exists():
-        avail = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"no grid {grid!r} ({p}); available: {avail}")
-    return yaml.safe_load(p.read_text())
+        g = copy.deepcopy(grid)
+    else:
+        p = Path(grid)
+        if not p.suffix:
+            p = CONFIG_DIR / f"{grid}.yaml"
+        if not p.exists():
+            avail = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+            raise FileNotFoundError(f"no grid {grid!r} ({p}); available: {avail}")
+        g = yaml.safe_load(p.read_text())
+    parent_name = g.pop("extends", None)
+    if parent_name is None:
+        return g
+    seen = _seen + (str(grid) if not isinstance(grid, dict) else "the given grid",)
+    if str(parent_name) in seen:
+        raise ValueError(f"grids extend each other in a cycle: {' -> '.join(seen + (str(parent_name),))}")
+    parent = load_grid(parent_name, seen)
+    base = copy.deepcopy(parent.get("base", {}))
+    for part, values in (g.get("base") or {}).items():
+        base[part] = {**base.get(part, {}), **(values or {})}
+    out = {k: v for k, v in parent.items() if k in ("seeds", "dag_threshold")}
+    out.update({k: v for k, v in g.items() if k != "base"})
+    out["base"] = base
+    return out
 
 
 def resolve_conditions(grid: dict) -> list[dict]:

@@ -195,6 +195,29 @@ def test_grids_resolve():
             ModelConfig.from_dict(c["model"]), TrainConfig.from_dict(c["train"])
 
 
+def test_a_grid_extends_another_grids_base(tmp_path):
+    """extends: the parent's base, seeds and dag_threshold; the child's base parts update the
+    parent's key by key, its own keys win, its conditions are its own; a cycle is refused."""
+    study = _study()
+    small = study.load_grid("small")
+    assert study.load_grid("capacity")["base"] == small["base"]  # the grids that repeat small's base
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: small\nseeds: 5\nbase:\n  sim: {n_genes: 50}\n"
+                     "conditions:\n  base: {}\n  wide: {model: {hidden: 128}}\n")
+    g = study.load_grid(str(child))
+    assert g["seeds"] == 5 and g["dag_threshold"] == small["dag_threshold"]
+    assert g["base"]["sim"] == {**small["base"]["sim"], "n_genes": 50}
+    assert g["base"]["model"] == small["base"]["model"]
+    conds = {c["name"]: c for c in study.resolve_conditions(g)}
+    assert set(conds) == {"base", "wide"}
+    assert conds["wide"]["model"]["hidden"] == 128 and conds["wide"]["sim"]["n_genes"] == 50
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(f"extends: {b}\nconditions: {{base: {{}}}}\n")
+    b.write_text(f"extends: {a}\nconditions: {{base: {{}}}}\n")
+    with pytest.raises(ValueError, match="cycle"):
+        study.load_grid(str(a))
+
+
 def test_a_conditions_split_decides_which_controls_the_study_trains_on(monkeypatch):
     """By default the study's split holds out half of the controls (the benchmark's reference);
     grid `controls`' all_controls condition trains on every control. Doubles are always held out."""

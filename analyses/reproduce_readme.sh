@@ -18,11 +18,11 @@ for step in $STEPS; do
            output.run_dir=$R/benchmark_norman ;;
     effects) rm -rf $R/benchmark_norman_effects
          $PY -m pyro_pvae.benchmark --config norman_effects benchmark.seeds=3 output.run_dir=$R/benchmark_norman_effects ;;
-    # the real subset at two more splits (other held-out controls and single cells, the same five
-    # doubles), with and without the library-size model, then the table over the three splits
+    # the real subset at four more splits (other held-out controls and single cells, the same five
+    # doubles), with and without the library-size model, then the table over the five splits
     # (split 0 is the norman step and, without the library-size model, the variants step) and
     # where split 1's level error and composition stand
-    splits) for s in 1 2; do
+    splits) for s in 1 2 3 4; do
            for lm in true false; do
              name=benchmark_norman_split$s; [ $lm = false ] && name=${name}_library_off
              rm -rf $R/$name

@@ -1,11 +1,11 @@
-"""The real-subset benchmark over three splits: is a difference between the model and a baseline
+"""The real-subset benchmark over five splits: is a difference between the model and a baseline
 a property of the methods or of which 50 controls and which 35% of each single's cells were held out?
 
     bash analyses/reproduce_readme.sh norman splits     # the six benchmark runs this reads
     python analyses/split_robustness.py [--results analyses/results] [--out analyses/results/norman_splits]
 
 Reads ``results.csv`` of the `norman` benchmark at ``split.seed`` 0 (``benchmark_norman``,
-``benchmark_norman_library_off``), 1 and 2 (``benchmark_norman_split{1,2}`` and
+``benchmark_norman_library_off``) and 1-4 (``benchmark_norman_split{1,2,3,4}`` and
 ``..._library_off``); the five held-out doubles are the same in every split (the doubles whose two
 singles are trained), the held-out controls and single cells differ. Writes ``summary.md``: per
 split and group, each method's Pearson delta (all genes) and pseudobulk RMSE (the model: mean over
@@ -23,11 +23,11 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = {"pearson_delta_all": "higher", "pseudobulk_rmse_all": "lower"}
-RUNS = {  # split seed -> {row label: run folder}
-    0: {"model": "benchmark_norman", "model, no library-size model": "benchmark_norman_library_off"},
-    1: {"model": "benchmark_norman_split1", "model, no library-size model": "benchmark_norman_split1_library_off"},
-    2: {"model": "benchmark_norman_split2", "model, no library-size model": "benchmark_norman_split2_library_off"},
-}
+SPLITS = (0, 1, 2, 3, 4)
+RUNS = {  # split seed -> {row label: run folder}; split 0 is the `norman` step's run
+    s: {"model": f"benchmark_norman{'' if s == 0 else f'_split{s}'}",
+        "model, no library-size model": f"benchmark_norman{'' if s == 0 else f'_split{s}'}_library_off"}
+    for s in SPLITS}
 BASELINES = ("additive", "linear")
 
 
@@ -60,7 +60,7 @@ def _by_condition(pc: pd.DataFrame, group: str) -> pd.DataFrame:
 def summary(pc: pd.DataFrame) -> str:
     means = pc.groupby(["split", "group", "method", "metric"])["value"].mean().unstack("metric")
     methods = ["model", "model, no library-size model", *BASELINES]
-    lines = ["# The real-subset benchmark over three splits", "",
+    lines = [f"# The real-subset benchmark over {len(RUNS)} splits", "",
              "Command: `python analyses/split_robustness.py` (after `bash analyses/reproduce_readme.sh norman splits`).",
              "Each split holds out other controls (50) and other cells of each single (35%); the 5 held-out",
              "doubles are the same. The model's values are the mean over its 3 training seeds.", ""]
@@ -101,7 +101,7 @@ def figure(pc: pd.DataFrame, path: Path) -> Path:
 
     wide = _by_condition(pc, "seen2").reset_index()
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
-    markers = dict(zip(RUNS, "os^"))
+    markers = dict(zip(RUNS, "os^Dv"))
     for ax, (metric, label) in zip(axes, [("pearson_delta_all", "Pearson delta (all genes)"),
                                           ("pseudobulk_rmse_all", "pseudobulk RMSE")]):
         x, y = wide[("linear", metric)], wide[("model", metric)]
@@ -118,7 +118,7 @@ def figure(pc: pd.DataFrame, path: Path) -> Path:
         ax.set_ylabel(f"model (preset): {label}")
         ax.set_title(label)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Real subset, held-out doubles over three splits")
+    fig.suptitle(f"Real subset, held-out doubles over {len(RUNS)} splits")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -22,10 +22,16 @@ point prediction exactly as the benchmark's seed 0 computes it (``predict_mean``
 * for the doubles and their singles, the model's mean |change| and pseudobulk RMSE (against the
   held-out cells) from its point prediction and from a plug-in one, the globals at their
   posterior mean (``predict_mean(posterior_mean=True)``): does the posterior averaging shrink?
+* the doubles predicted with the composition scale c2's posterior moved to a median of 0.8, 0.9
+  and 1.0 (its spread kept; :func:`composition_at`; the training doubles' start cells move back to
+  control with it too), against the learned c2: pseudobulk RMSE, Pearson delta and the predicted HBZ
+  level of each double. Can one c2 serve the five doubles?
 """
 from __future__ import annotations
 
+import math
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +83,7 @@ def main(argv) -> str:
     single_prof = vae.predict_mean(singles + [D.CONTROL], n_cells=4000, n_draws=50, seed=7778, unknown="ignore")
     lines += ["", *composition_table(lin, doubles, prof, single_prof, genes)]
     lines += ["", *plugin_table(vae, ref, doubles + singles, prof, single_prof)]
+    lines += ["", *composition_sensitivity_table(vae, ref, doubles, prof, lin)]
     return write_summary(out, "\n".join(lines) + "\n")
 
 
@@ -135,6 +142,59 @@ def plugin_table(vae, ref, conds, prof, single_prof) -> list[str]:
         obs = ref.observed[c].mean(0) if c in ref.observed else None
         errors = ("n/a", "n/a") if obs is None else (f"{rmse(pred, obs):.4f}", f"{rmse(plugged, obs):.4f}")
         rows.append(f"| {c} | {sizes[0]:.3f} | {sizes[1]:.3f} | {errors[0]} | {errors[1]} |")
+    return rows
+
+
+@contextmanager
+def composition_at(vae, c2: float):
+    """While inside, the posterior of the composition scale c2 has median ``c2`` (its log-scale
+    spread kept); the fitted value is restored on leaving."""
+    import torch
+
+    param = vae.module.c2_loc
+    fitted = param.detach().clone()
+    with torch.no_grad():
+        param.fill_(math.log(c2))
+    try:
+        yield vae
+    finally:
+        with torch.no_grad():
+            param.copy_(fitted)
+
+
+def composition_sensitivity_table(vae, ref, doubles, prof, lin, levels=(0.8, 0.9, 1.0), gene: str = "HBZ"
+                                  ) -> list[str]:
+    """Markdown rows: each double's pseudobulk RMSE / Pearson delta / predicted ``gene`` level with the
+    learned c2 and with c2 moved to each of ``levels`` (predictions only; the fit is unchanged)."""
+    from pyro_pvae import data as D
+    from pyro_pvae.metrics import pearson, rmse
+
+    g = list(map(str, ref.genes)).index(gene)
+    held_ctrl, train_ctrl = ref.control.mean(0), ref.train_control.mean(0)
+    learned = math.exp(float(vae.module.c2_loc))  # the median, like the levels
+    profiles = {f"learned ({learned:.2f})": prof}
+    for level in levels:
+        with composition_at(vae, level):
+            profiles[f"{level:g}"] = vae.predict_mean(doubles + [D.CONTROL], n_cells=4000, n_draws=50, seed=7777,
+                                                      unknown="ignore")
+    rows = [f"Can one composition scale serve the five doubles? The model's doubles with c2 moved to a median of "
+            f"{', '.join(f'{v:g}' for v in levels)} at prediction (its spread kept), against the learned c2: "
+            f"pseudobulk RMSE / Pearson delta / predicted {gene} (held-out controls: {held_ctrl[g]:.2f})", "",
+            "| double | observed " + gene + " | linear | " + " | ".join(f"c2 {k}" for k in profiles) + " |",
+            "|---" * (3 + len(profiles)) + "|"]
+    sums = {k: [] for k in ["linear", *profiles]}
+    for c in doubles:
+        obs = ref.observed[c].mean(0)
+        linear = train_ctrl + lin.predict_change(c)
+        cells = [f"{obs[g]:.2f}"]
+        for key, pred, ctrl in [("linear", linear, train_ctrl)] + [
+                (k, p.loc[c].to_numpy(), p.loc[D.CONTROL].to_numpy()) for k, p in profiles.items()]:
+            score = (rmse(pred, obs), float(pearson(pred - ctrl, obs - held_ctrl)))
+            sums[key].append(score)
+            cells.append(f"{score[0]:.4f} / {score[1]:.3f} / {pred[g]:.2f}")
+        rows.append(f"| {c} | " + " | ".join(cells) + " |")
+    rows.append("| mean | | " + " | ".join(f"{np.mean([s[0] for s in v]):.4f} / {np.mean([s[1] for s in v]):.3f}"
+                                        for v in sums.values()) + " |")
     return rows
 
 

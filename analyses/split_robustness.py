@@ -87,7 +87,20 @@ def summary(pc: pd.DataFrame) -> str:
                              f"{round(diff.mean(), 4) + 0.0:+.4f} ± {se:.4f}")
             lines.append(f"- Model (preset) against {b}, per condition and split: " + "; ".join(parts) + ".")
         lines.append("")
+        if group == "seen2":
+            lines += per_double_table(wide, methods)
     return "\n".join(lines)
+
+
+def per_double_table(wide: pd.DataFrame, methods) -> list[str]:
+    """Markdown rows: each held-out double's Pearson delta / pseudobulk RMSE, mean over the splits."""
+    means = wide.groupby(level="condition").mean()
+    lines = ["Per double, mean over the splits (Pearson delta / pseudobulk RMSE):", "",
+             "| double | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for c, r in means.iterrows():
+        lines.append(f"| {c} | " + " | ".join(f"{r[(m, 'pearson_delta_all')]:.3f} / {r[(m, 'pseudobulk_rmse_all')]:.4f}"
+                                           for m in methods) + " |")
+    return lines + [""]
 
 
 def figure(pc: pd.DataFrame, path: Path) -> Path:

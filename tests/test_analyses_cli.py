@@ -55,6 +55,9 @@ def test_split_robustness_counts_the_model_wins_over_the_splits(tmp_path, capsys
     assert "| model | " + "0.500 / 0.0900 | " * 5 + "**0.500 / 0.0900** |" in text
     assert ("against linear, per condition and split: pearson_delta_all: model better in 5 of 10, mean difference "
             "+0.0000 ± 0.0167; pseudobulk_rmse_all: model better in 8 of 10, mean difference -0.0300 ± 0.0094") in text
+    # per double, the mean over the five splits (model, model without the library-size model, additive, linear)
+    assert "| A | 0.500 / 0.0900 | 0.500 / 0.0900 | 0.450 / 0.1200 | 0.450 / 0.1200 |" in text
+    assert "| B | 0.500 / 0.0900 | 0.500 / 0.0900 | 0.550 / 0.1200 | 0.550 / 0.1200 |" in text
     # a missing run folder is a clear error naming the step that makes it
     (tmp_path / "benchmark_norman_split2" / "results.csv").unlink()
     assert sr.main(["--results", str(tmp_path), "--out", str(tmp_path / "out2")]) == 2
@@ -75,3 +78,30 @@ def test_level_error_composition_factor_reads_the_scale_of_a_double_on_its_singl
     noise -= (noise @ s) / (s @ s) * s
     assert composition_factor(noise, [a, b]) == pytest.approx(0.0, abs=1e-12)
     assert composition_factor(1.2 * s + noise, [a, b]) == pytest.approx(1.2)
+
+
+def test_level_error_composition_at_scales_the_doubles_only_and_restores_the_fit(tiny_vae, tiny_adata, tiny_split):
+    """composition_at(vae, c): a double's predicted change grows with c, and the fitted c2 is restored
+    exactly, also when the block raises. (Singles move too, less: start cells of training doubles are
+    moved back to control with c.)"""
+    import numpy as np
+    import torch
+    from level_error import composition_at
+
+    from pyro_pvae import data as D
+
+    cond = np.asarray(tiny_adata.obs["condition"]).astype(str)
+    double = next(c for c in cond[np.asarray(tiny_split.test_idx)] if len(D.parse_condition(c)) == 2)
+    fitted = tiny_vae.module.c2_loc.detach().clone()
+    out = {}
+    for c2 in (0.5, 1.5):
+        with composition_at(tiny_vae, c2):
+            assert float(tiny_vae.module.c2_loc.exp()) == pytest.approx(c2)
+            prof = tiny_vae.predict_mean([double, D.CONTROL], n_cells=500, n_draws=4, seed=0)
+        out[c2] = prof.to_numpy() - prof.loc[[D.CONTROL]].to_numpy()
+    assert torch.equal(tiny_vae.module.c2_loc.detach(), fitted)
+    assert np.abs(out[1.5][0]).mean() > 1.3 * np.abs(out[0.5][0]).mean()
+    with pytest.raises(RuntimeError):
+        with composition_at(tiny_vae, 2.0):
+            raise RuntimeError("inside")
+    assert torch.equal(tiny_vae.module.c2_loc.detach(), fitted)

@@ -98,6 +98,8 @@ def load_grid(grid: str | os.PathLike | dict, _seen: tuple = ()) -> dict:
     parent_name = g.pop("extends", None)
     if parent_name is None:
         return g
+    if not isinstance(parent_name, str) or not parent_name:
+        raise ValueError(f"extends: must name one grid (a name in analyses/grids/ or a YAML path), got {parent_name!r}")
     seen = _seen + (str(grid) if not isinstance(grid, dict) else "the given grid",)
     if str(parent_name) in seen:
         raise ValueError(f"grids extend each other in a cycle: {' -> '.join(seen + (str(parent_name),))}")

@@ -216,6 +216,8 @@ def test_a_grid_extends_another_grids_base(tmp_path):
     b.write_text(f"extends: {a}\nconditions: {{base: {{}}}}\n")
     with pytest.raises(ValueError, match="cycle"):
         study.load_grid(str(a))
+    with pytest.raises(ValueError, match="extends: must name one grid"):
+        study.load_grid({"extends": ["small"], "conditions": {"base": {}}})
 
 
 def test_a_conditions_split_decides_which_controls_the_study_trains_on(monkeypatch):

@@ -1,7 +1,7 @@
 """The real-subset benchmark over five splits: is a difference between the model and a baseline
 a property of the methods or of which 50 controls and which 35% of each single's cells were held out?
 
-    bash analyses/reproduce_readme.sh norman splits     # the six benchmark runs this reads
+    bash analyses/reproduce_readme.sh norman splits variants   # the ten benchmark runs this reads
     python analyses/split_robustness.py [--results analyses/results] [--out analyses/results/norman_splits]
 
 Reads ``results.csv`` of the `norman` benchmark at ``split.seed`` 0 (``benchmark_norman``,

@@ -104,13 +104,17 @@ def load_grid(grid: str | os.PathLike | dict, _seen: tuple = ()) -> dict:
     if str(parent_name) in seen:
         raise ValueError(f"grids extend each other in a cycle: {' -> '.join(seen + (str(parent_name),))}")
     parent = load_grid(parent_name, seen)
-    base = copy.deepcopy(parent.get("base", {}))
-    for part, values in (g.get("base") or {}).items():
-        base[part] = {**base.get(part, {}), **(values or {})}
+    parent_base, own_base = parent.get("base") or {}, g.get("base") or {}
+    base = {part: _updated_part(parent_base, own_base, part) for part in {**parent_base, **own_base}}
     out = {k: v for k, v in parent.items() if k in ("seeds", "dag_threshold")}
     out.update({k: v for k, v in g.items() if k != "base"})
     out["base"] = base
     return out
+
+
+def _updated_part(base: dict, override: dict, part: str) -> dict:
+    """``base[part]`` updated key by key with ``override[part]`` (copies; a missing or empty part is {})."""
+    return {**copy.deepcopy(base.get(part) or {}), **copy.deepcopy(override.get(part) or {})}
 
 
 def resolve_conditions(grid: dict) -> list[dict]:
@@ -122,7 +126,7 @@ def resolve_conditions(grid: dict) -> list[dict]:
         cond = {"name": name, "factor": str(spec.get("factor", name)), "level": str(spec.get("level", name)),
                 "dag_threshold": float(grid.get("dag_threshold", 0.25))}
         for part in ("sim", "model", "train", "split"):
-            cond[part] = {**copy.deepcopy(base.get(part, {})), **copy.deepcopy(spec.get(part, {}) or {})}
+            cond[part] = _updated_part(base, spec, part)
         out.append(cond)
     return out
 

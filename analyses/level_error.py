@@ -170,7 +170,7 @@ def composition_sensitivity_table(vae, ref, doubles, prof, lin, levels=(0.8, 0.9
     from pyro_pvae.metrics import pearson, rmse
 
     g = list(map(str, ref.genes)).index(gene)
-    held_ctrl, train_ctrl = ref.control.mean(0), ref.train_control.mean(0)
+    held_ctrl = ref.control.mean(0)
     learned = math.exp(float(vae.module.c2_loc))  # the median, like the levels
     profiles = {f"learned ({learned:.2f})": prof}
     for level in levels:
@@ -185,9 +185,9 @@ def composition_sensitivity_table(vae, ref, doubles, prof, lin, levels=(0.8, 0.9
     sums = {k: [] for k in ["linear", *profiles]}
     for c in doubles:
         obs = ref.observed[c].mean(0)
-        linear = train_ctrl + lin.predict_change(c)
+        linear = lin.control_mean_ + lin.predict_change(c)  # as main()'s table
         cells = [f"{obs[g]:.2f}"]
-        for key, pred, ctrl in [("linear", linear, train_ctrl)] + [
+        for key, pred, ctrl in [("linear", linear, lin.control_mean_)] + [
                 (k, p.loc[c].to_numpy(), p.loc[D.CONTROL].to_numpy()) for k, p in profiles.items()]:
             score = (rmse(pred, obs), float(pearson(pred - ctrl, obs - held_ctrl)))
             sums[key].append(score)

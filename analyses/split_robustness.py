@@ -24,10 +24,9 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 METRICS = {"pearson_delta_all": "higher", "pseudobulk_rmse_all": "lower"}
 SPLITS = (0, 1, 2, 3, 4)
-RUNS = {  # split seed -> {row label: run folder}; split 0 is the `norman` step's run
-    s: {"model": f"benchmark_norman{'' if s == 0 else f'_split{s}'}",
-        "model, no library-size model": f"benchmark_norman{'' if s == 0 else f'_split{s}'}_library_off"}
-    for s in SPLITS}
+_FOLDER = {s: "benchmark_norman" + (f"_split{s}" if s else "") for s in SPLITS}  # split 0: the `norman` step's run
+RUNS = {s: {"model": _FOLDER[s], "model, no library-size model": f"{_FOLDER[s]}_library_off"}
+        for s in SPLITS}  # split seed -> {row label: run folder}
 BASELINES = ("additive", "linear")
 
 

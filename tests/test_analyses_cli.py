@@ -105,3 +105,41 @@ def test_level_error_composition_at_scales_the_doubles_only_and_restores_the_fit
         with composition_at(tiny_vae, 2.0):
             raise RuntimeError("inside")
     assert torch.equal(tiny_vae.module.c2_loc.detach(), fitted)
+
+
+def _exogenous_coordinates(**overrides):
+    """The simulator's controls and singles: labels, true z_pert, (I - W) z_pert (what an exact
+    shift-intervention model infers) and the truth."""
+    import numpy as np
+
+    from pyro_pvae.simulate import simulate
+
+    adata = simulate("tiny", 3, n_genes=30, n_pert_latents=4, n_singles=8, n_doubles=0, cells_per_single=1000,
+                     n_control=600, edge_prob=0.6, **overrides)
+    truth = adata.uns["truth"]
+    z = adata.obsm["z_pert_true"]
+    return adata.obs["condition"].astype(str).to_numpy(), z, z @ (np.eye(4) - np.asarray(truth["W"])).T, truth
+
+
+def test_hard_intervention_check_reads_the_true_dag_off_exact_exogenous_coordinates():
+    import numpy as np
+
+    import hard_intervention_check as hic
+    from pyro_pvae.identifiability import mcc
+
+    labels, z, x, truth = _exogenous_coordinates()
+    W = np.asarray(truth["W"])
+    assert (np.abs(W) > 0).sum() >= 2  # a DAG with edges, each latent hard-intervened by one single
+    W_hat, targets, _ = hic.dag_from_hard_interventions(x, labels)
+    # the hard interventions on latents with parents, and only those, are found (roots' cuts are shifts)
+    assert {(c, k) for k, c in targets.items()} == hic._hard_pairs(truth)
+    assert np.abs(W_hat - W).max() < 0.1  # sampling error about 0.03 at 1,000 cells
+    T = np.linalg.inv(np.eye(4) - W_hat)
+    assert mcc(z, x).value < 0.95 < 0.99 < mcc(z, x @ T.T).value
+    # shift interventions only: nothing to read, W stays 0
+    labels, z, x, truth = _exogenous_coordinates(intervention_coverage=False)
+    assert not np.asarray(truth["hard_targets"]).any()
+    W_hat, targets, _ = hic.dag_from_hard_interventions(x, labels)
+    assert targets == {} and not W_hat.any()
+    with pytest.raises(ValueError, match="no cell is labelled 'control'"):
+        hic.condition_regressions(x, np.full(len(x), "A"))

@@ -55,6 +55,7 @@ class PerturbedVAE:
         self.adata = adata
         self.split = None
         self.history: list[dict] = []
+        self.genes_without_counts: list[str] = []  # set from the training cells' counts
         self.module: PerturbedVAEModule | None = None
         self.training_pairs: list[tuple[int, int]] = []
         self.trained_singles: list[str] = []
@@ -88,6 +89,14 @@ class PerturbedVAE:
         self.training_pairs = sorted({tuple(sorted(index[t] for t in D.parse_condition(c)))
                                       for c in set(cond[train_idx]) if len(D.parse_condition(c)) == 2
                                       and all(t in index for t in D.parse_condition(c))})
+        #: genes with no count in any training cell: they carry no information, and the model
+        #: predicts them near zero (the shipped real subset: 250 of its 500 genes)
+        self.genes_without_counts = [g for g, t in zip(self.gene_names, self._training_gene_totals()) if t == 0]
+        if self.genes_without_counts:
+            log.warning("%d of %d genes have no count in any training cell (e.g. %s): they carry no information "
+                        "and cost memory and time; filter them first, e.g. scanpy.pp.filter_genes(adata, "
+                        "min_cells=1)", len(self.genes_without_counts), len(self.gene_names),
+                        ", ".join(self.genes_without_counts[:3]))
         pool = train_idx if self.model_config.prediction_start == "training" else self.control_idx
         ref = np.sort(np.random.default_rng(seed).choice(pool, size=min(N_REFERENCE_CELLS, len(pool)), replace=False))
         #: the cells predictions start from (``model.prediction_start``): counts and multi-hot labels
@@ -105,13 +114,22 @@ class PerturbedVAE:
                                          library_log_mean=library)
         return self.module
 
-    def _mean_log_library(self, chunk: int = 20000) -> float:
-        """Mean log library size (total counts) of the training cells, read in chunks."""
+    def _training_blocks(self, chunk: int = 20000):
+        """The training cells' counts, blocks of ``chunk`` rows (a backed AnnData is read block by block)."""
+        idx = np.sort(np.asarray(self.split.train_idx))
+        for s in range(0, len(idx), chunk):
+            yield self.adata.X[idx[s:s + chunk]]
+
+    def _mean_log_library(self) -> float:
+        """Mean log library size (total counts) of the training cells."""
         if self.adata is None:  # a loaded run: the module's buffer comes from its state
             return 0.0
-        idx = np.sort(np.asarray(self.split.train_idx))
-        totals = [D.library_size(self.adata.X[idx[s:s + chunk]]) for s in range(0, len(idx), chunk)]
-        return float(np.log(np.maximum(np.concatenate(totals), 1.0)).mean())
+        totals = np.concatenate([D.library_size(block) for block in self._training_blocks()])
+        return float(np.log(np.maximum(totals, 1.0)).mean())
+
+    def _training_gene_totals(self) -> np.ndarray:
+        """Each gene's total count over the training cells."""
+        return sum(np.asarray(block.sum(axis=0), dtype=np.float64).ravel() for block in self._training_blocks())
 
     @property
     def device(self) -> torch.device:

@@ -48,7 +48,8 @@ def run(name: str, overrides: list[str]):
                    "epochs": len(vae.history), "seconds": round(seconds, 1),
                    "final_val_loss": vae.history[-1]["val_loss"] if vae.history else None,
                    "effects_pip_above_0.5": int((effects.pip > 0.5).sum()), "invariant_spread": spread,
-                   "composition_c2": vae.module.composition_mean(), "split_notes": vae.split.notes}
+                   "composition_c2": vae.module.composition_mean(),
+                   "genes_without_counts": len(vae.genes_without_counts), "split_notes": vae.split.notes}
         atomic_write_text(run_dir / "fit_summary.json", json.dumps(summary, indent=1, default=float))
     last = vae.history[-1] if vae.history else {}
     print(f"\nfitted PerturbedVAE on {adata.n_obs} cells x {adata.n_vars} genes "

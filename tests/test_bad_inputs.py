@@ -67,6 +67,23 @@ def test_api_drops_cells_without_counts_and_says_how_many(cells, caplog):
     assert "3" in caplog.text and "zero total counts" in caplog.text
 
 
+
+def test_api_names_the_genes_without_a_count_in_the_training_cells(cells, caplog):
+    X = cells.X.toarray()
+    X[:, [4, 7]] = 0
+    vae = PerturbedVAE(_with_X(cells, sp.csr_matrix(X)), split="iid", model=MODEL, train=TRAIN)
+    assert vae.genes_without_counts == [cells.var_names[4], cells.var_names[7]]
+    assert f"2 of {cells.n_vars} genes have no count in any training cell (e.g. {cells.var_names[4]}" in caplog.text
+    # a gene counted only in held-out cells carries no information for the fit either
+    train = np.asarray(vae.split.train_idx)
+    X[:, 4] = 0
+    X[np.setdiff1d(np.arange(cells.n_obs), train), 4] = 1
+    assert PerturbedVAE(_with_X(cells, sp.csr_matrix(X)), split=vae.split, model=MODEL,
+                        train=TRAIN).genes_without_counts == [cells.var_names[4], cells.var_names[7]]
+    caplog.clear()
+    assert PerturbedVAE(cells, split="iid", model=MODEL, train=TRAIN).genes_without_counts == []
+    assert "no count in any training cell" not in caplog.text
+
 def test_api_settings_are_checked_on_construction(cells):
     with pytest.raises(ValueError, match="train.lr must be > 0, got -0.01"):
         PerturbedVAE(cells, split="iid", model=MODEL, train={**TRAIN, "lr": -0.01})

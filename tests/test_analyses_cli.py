@@ -96,7 +96,7 @@ def test_level_error_composition_at_scales_the_doubles_only_and_restores_the_fit
     out = {}
     for c2 in (0.5, 1.5):
         with composition_at(tiny_vae, c2):
-            assert float(tiny_vae.module.c2_loc.exp()) == pytest.approx(c2)
+            assert float(tiny_vae.module.c2_loc.detach().exp()) == pytest.approx(c2)
             prof = tiny_vae.predict_mean([double, D.CONTROL], n_cells=500, n_draws=4, seed=0)
         out[c2] = prof.to_numpy() - prof.loc[[D.CONTROL]].to_numpy()
     assert torch.equal(tiny_vae.module.c2_loc.detach(), fitted)

@@ -94,8 +94,8 @@ class PerturbedVAE:
         self.genes_without_counts = [g for g, t in zip(self.gene_names, self._training_gene_totals()) if t == 0]
         if self.genes_without_counts:
             log.warning("%d of %d genes have no count in any training cell (e.g. %s): they carry no information "
-                        "and cost memory and time; filter them first, e.g. scanpy.pp.filter_genes(adata, "
-                        "min_cells=1)", len(self.genes_without_counts), len(self.gene_names),
+                        "and cost memory and time; filter them first (data.min_cells=1 on the command line, or "
+                        "pyro_pvae.data.filter_genes(adata, 1))", len(self.genes_without_counts), len(self.gene_names),
                         ", ".join(self.genes_without_counts[:3]))
         pool = train_idx if self.model_config.prediction_start == "training" else self.control_idx
         ref = np.sort(np.random.default_rng(seed).choice(pool, size=min(N_REFERENCE_CELLS, len(pool)), replace=False))

@@ -199,6 +199,7 @@ class DataConfig(_Section):
     label_key: Optional[str] = None  # generic format: obs column holding the perturbation label
     control_label: Optional[str] = None  # generic format: label of control cells
     sep: Optional[str] = None  # generic format: separator of combined targets
+    min_cells: int = setting(0, ge=0)  # genes detected in fewer cells are dropped first (targets kept); 0 keeps all
     n_top_genes: Optional[int] = setting(None, ge=1)  # highly variable genes kept (targets always kept); null = all
     simulation: SimulationConfig = setting(factory=SimulationConfig)
 
@@ -623,6 +624,8 @@ def load_dataset(cfg: DictConfig):
         adata = simulate_norman_effects(seed=sim.seed, **OmegaConf.to_container(sim.overrides))
     else:  # a config.yaml written by hand or by an older version
         raise ConfigError(f"unknown data.source {source!r}; use {_choices(DataConfig, 'source')}")
+    if d.min_cells:
+        adata = D.filter_genes(adata, int(d.min_cells))
     if d.n_top_genes:
         adata = D.select_hvg(adata, int(d.n_top_genes))
     log.info("data: %d cells x %d genes, %d conditions", adata.n_obs, adata.n_vars,

@@ -435,6 +435,38 @@ def test_select_hvg_drops_cells_left_without_counts(caplog):
     assert h.n_obs == 115 and "c7" not in h.obs_names
 
 
+
+def test_filter_genes_drops_genes_seen_in_too_few_cells_but_keeps_the_targets(caplog):
+    a, x = _canonical_in_memory()
+    x = x.copy()
+    x[:, GENES.index("G0")] = 0                 # detected nowhere
+    x[:, GENES.index("G1")] = 0
+    x[:2, GENES.index("G1")] = 3                # in 2 cells
+    x[:, GENES.index("SET")] = 0                # a target, detected nowhere: kept
+    a = ad.AnnData(X=sp.csr_matrix(x), obs=a.obs, var=pd.DataFrame(index=GENES))
+    assert all((x[:, GENES.index(g)] > 0).sum() >= 3 for g in GENES if g not in ("G0", "G1", "SET"))
+    with caplog.at_level(logging.INFO, logger="pyro_pvae.data"):
+        f2, f3 = data.filter_genes(a, 2), data.filter_genes(a, 3)
+    assert list(f2.var_names) == [g for g in GENES if g != "G0"]
+    assert list(f3.var_names) == [g for g in GENES if g not in ("G0", "G1")]
+    assert f3.n_obs == a.n_obs and np.array_equal(f3.X.toarray(), np.delete(x, [5, 6], axis=1))
+    assert f"filter_genes (min_cells=3): dropped 2 of {len(GENES)} genes" in caplog.text
+    assert data.filter_genes(a, 0) is a
+    no_targets = a[:, len(TARGETS):].copy()  # the targets are not measured: nothing forced
+    with pytest.raises(DataError, match=r"no gene is detected in that many cells \(at most \d+ of 116\); lower"):
+        data.filter_genes(no_targets, 117)
+    with pytest.raises(ValueError, match="min_cells must be a whole number >= 0, got -1"):
+        data.filter_genes(a, -1)
+
+
+def test_min_cells_drops_the_shipped_subsets_silent_genes():
+    from pyro_pvae.config import compose, load_dataset
+
+    full = load_dataset(compose("norman", []))
+    kept = load_dataset(compose("norman", ["data.min_cells=1"]))
+    assert (full.n_vars, kept.n_vars, kept.n_obs) == (500, 250, full.n_obs)  # 250 genes have no count at all
+    assert np.asarray(kept.X.sum(axis=0)).min() > 0 and "TMSB4X" in kept.var_names
+
 # ---------------------------------------------------------------------------------------
 # preprocessing and encodings
 # ---------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 - ``formats``: condition labels (``CONTROL``, ``parse_condition``, ``format_condition``),
   ``read_perturbseq`` / ``to_canonical`` (CPA, GEARS, scPerturb, Replogle, generic, canonical),
   ``validate_canonical`` (the readers' checks for an AnnData handed over directly),
-  ``select_hvg``, ``library_size``, ``lognormalize``, ``perturbation_vocabulary``,
+  ``filter_genes``, ``select_hvg``, ``library_size``, ``lognormalize``, ``perturbation_vocabulary``,
   ``perturbation_matrix``.
 - ``splits``: ``Split`` and ``split_norman_discrepancy``, ``split_combo_seen``,
   ``split_complete_doubles``, ``split_iid``; ``make_split`` by name (``SPLITS``).
@@ -16,6 +16,7 @@ from .formats import (
     SEP,
     DataError,
     condition_labels,
+    filter_genes,
     format_condition,
     library_size,
     lognormalize,
@@ -42,7 +43,7 @@ __all__ = [
     "CONTROL", "SEP", "FORMATS", "NORMAN_HELDOUT_SINGLES", "DataError",
     "parse_condition", "format_condition", "condition_labels",
     "read_perturbseq", "to_canonical", "validate_canonical",
-    "library_size", "lognormalize", "select_hvg", "perturbation_vocabulary", "perturbation_matrix",
+    "library_size", "lognormalize", "filter_genes", "select_hvg", "perturbation_vocabulary", "perturbation_matrix",
     "Split", "SPLITS", "make_split", "split_norman_discrepancy", "split_combo_seen",
     "split_complete_doubles", "split_iid",
     "Batch", "CellBatcher", "BackedBatcher", "make_batcher",

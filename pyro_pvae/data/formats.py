@@ -527,6 +527,25 @@ def lognormalize(adata_or_matrix, target_sum: float = 1e4):
     return out
 
 
+def filter_genes(adata, min_cells: int):
+    """The genes detected (count > 0) in at least ``min_cells`` cells, and every perturbed target
+    gene present in var_names (as ``scanpy.pp.filter_genes(adata, min_cells=...)``, targets kept);
+    logs how many were dropped. Returns ``adata`` itself when none is, else a copy."""
+    if isinstance(min_cells, bool) or not isinstance(min_cells, (int, np.integer)) or min_cells < 0:
+        raise ValueError(f"filter_genes(): min_cells must be a whole number >= 0, got {min_cells!r}")
+    detected = np.asarray((adata.X > 0).sum(axis=0)).ravel()
+    targets = set(perturbation_vocabulary(adata))
+    keep = (detected >= min_cells) | np.array([g in targets for g in adata.var_names.astype(str)])
+    if keep.all():
+        return adata
+    if not keep.any():
+        raise DataError(f"filter_genes(min_cells={min_cells}): no gene is detected in that many cells "
+                        f"(at most {int(detected.max())} of {adata.n_obs}); lower min_cells")
+    logger.info("filter_genes (min_cells=%d): dropped %d of %d genes detected in fewer cells",
+                min_cells, int((~keep).sum()), adata.n_vars)
+    return adata[:, keep].copy()
+
+
 def select_hvg(adata, n_top_genes: int, keep: Sequence[str] | None = None):
     """Subset to highly variable genes (scanpy flavor 'seurat' on a log-normalised copy),
     always keeping the perturbed target genes present in var_names and the genes in ``keep``.

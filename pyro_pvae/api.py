@@ -90,13 +90,13 @@ class PerturbedVAE:
                                       for c in set(cond[train_idx]) if len(D.parse_condition(c)) == 2
                                       and all(t in index for t in D.parse_condition(c))})
         #: genes with no count in any training cell: they carry no information, and the model
-        #: predicts them near zero (the shipped real subset: 250 of its 500 genes)
+        #: predicts them near zero (the shipped real subset, default split: 276 of its 500 genes)
         self.genes_without_counts = [g for g, t in zip(self.gene_names, self._training_gene_totals()) if t == 0]
         if self.genes_without_counts:
-            log.warning("%d of %d genes have no count in any training cell (e.g. %s): they carry no information "
-                        "and cost memory and time; filter them first (data.min_cells=1 on the command line, or "
-                        "pyro_pvae.data.filter_genes(adata, 1))", len(self.genes_without_counts), len(self.gene_names),
-                        ", ".join(self.genes_without_counts[:3]))
+            log.warning("%d of %d genes have no count in any training cell (e.g. %s): the fit learns nothing "
+                        "about them and predicts them near zero; genes that no cell expresses are best dropped "
+                        "first (data.min_cells=1 on the command line, or pyro_pvae.data.filter_genes(adata, 1))",
+                        len(self.genes_without_counts), len(self.gene_names), ", ".join(self.genes_without_counts[:3]))
         pool = train_idx if self.model_config.prediction_start == "training" else self.control_idx
         ref = np.sort(np.random.default_rng(seed).choice(pool, size=min(N_REFERENCE_CELLS, len(pool)), replace=False))
         #: the cells predictions start from (``model.prediction_start``): counts and multi-hot labels

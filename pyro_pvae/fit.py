@@ -3,7 +3,7 @@
 The run directory holds the resolved config (``config.yaml``), the split (``split.json``),
 the checkpoint, ``metrics.csv`` and ``training_curves.png``, the fitted model
 (``model.pt``, load with ``pyro_pvae.load_run``), ``effects.csv`` (posterior of the
-perturbation effects with PIPs) and, with ``model.library_model``, ``library_effects.csv`` (each
+perturbation effects with PIPs and local false sign rates) and, with ``model.library_model``, ``library_effects.csv`` (each
 perturbation's effect on the log library size). While the fit runs, ``.lock`` in the directory names the
 process holding it; a second fit refuses to share the directory, and a fit that fails keeps
 only what ``train.resume=true`` needs (``pyro_pvae/rundir.py``).
@@ -47,7 +47,8 @@ def run(name: str, overrides: list[str]):
         summary = {"cells": adata.n_obs, "genes": adata.n_vars, "perturbations": len(vae.vocabulary),
                    "epochs": len(vae.history), "seconds": round(seconds, 1),
                    "final_val_loss": vae.history[-1]["val_loss"] if vae.history else None,
-                   "effects_pip_above_0.5": int((effects.pip > 0.5).sum()), "invariant_spread": spread,
+                   "effects_pip_above_0.5": int((effects.pip > 0.5).sum()),
+                   "effects_lfsr_below_0.05": int((effects.lfsr < 0.05).sum()), "invariant_spread": spread,
                    "composition_c2": vae.module.composition_mean(),
                    "genes_without_counts": len(vae.genes_without_counts), "split_notes": vae.split.notes}
         atomic_write_text(run_dir / "fit_summary.json", json.dumps(summary, indent=1, default=float))
@@ -56,11 +57,12 @@ def run(name: str, overrides: list[str]):
           f"({len(vae.vocabulary)} perturbations) in {seconds:.0f} s, {len(vae.history)} epochs; "
           f"final validation -ELBO/cell {last.get('val_loss', float('nan')):.2f}")
     strong = effects[effects.pip > 0.5]
-    print(f"{len(strong)} of {len(effects)} perturbation-latent effects have PIP > 0.5")
+    print(f"{len(strong)} of {len(effects)} perturbation-latent effects have PIP > 0.5; "
+          f"{int((effects.lfsr < 0.05).sum())} have a local false sign rate below 0.05 (lfsr in effects.csv)")
     if vae.model_config.effect_prior == "spike_slab" and len(strong) > 0.9 * len(effects):
-        print("  (nearly all: the effects' estimation noise is wider than the spike, "
+        print("  (nearly all PIPs: the effects' estimation noise is wider than the spike, "
               f"model.spike_scale={vae.model_config.spike_scale}, so the PIPs do not separate effects from "
-              "noise here; read the effect means and sds in effects.csv, or refit with a spike about "
+              "noise here; rank effects by their lfsr, or refit with a spike about "
               "1/sqrt(cells per perturbation) wide; README, Signal imbalance)")
     print(f"invariant latents: mean across-cell sd of the z_inv posterior means {spread:.3f} "
           "(near 0: collapsed, carrying no cell state)")

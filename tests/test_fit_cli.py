@@ -1,5 +1,7 @@
 """`python -m pyro_pvae.fit`: --help, bad invocations and settings refused before anything is read
 or written, and one short fit on the shipped real cells."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -85,6 +87,11 @@ def test_short_fit_on_the_shipped_real_norman_cells(tmp_path, capsys):
     assert "library size: the perturbations that change the total counts most (library_effects.csv): " in out
     lib = pd.read_csv(run / "library_effects.csv")
     assert list(lib.columns) == ["perturbation", "mean", "sd", "q05", "q95", "fold_change"] and len(lib) == 31
+    eff = pd.read_csv(run / "effects.csv")
+    summary = json.loads((run / "fit_summary.json").read_text())
+    assert summary["effects_lfsr_below_0.05"] == int((eff.lfsr < 0.05).sum())
+    assert f"{summary['effects_lfsr_below_0.05']} have a local false sign rate below 0.05" in out
+    assert summary["genes_without_counts"] == 276  # of the 500, in the preset split's training cells
     vae = load_run(run)
     pred = vae.predict(["KLF1+MAP2K6"], n_cells=20, seed=0)
     assert pred.n_obs == 20 and pred.obs["condition"].iloc[0] == "KLF1+MAP2K6"

@@ -878,3 +878,20 @@ def test_refined_posteriors_recover_the_invariant_latents_better(tiny_fit):
     for bad in (-1, 1.5, "100"):
         with pytest.raises(ValueError, match=f"refine_steps must be a whole number >= 0, got {bad!r}"):
             vae.latents(adata, idx, refine_steps=bad)
+
+
+def test_effects_report_the_local_false_sign_rate_of_each_effect():
+    """lfsr = min(P(delta > 0), P(delta < 0)) under q: Phi(-|mean| / sd) for a Gaussian posterior."""
+    from scipy.stats import norm
+
+    from pyro_pvae.model import _inverse_positive
+
+    vae = PerturbedVAE(simulate("tiny", seed=1, n_genes=30), split="iid",
+                       model={"latent_inv": 2, "latent_pert": 3, "hidden": 8})
+    with torch.no_grad():
+        vae.module.slab_loc[0] = torch.tensor([3.0, 0.0, -1.0])
+        vae.module.slab_raw_scale[0] = _inverse_positive(torch.tensor([1.0, 1.0, 0.5]))
+    torch.manual_seed(0)
+    lfsr = vae.effects(n_draws=1000).query("perturbation == @vae.vocabulary[0]")["lfsr"].to_numpy()
+    # 1,000 draws: sampling sd 0.016 at 0.5, 0.005 at Phi(-2) = 0.023
+    assert lfsr[0] < 0.01 and abs(lfsr[1] - 0.5) < 0.06 and abs(lfsr[2] - norm.cdf(-2.0)) < 0.015

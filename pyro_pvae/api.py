@@ -4,7 +4,7 @@
 >>> adata = datasets.norman19_subset()
 >>> vae = PerturbedVAE(adata, split="complete_doubles").fit(epochs=50)
 >>> pred = vae.predict(["KLF1+MAP2K6"], n_cells=200)      # AnnData of predicted cells
->>> vae.effects().query("pip > 0.5")                        # sparse effects with PIPs
+>>> vae.effects().query("lfsr < 0.05")                      # effects whose sign the data pin down
 """
 from __future__ import annotations
 

@@ -346,8 +346,8 @@ def test_predict_mean_is_the_predictive_mean_without_the_cells_sampling_noise(ti
 def test_effects_table_and_save_load_round_trip(tiny_fit, tmp_path):
     _, _, vae = tiny_fit
     eff = vae.effects(n_draws=200)
-    assert list(eff.columns) == ["perturbation", "latent", "mean", "sd", "q05", "q95", "pip"]
-    assert len(eff) == len(vae.vocabulary) * 4 and eff.pip.between(0, 1).all()
+    assert list(eff.columns) == ["perturbation", "latent", "mean", "sd", "q05", "q95", "pip", "lfsr"]
+    assert len(eff) == len(vae.vocabulary) * 4 and eff.pip.between(0, 1).all() and eff.lfsr.between(0, 0.5).all()
     assert (eff.q05 <= eff["mean"] + 1e-6).all() and (eff["mean"] <= eff.q95 + 1e-6).all()
     path = vae.save(tmp_path / "model.pt")
     back = PerturbedVAE.load(path)

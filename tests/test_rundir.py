@@ -266,7 +266,7 @@ def test_printed_file_list_is_what_exists(tmp_path, monkeypatch, capsys):
         return self
 
     monkeypatch.setattr(PerturbedVAE, "fit", fake_fit)
-    monkeypatch.setattr(PerturbedVAE, "effects", lambda self: pd.DataFrame({"pip": [0.9, 0.1]}))
+    monkeypatch.setattr(PerturbedVAE, "effects", lambda self: pd.DataFrame({"pip": [0.9, 0.1], "lfsr": [0.01, 0.4]}))
     run_dir = tmp_path / "run"
     assert fit_main(TINY + [f"output.run_dir={run_dir}"]) == 0
     out = capsys.readouterr().out

@@ -459,6 +459,13 @@ def test_filter_genes_drops_genes_seen_in_too_few_cells_but_keeps_the_targets(ca
         data.filter_genes(a, -1)
 
 
+def test_filter_genes_refuses_a_backed_anndata(tmp_path):
+    a, _ = _canonical_in_memory()
+    backed = ad.read_h5ad(_write(a, tmp_path), backed="r")
+    with pytest.raises(DataError, match="needs the counts in memory, and this AnnData is backed"):
+        data.filter_genes(backed, 1)
+
+
 def test_min_cells_drops_the_shipped_subsets_silent_genes():
     from pyro_pvae.config import compose, load_dataset
 

@@ -533,6 +533,9 @@ def filter_genes(adata, min_cells: int):
     logs how many were dropped. Returns ``adata`` itself when none is, else a copy."""
     if isinstance(min_cells, bool) or not isinstance(min_cells, (int, np.integer)) or min_cells < 0:
         raise ValueError(f"filter_genes(): min_cells must be a whole number >= 0, got {min_cells!r}")
+    if getattr(adata, "isbacked", False):
+        raise DataError("filter_genes() needs the counts in memory, and this AnnData is backed (on disk); "
+                        "filter the file once (e.g. with scanpy) and write the result, or load it in memory")
     detected = np.asarray((adata.X > 0).sum(axis=0)).ravel()
     targets = set(perturbation_vocabulary(adata))
     keep = (detected >= min_cells) | np.array([g in targets for g in adata.var_names.astype(str)])

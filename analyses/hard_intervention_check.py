@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pyro_pvae.data import CONTROL
 
-CONTROL = "control"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def condition_regressions(x: np.ndarray, labels: np.ndarray, control: str = CONTROL) -> list[dict]:

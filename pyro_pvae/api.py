@@ -56,6 +56,9 @@ class PerturbedVAE:
         self.split = None
         self.history: list[dict] = []
         self.genes_without_counts: list[str] = []  # set from the training cells' counts
+        #: mean log library size of the training cells (the library-size model's start; a loaded
+        #: run takes it from the module's state)
+        self.training_log_library = 0.0
         self.module: PerturbedVAEModule | None = None
         self.training_pairs: list[tuple[int, int]] = []
         self.trained_singles: list[str] = []
@@ -91,7 +94,8 @@ class PerturbedVAE:
                                       and all(t in index for t in D.parse_condition(c))})
         #: genes with no count in any training cell: they carry no information, and the model
         #: predicts them near zero (the shipped real subset, default split: 276 of its 500 genes)
-        self.genes_without_counts = [g for g, t in zip(self.gene_names, self._training_gene_totals()) if t == 0]
+        gene_totals, self.training_log_library = self._scan_training_cells()
+        self.genes_without_counts = [g for g, t in zip(self.gene_names, gene_totals) if t == 0]
         if self.genes_without_counts:
             log.warning("%d of %d genes have no count in any training cell (e.g. %s): the fit learns nothing "
                         "about them and predicts them near zero; genes that no cell expresses are best dropped "
@@ -107,29 +111,23 @@ class PerturbedVAE:
     def build_module(self) -> PerturbedVAEModule:
         """A freshly initialised module (seeded with ``train.seed``) for these genes and perturbations."""
         torch.manual_seed(self.train_config.seed)
-        library = self._mean_log_library() if self.model_config.library_model else 0.0
+        library = self.training_log_library if self.model_config.library_model else 0.0
         self.module = PerturbedVAEModule(self.model_config, n_genes=len(self.gene_names),
                                          n_perts=len(self.vocabulary), pairs=self.training_pairs,
                                          init_gate_prob=self.train_config.init_gate_prob,
                                          library_log_mean=library)
         return self.module
 
-    def _training_blocks(self, chunk: int = 20000):
-        """The training cells' counts, blocks of ``chunk`` rows (a backed AnnData is read block by block)."""
+    def _scan_training_cells(self, chunk: int = 20000) -> tuple[np.ndarray, float]:
+        """One pass over the training cells' counts, ``chunk`` rows at a time (a backed AnnData is
+        read block by block): each gene's total count and the mean log library size."""
         idx = np.sort(np.asarray(self.split.train_idx))
+        gene_totals, log_library = np.zeros(self.adata.n_vars), []
         for s in range(0, len(idx), chunk):
-            yield self.adata.X[idx[s:s + chunk]]
-
-    def _mean_log_library(self) -> float:
-        """Mean log library size (total counts) of the training cells."""
-        if self.adata is None:  # a loaded run: the module's buffer comes from its state
-            return 0.0
-        totals = np.concatenate([D.library_size(block) for block in self._training_blocks()])
-        return float(np.log(np.maximum(totals, 1.0)).mean())
-
-    def _training_gene_totals(self) -> np.ndarray:
-        """Each gene's total count over the training cells."""
-        return sum(np.asarray(block.sum(axis=0), dtype=np.float64).ravel() for block in self._training_blocks())
+            block = self.adata.X[idx[s:s + chunk]]
+            gene_totals += np.asarray(block.sum(axis=0), dtype=np.float64).ravel()
+            log_library.append(np.log(np.maximum(D.library_size(block), 1.0)))
+        return gene_totals, float(np.concatenate(log_library).mean())
 
     @property
     def device(self) -> torch.device:

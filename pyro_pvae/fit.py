@@ -44,11 +44,11 @@ def run(name: str, overrides: list[str]):
         if library is not None:
             atomic_write(run_dir / "library_effects.csv", lambda tmp: library.to_csv(tmp, index=False))
         spread = vae.invariant_spread()
+        n_pip, n_lfsr = int((effects.pip > 0.5).sum()), int((effects.lfsr < 0.05).sum())
         summary = {"cells": adata.n_obs, "genes": adata.n_vars, "perturbations": len(vae.vocabulary),
                    "epochs": len(vae.history), "seconds": round(seconds, 1),
                    "final_val_loss": vae.history[-1]["val_loss"] if vae.history else None,
-                   "effects_pip_above_0.5": int((effects.pip > 0.5).sum()),
-                   "effects_lfsr_below_0.05": int((effects.lfsr < 0.05).sum()), "invariant_spread": spread,
+                   "effects_pip_above_0.5": n_pip, "effects_lfsr_below_0.05": n_lfsr, "invariant_spread": spread,
                    "composition_c2": vae.module.composition_mean(),
                    "genes_without_counts": len(vae.genes_without_counts), "split_notes": vae.split.notes}
         atomic_write_text(run_dir / "fit_summary.json", json.dumps(summary, indent=1, default=float))
@@ -56,10 +56,9 @@ def run(name: str, overrides: list[str]):
     print(f"\nfitted PerturbedVAE on {adata.n_obs} cells x {adata.n_vars} genes "
           f"({len(vae.vocabulary)} perturbations) in {seconds:.0f} s, {len(vae.history)} epochs; "
           f"final validation -ELBO/cell {last.get('val_loss', float('nan')):.2f}")
-    strong = effects[effects.pip > 0.5]
-    print(f"{len(strong)} of {len(effects)} perturbation-latent effects have PIP > 0.5; "
-          f"{int((effects.lfsr < 0.05).sum())} have a local false sign rate below 0.05 (lfsr in effects.csv)")
-    if vae.model_config.effect_prior == "spike_slab" and len(strong) > 0.9 * len(effects):
+    print(f"{n_pip} of {len(effects)} perturbation-latent effects have PIP > 0.5; "
+          f"{n_lfsr} have a local false sign rate below 0.05 (lfsr in effects.csv)")
+    if vae.model_config.effect_prior == "spike_slab" and n_pip > 0.9 * len(effects):
         print("  (nearly all PIPs: the effects' estimation noise is wider than the spike, "
               f"model.spike_scale={vae.model_config.spike_scale}, so the PIPs do not separate effects from "
               "noise here; rank effects by their lfsr, or refit with a spike about "

@@ -62,6 +62,7 @@ def test_bad_invocations_fail_with_a_clear_message(capsys, argv, message, tmp_pa
     ("model.theta_prior=[2,-1]", "model.theta_prior must be [loc, scale] with scale > 0, got [2.0, -1.0]"),
     ("data.source=files", "data.source must be 'file', 'norman19_subset', 'simulation' or 'norman_effects'"),
     ("data.n_top_genes=0", "data.n_top_genes must be >= 1, got 0"),
+    ("data.min_cells=-1", "data.min_cells must be >= 0, got -1"),
     ("split.name=auto", "split.name must be 'norman_discrepancy', 'combo_seen', 'complete_doubles', 'iid' or 'none'"),
     ("+split.kwargs.test_fraction=0.1", "split.kwargs ['test_fraction'] are not arguments of split 'complete_doubles'"),
     ("benchmark.seeds=0", "benchmark.seeds must be >= 1, got 0"),
